@@ -1,0 +1,81 @@
+"""Strict, typed job configs loaded from YAML with ``key=value`` overrides.
+
+Every stage has one pydantic root class. Unknown keys, wrong types and failed checks become a
+:class:`~nemo_minitron.errors.UserError` naming the offending key, so a bad config stops before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from nemo_minitron.errors import UserError
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+C = TypeVar("C", bound=StrictModel)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line: ``key.path: message`` for the first problem (and how many more there are)."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = len(err.errors()) - 1
+    return f"{loc}: {msg}" + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``["a.b=1", "c=[1,2]"]`` -> nested dict, values parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"bad override: {str(exc).splitlines()[0]}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type[C], data: dict, overrides: Sequence[str] = ()) -> C:
+    """Merge ``overrides`` into ``data`` and validate it as ``cls``."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.create(parse_overrides(overrides)))
+        plain = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"bad config: {str(exc).splitlines()[0]}") from None
+    try:
+        return cls.model_validate(plain)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: Sequence[str] = ()) -> C:
+    """Load a YAML file (or nothing) plus ``key=value`` overrides into the strict config ``cls``."""
+    return build_config(cls, load_yaml(path) if path is not None else {}, overrides)
