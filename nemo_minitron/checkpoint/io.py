@@ -1,0 +1,127 @@
+"""Load any supported model into this rank's megatron-core shard, and save / export it.
+
+Sources: a Hugging Face Llama/Mistral directory, the project's own checkpoint directory
+(``model_config.json`` + canonical safetensors + tokenizer files), or ``embedded:<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from huggingface_hub import save_torch_state_dict
+
+from nemo_minitron import embedded
+from nemo_minitron.checkpoint.hf import (
+    HFTensors,
+    canonical_getter,
+    copy_tokenizer_files,
+    hf_config_from_model_config,
+    hf_state_dict,
+    is_hf_dir,
+    read_hf_config,
+)
+from nemo_minitron.errors import UserError
+from nemo_minitron.fsutil import atomic_directory
+from nemo_minitron.models.builder import build_model
+from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
+
+NATIVE_CONFIG = "model_config.json"
+
+
+@dataclass
+class LoadedModel:
+    """This rank's model shard with its architecture and where its tokenizer files are."""
+
+    cfg: ModelConfig
+    model: torch.nn.Module
+    tokenizer_dir: Path
+
+
+def resolve_model_dir(ref: str) -> Path:
+    path = embedded.resolve_path(ref)
+    if not path.is_dir():
+        raise UserError(f"model directory not found: {path}")
+    if not ((path / NATIVE_CONFIG).is_file() or is_hf_dir(path)):
+        raise UserError(f"{path}: neither a Hugging Face model (config.json) nor a nemo_minitron checkpoint ({NATIVE_CONFIG})")
+    return path
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """Architecture of a model directory, without touching its weights."""
+    if (path / NATIVE_CONFIG).is_file():
+        try:
+            return ModelConfig.model_validate_json((path / NATIVE_CONFIG).read_text())
+        except ValueError as exc:
+            raise UserError(f"{path / NATIVE_CONFIG}: invalid ({str(exc).splitlines()[0]})") from None
+    return read_hf_config(path)
+
+
+def _tensor_getter(path: Path, cfg: ModelConfig) -> Callable[[str], torch.Tensor]:
+    tensors = HFTensors(path)
+    if (path / NATIVE_CONFIG).is_file():
+        return tensors.get
+    return canonical_getter(tensors, cfg)
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None) -> LoadedModel:
+    """Build this rank's shard of the model at ``ref`` and fill it (needs :func:`state.initialize`)."""
+    path = resolve_model_dir(ref)
+    cfg = read_model_config(path)
+    check_divisible(cfg, state.tp_size(), state.pp_size())
+    model = build_model(cfg, dtype=dtype, use_te=use_te)
+    load_canonical(model, cfg, _tensor_getter(path, cfg))
+    model.eval()
+    return LoadedModel(cfg=cfg, model=model, tokenizer_dir=path)
+
+
+def _write(out_dir: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
+    """Rank 0 writes ``out_dir`` atomically; every rank waits for it and sees the same outcome."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+                fill(tmp)
+        except FileExistsError:
+            error = f"output directory already exists: {out_dir} (set overwrite=true to replace it)"
+        except OSError as exc:
+            error = f"cannot write {out_dir}: {exc.strerror or exc}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+
+
+def save_checkpoint(loaded: LoadedModel, out_dir: Path, overwrite: bool = False) -> None:
+    """Save the model as a nemo_minitron checkpoint (canonical layout, loads at any TP/PP)."""
+    canonical = gather_canonical(loaded.model, loaded.cfg)
+
+    def fill(tmp: Path) -> None:
+        save_torch_state_dict({k: v.contiguous() for k, v in canonical.items()}, tmp)
+        (tmp / NATIVE_CONFIG).write_text(loaded.cfg.model_dump_json(indent=2) + "\n")
+        copy_tokenizer_files(loaded.tokenizer_dir, tmp)
+
+    _write(Path(out_dir), overwrite, fill)
+
+
+def export_hf(loaded: LoadedModel, out_dir: Path, overwrite: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    canonical = gather_canonical(loaded.model, loaded.cfg)
+
+    def fill(tmp: Path) -> None:
+        tensors = {k: v.to(dtype).contiguous() for k, v in hf_state_dict(canonical, loaded.cfg)}
+        save_torch_state_dict(tensors, tmp)
+        hf_cfg = hf_config_from_model_config(loaded.cfg)
+        hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        copy_tokenizer_files(loaded.tokenizer_dir, tmp)
+
+    _write(Path(out_dir), overwrite, fill)

@@ -1,0 +1,113 @@
+"""Build a megatron-core ``GPTModel`` from a :class:`ModelConfig` — the one place that makes a
+``TransformerConfig``.
+
+The Transformer Engine layer spec is used when TE imports and CUDA is present (BF16, optionally FP8);
+otherwise megatron-core's local spec (``torch.nn.RMSNorm``, plain attention), which runs on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.cpu import cuda_available
+
+
+def te_available() -> bool:
+    if not cuda_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None,
+):
+    """megatron's ``TransformerConfig`` for ``cfg`` at the current TP/PP sizes."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = cuda_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        init_method_std=0.02,
+        tensor_model_parallel_size=state.tp_size(),
+        pipeline_model_parallel_size=state.pp_size(),
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        fp8=fp8,
+        fp8_recipe="delayed" if fp8 else None,
+        # Fused kernels and CUDA-side initialisation exist only on GPUs.
+        use_cpu_initialization=not on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        # gloo gives silently wrong results with batched p2p under interleaved schedules.
+        batch_p2p_comm=on_gpu,
+    )
+
+
+def layer_spec(use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    use_te: Optional[bool] = None,
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None,
+):
+    """This rank's part (its pipeline stage, its tensor shard) of the model. Needs :func:`state.initialize`."""
+    from megatron.core.models.gpt import GPTModel
+
+    use_te = te_available() if use_te is None else use_te
+    model = GPTModel(
+        config=transformer_config(cfg, dtype, fp8),
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=cfg.padded_vocab_size(state.tp_size()),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=state.is_first_stage(),
+        post_process=state.is_last_stage(),
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+        parallel_output=True,
+    )
+    # megatron's built-in Llama-3 scaling fixes low/high factors and the original context; ours does not.
+    model.rotary_pos_emb.inv_freq = cfg.rope_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
+    if cuda_available():
+        model.cuda()
+    return model

@@ -1,0 +1,128 @@
+"""Run megatron-core 0.16 on CPU (gloo), applied only when CUDA is absent.
+
+megatron-core hard-codes CUDA in a few places on the paths this project uses:
+``torch.cuda.current_device()`` for buffers (rotary embedding, p2p receive buffers, TP gathers, the global
+memory buffer), ``torch.cuda.synchronize()`` in p2p communication, ``device="cuda"`` literals in the pipeline
+schedules and in the default causal mask, and a CUDA-only RNG tracker. On a machine without CUDA these calls
+can only fail, so redirecting them to the CPU changes nothing for GPU runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+
+_APPLIED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _cpu_device(*_args, **_kwargs) -> torch.device:
+    return torch.device("cpu")
+
+
+def _noop(*_args, **_kwargs) -> None:
+    return None
+
+
+class _TorchWithCpuDefaults(types.ModuleType):
+    """Stands in for ``torch`` inside a megatron module: tensor factories asked for ``"cuda"`` get the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "arange", "tensor")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        @functools.wraps(attr)
+        def factory(*args, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "cuda":
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+class CpuRNGStatesTracker:
+    """Named RNG streams (model-parallel, data-parallel, expert) on the CPU generator.
+
+    megatron forks the ``model-parallel-rng`` stream around dropout in tensor-parallel regions so every TP
+    rank draws different masks; this does the same with ``torch.get_rng_state``/``set_rng_state``.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"RNG stream {name} or seed {seed} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise ValueError(f"RNG stream {name} was not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def install_rng_tracker(seed: int, tp_rank: int) -> None:
+    """CPU counterpart of ``model_parallel_cuda_manual_seed`` (same stream names and seed offsets)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = CpuRNGStatesTracker()
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def apply_cpu_patches() -> None:
+    """Redirect megatron-core's CUDA-only call sites to the CPU. Idempotent; does nothing with CUDA."""
+    global _APPLIED
+    if _APPLIED or cuda_available():
+        return
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer import utils as transformer_utils
+
+    torch.cuda.current_device = _cpu_device
+    torch.cuda.synchronize = _noop
+    cpu_torch = _TorchWithCpuDefaults()
+    # `fusions.fused_softmax` imports get_default_causal_mask from transformer.utils; the function looks up
+    # `torch` in transformer.utils' globals, so one replacement covers both modules.
+    transformer_utils.torch = cpu_torch
+    schedules.torch = cpu_torch
+    _APPLIED = True

@@ -1,0 +1,198 @@
+"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism.
+
+Ranks come from torchrun / Slurm environment variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``) or from :func:`spawn`, which starts local ranks itself. The backend is NCCL with CUDA and
+gloo without; on CPU the megatron-core patches of :mod:`nemo_minitron.parallel.cpu` are applied first.
+Algorithms ask this module for ranks and groups and do their own explicit reductions.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from nemo_minitron.config import StrictModel
+from nemo_minitron.errors import UserError
+from nemo_minitron.parallel.cpu import apply_cpu_patches, cuda_available, install_rng_tracker
+
+
+class ParallelConfig(StrictModel):
+    """Model-parallel sizes; data parallelism takes the remaining ranks (world / (TP * PP))."""
+
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Create the default process group (if needed), megatron's TP/PP/DP groups and the RNG streams."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    apply_cpu_patches()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        if cuda_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda_available() else "gloo")
+    world = dist.get_world_size()
+    if world % parallel.model_parallel_size:
+        raise UserError(
+            f"world size {world} is not divisible by TP*PP = {parallel.model_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    if cuda_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        install_rng_tracker(seed, parallel_state.get_tensor_model_parallel_rank())
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def pp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def pp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def pp_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def dp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+def dp_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def is_first_stage() -> bool:
+    return pp_rank() == 0
+
+
+def is_last_stage() -> bool:
+    return pp_rank() == pp_size() - 1
+
+
+def last_stage_global_rank() -> int:
+    """Global rank of the last pipeline stage in this rank's pipeline (same TP/DP coordinates)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_last_rank()
+
+
+def broadcast_from_last_stage(obj: Any) -> Any:
+    """Give every rank of this pipeline the Python object that the last stage holds."""
+    if pp_size() == 1:
+        return obj
+    box = [obj if is_last_stage() else None]
+    dist.broadcast_object_list(box, src=last_stage_global_rank(), group=pp_group())
+    return box[0]
+
+
+def _spawned_rank(local_rank: int, fn: Callable, world_size: int, port: int, results, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    # One thread per rank: several ranks on few cores thrash otherwise.
+    torch.set_num_threads(1)
+    out = fn(*args)
+    results.put((local_rank, out))
+
+
+def spawn(fn: Callable, world_size: int, *args: Any) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` local processes (a fresh ``RANK`` each); return results by rank.
+
+    ``fn`` calls :func:`initialize` itself. An exception on any rank is re-raised here.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = mp.start_processes(
+        _spawned_rank,
+        args=(fn, world_size, _free_port(), results, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    out: dict[int, Any] = {}
+    # Drain while waiting: a rank blocks on put() until large results are read.
+    while True:
+        while not results.empty():
+            rank, value = results.get()
+            out[rank] = value
+        if procs.join(timeout=0.05):
+            break
+    while not results.empty():
+        rank, value = results.get()
+        out[rank] = value
+    return [out[r] for r in range(world_size)]

@@ -1,0 +1,36 @@
+"""nemo_minitron: Minitron structured pruning and knowledge distillation on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo_minitron",
+    version="0.1.0",
+    description="Minitron pruning + knowledge distillation of Llama-family LLMs on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nemo_minitron", "nemo_minitron.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.20",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "gguf>=0.10",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.34",
+        "omegaconf>=2.3",
+        "pydantic>=2.6,<3",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "tensorboard>=2.15",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # Transformer Engine builds against CUDA: install it on GPU machines (NGC containers ship it).
+        "gpu": ["transformer_engine[pytorch]>=2.0"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["nemo-minitron=nemo_minitron.cli:main"]},
+)
