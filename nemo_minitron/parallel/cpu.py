@@ -2,7 +2,8 @@
 
 megatron-core hard-codes CUDA in a few places on the paths this project uses:
 ``torch.cuda.current_device()`` for buffers (rotary embedding, p2p receive buffers, TP gathers, the global
-memory buffer), ``torch.cuda.synchronize()`` in p2p communication, ``device="cuda"`` literals in the pipeline
+memory buffer), ``torch.cuda.synchronize()`` in p2p communication, ``Tensor.cuda()`` (tied embeddings across pipeline
+stages, optimizer state), ``device="cuda"`` literals in the pipeline
 schedules and in the default causal mask, and a CUDA-only RNG tracker. On a machine without CUDA these calls
 can only fail, so redirecting them to the CPU changes nothing for GPU runs.
 """
@@ -28,6 +29,10 @@ def _cpu_device(*_args, **_kwargs) -> torch.device:
 
 def _noop(*_args, **_kwargs) -> None:
     return None
+
+
+def _stay(self: torch.Tensor, *_args, **_kwargs) -> torch.Tensor:
+    return self
 
 
 class _TorchWithCpuDefaults(types.ModuleType):
@@ -120,6 +125,7 @@ def apply_cpu_patches() -> None:
 
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = _noop
+    torch.Tensor.cuda = _stay
     cpu_torch = _TorchWithCpuDefaults()
     # `fusions.fused_softmax` imports get_default_causal_mask from transformer.utils; the function looks up
     # `torch` in transformer.utils' globals, so one replacement covers both modules.

@@ -1,0 +1,118 @@
+"""``nemo-minitron <stage> [CONFIG.yaml] [key=value ...]``
+
+Each stage validates its strict config first (a problem is one line on stderr and exit status 2), then
+runs. Stages that need several ranks (TP x PP > 1) start them on this machine unless launched by
+torchrun / Slurm, which set ``RANK`` and ``WORLD_SIZE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from nemo_minitron.config import StrictModel, load_config
+from nemo_minitron.errors import UserError
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: type[StrictModel]
+    run: Callable[[Any], Any]
+    help: str
+    validate: Optional[Callable[[Any], None]] = None
+
+
+def _stages() -> dict[str, Stage]:
+    from nemo_minitron import convert
+    from nemo_minitron.data import PrepareDataConfig, prepare_data
+    from nemo_minitron.eval import EvalConfig, evaluate
+
+    return {
+        "prepare-data": Stage(PrepareDataConfig, prepare_data, "tokenize text into train/valid indexed datasets"),
+        "import-hf": Stage(convert.ConvertConfig, convert.import_hf, "HF model -> nemo_minitron checkpoint", convert.validate),
+        "export-hf": Stage(convert.ConvertConfig, convert.export_hf_dir, "checkpoint -> HF directory", convert.validate),
+        "eval": Stage(EvalConfig, evaluate, "held-out loss and perplexity"),
+    }
+
+
+def _quiet() -> None:
+    # megatron-core warns about missing apex/TE and deprecated defaults at import; none of it is actionable.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    # Spawned ranks import megatron before any code of ours runs in them: they inherit this instead.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _on_rank(stage_name: str, cfg: StrictModel) -> tuple[str, Any]:
+    """Body of one spawned rank: the stage's result, or its one-line user error."""
+    _quiet()
+    try:
+        return "ok", _stages()[stage_name].run(cfg)
+    except UserError as exc:
+        return "error", str(exc)
+
+
+def run_stage(stage_name: str, cfg: StrictModel) -> Any:
+    """Run a validated stage config, on as many local ranks as its parallel sizes need."""
+    stage = _stages()[stage_name]
+    if stage.validate is not None:
+        stage.validate(cfg)
+    parallel = getattr(cfg, "parallel", None)
+    ranks = parallel.model_parallel_size if parallel is not None else 1
+    if ranks == 1 or "RANK" in os.environ:
+        return stage.run(cfg)
+    from nemo_minitron.parallel.state import spawn
+
+    outcomes = spawn(_on_rank, ranks, stage_name, cfg)
+    for status, value in outcomes:
+        if status == "error":
+            raise UserError(value)
+    return outcomes[0][1]
+
+
+def _print_result(result: Any) -> None:
+    if result is None:
+        return
+    if is_dataclass(result):
+        result = asdict(result)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet()
+    stages = _stages()
+    parser = argparse.ArgumentParser(
+        prog="nemo-minitron",
+        description="Minitron pruning and distillation on megatron-core.",
+        epilog="stages:\n" + "\n".join(f"  {n:<14}{s.help}" for n, s in stages.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("stage", choices=sorted(stages), metavar="STAGE")
+    parser.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    ns = parser.parse_args(argv)
+    config_path = None
+    overrides = list(ns.args)
+    if overrides and "=" not in overrides[0]:
+        config_path = overrides.pop(0)
+    try:
+        cfg = load_config(stages[ns.stage].config, config_path, overrides)
+        result = run_stage(ns.stage, cfg)
+    except UserError as exc:
+        print(f"nemo-minitron {ns.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    _print_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The ``eval`` stage: held-out loss and perplexity over non-overlapping windows, at any TP/PP/DP.
+
+Each window of ``seq_length`` tokens is scored on predicting its tokens 2..L from the ones before them
+(the same windows and the same tokens that ``transformers``' ``model(ids, labels=ids)`` scores), and the
+perplexity is exp of the mean loss over all scored tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from nemo_minitron.config import StrictModel
+from nemo_minitron.data import TokenDataset, eval_windows, load_tokenizer, text_file_tokens
+from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.errors import UserError
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.schedule import forward_backward
+from nemo_minitron.parallel.vocab import token_cross_entropy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class EvalConfig(StrictModel):
+    """What to evaluate (``model``), on what (``data``: a prepared dataset directory or a text file)."""
+
+    model: str = Field(min_length=1, description="HF or nemo_minitron model directory, or embedded:...")
+    data: str = Field(min_length=1, description="prepared dataset directory (see prepare-data) or a text file")
+    split: Literal["train", "valid"] = "valid"
+    seq_length: int = Field(512, ge=2)
+    micro_batch_size: int = Field(4, ge=1)
+    max_windows: Optional[int] = Field(None, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    backend: Literal["megatron", "hf"] = Field("megatron", description="hf: run transformers (HF models only)")
+    parallel: state.ParallelConfig = state.ParallelConfig()
+    output: Optional[str] = Field(None, description="write the result as JSON here")
+    seed: int = 1234
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+    windows: int
+    seconds: float
+    tokens_per_second: float
+
+
+def eval_tokens(cfg: EvalConfig, tokenizer_dir: Path) -> list[torch.Tensor]:
+    """The evaluation windows [seq_length] of ``cfg.data``, identical on every rank."""
+    data = Path(cfg.data).expanduser()
+    if data.is_dir():
+        if not (data / META_FILE).is_file():
+            raise UserError(f"{data}: not a prepared dataset (no {META_FILE}); run prepare-data first")
+        source: TokenDataset | torch.Tensor = TokenDataset(str(data / cfg.split))
+    elif data.is_file():
+        source = text_file_tokens(data, load_tokenizer(str(tokenizer_dir)))
+    else:
+        raise UserError(f"eval data not found: {data}")
+    return list(eval_windows(source, cfg.seq_length, cfg.max_windows))
+
+
+def _megatron_loss_sums(cfg: EvalConfig, model, vocab_size: int, windows: list[torch.Tensor]) -> tuple[float, int]:
+    """(sum of token losses, number of tokens) over all windows, identical on every rank."""
+    mine = windows[state.dp_rank() :: state.dp_size()]
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor):
+        losses = token_cross_entropy(logits, labels, vocab_size)
+        return losses.mean(), {"sum": losses.sum().detach(), "count": torch.tensor(losses.numel())}
+
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+    mb = cfg.micro_batch_size
+    full = len(mine) // mb * mb
+    # Pipeline schedules need equal micro-batches: the remainder runs as one smaller micro-batch.
+    groups = [[torch.stack(mine[i : i + mb]) for i in range(0, full, mb)]]
+    if full < len(mine):
+        groups.append([torch.stack(mine[full:])])
+    with torch.no_grad():
+        for micro_batches in groups:
+            if not micro_batches:
+                continue
+            for out in forward_backward(model, micro_batches, loss_fn, forward_only=True):
+                total += out["sum"].double()
+                count += out["count"]
+    total, count = state.broadcast_from_last_stage((total, count))
+    if state.dp_size() > 1:
+        sums = torch.stack([total, count.double()])
+        dist.all_reduce(sums, group=state.dp_group())
+        total, count = sums[0], sums[1].long()
+    return float(total), int(count)
+
+
+def _hf_loss_sums(cfg: EvalConfig, model, windows: list[torch.Tensor]) -> tuple[float, int]:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), cfg.micro_batch_size):
+            batch = torch.stack(windows[i : i + cfg.micro_batch_size])
+            logits = model(batch).logits[:, :-1].float()
+            losses = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += losses.item()
+            count += batch[:, 1:].numel()
+    return total, count
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Held-out loss and perplexity of ``cfg.model`` on ``cfg.data``."""
+    from nemo_minitron.checkpoint.io import load_model, resolve_model_dir
+
+    model_dir = resolve_model_dir(cfg.model)
+    windows = eval_tokens(cfg, model_dir)
+    if cfg.backend == "hf":
+        if cfg.parallel.model_parallel_size > 1:
+            raise UserError("backend=hf runs on one process: set parallel sizes to 1")
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.dtype]).eval()
+        start = time.perf_counter()
+        total, count = _hf_loss_sums(cfg, model, windows)
+    else:
+        state.initialize(cfg.parallel, cfg.seed)
+        loaded = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+        start = time.perf_counter()
+        total, count = _megatron_loss_sums(cfg, loaded.model, loaded.cfg.vocab_size, windows)
+    seconds = time.perf_counter() - start
+    loss = total / count
+    result = EvalResult(
+        loss=loss,
+        perplexity=math.exp(loss),
+        tokens=count,
+        windows=len(windows),
+        seconds=seconds,
+        tokens_per_second=len(windows) * cfg.seq_length / seconds,
+    )
+    if cfg.output and (not dist.is_initialized() or dist.get_rank() == 0):
+        out = Path(cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
