@@ -32,13 +32,13 @@ class Stage:
 def _stages() -> dict[str, Stage]:
     from nemo_minitron import convert
     from nemo_minitron.data import PrepareDataConfig, prepare_data
-    from nemo_minitron.eval import EvalConfig, evaluate
+    from nemo_minitron import eval as evaluation
 
     return {
         "prepare-data": Stage(PrepareDataConfig, prepare_data, "tokenize text into train/valid indexed datasets"),
         "import-hf": Stage(convert.ConvertConfig, convert.import_hf, "HF model -> nemo_minitron checkpoint", convert.validate),
         "export-hf": Stage(convert.ConvertConfig, convert.export_hf_dir, "checkpoint -> HF directory", convert.validate),
-        "eval": Stage(EvalConfig, evaluate, "held-out loss and perplexity"),
+        "eval": Stage(evaluation.EvalConfig, evaluation.evaluate, "held-out loss and perplexity", evaluation.validate),
     }
 
 

@@ -64,6 +64,8 @@ def eval_tokens(cfg: EvalConfig, tokenizer_dir: Path) -> list[torch.Tensor]:
         source: TokenDataset | torch.Tensor = TokenDataset(str(data / cfg.split))
     elif data.is_file():
         source = text_file_tokens(data, load_tokenizer(str(tokenizer_dir)))
+        if len(source) < cfg.seq_length:
+            raise UserError(f"{data}: {len(source)} tokens, not enough for one eval window of {cfg.seq_length}")
     else:
         raise UserError(f"eval data not found: {data}")
     return list(eval_windows(source, cfg.seq_length, cfg.max_windows))
@@ -113,10 +115,29 @@ def _hf_loss_sums(cfg: EvalConfig, model, windows: list[torch.Tensor]) -> tuple[
     return total, count
 
 
+def validate(cfg: EvalConfig) -> None:
+    """Checks that need no compute: model and data exist, the model splits into the requested TP/PP."""
+    from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
+    from nemo_minitron.parallel.sharding import check_divisible
+
+    model_cfg = read_model_config(resolve_model_dir(cfg.model))
+    check_divisible(model_cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    data = Path(cfg.data).expanduser()
+    if not data.exists():
+        raise UserError(f"eval data not found: {data}")
+    if data.is_dir() and not (data / META_FILE).is_file():
+        raise UserError(f"{data}: not a prepared dataset (no {META_FILE}); run prepare-data first")
+    if model_cfg.sliding_window is not None and cfg.seq_length > model_cfg.sliding_window:
+        raise UserError(
+            f"seq_length {cfg.seq_length} exceeds the model's sliding_window {model_cfg.sliding_window}"
+        )
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Held-out loss and perplexity of ``cfg.model`` on ``cfg.data``."""
     from nemo_minitron.checkpoint.io import load_model, resolve_model_dir
 
+    validate(cfg)
     model_dir = resolve_model_dir(cfg.model)
     windows = eval_tokens(cfg, model_dir)
     if cfg.backend == "hf":

