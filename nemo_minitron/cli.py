@@ -33,12 +33,14 @@ def _stages() -> dict[str, Stage]:
     from nemo_minitron import convert
     from nemo_minitron.data import PrepareDataConfig, prepare_data
     from nemo_minitron import eval as evaluation
+    from nemo_minitron import prune
 
     return {
         "prepare-data": Stage(PrepareDataConfig, prepare_data, "tokenize text into train/valid indexed datasets"),
         "import-hf": Stage(convert.ConvertConfig, convert.import_hf, "HF model -> nemo_minitron checkpoint", convert.validate),
         "export-hf": Stage(convert.ConvertConfig, convert.export_hf_dir, "checkpoint -> HF directory", convert.validate),
         "eval": Stage(evaluation.EvalConfig, evaluation.evaluate, "held-out loss and perplexity", evaluation.validate),
+        "prune": Stage(prune.PruneConfig, prune.run_prune, "importance + width/depth pruning", prune.stage.validate),
     }
 
 

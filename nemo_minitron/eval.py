@@ -127,10 +127,6 @@ def validate(cfg: EvalConfig) -> None:
         raise UserError(f"eval data not found: {data}")
     if data.is_dir() and not (data / META_FILE).is_file():
         raise UserError(f"{data}: not a prepared dataset (no {META_FILE}); run prepare-data first")
-    if model_cfg.sliding_window is not None and cfg.seq_length > model_cfg.sliding_window:
-        raise UserError(
-            f"seq_length {cfg.seq_length} exceeds the model's sliding_window {model_cfg.sliding_window}"
-        )
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:

@@ -16,9 +16,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-# Variables that `state.initialize` sets in os.environ for a single in-process rank. Left behind, they
-# would make a later `nemo-minitron` subprocess (or run_stage in this process) believe it runs under
-# torchrun and skip spawning its ranks.
+# Launcher variables. Left behind by a test, they would make a later `nemo-minitron` subprocess (or
+# run_stage in this process) believe it runs under torchrun and skip spawning its ranks.
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 # name -> keyword arguments of tests/tiny.py's write_tiny_hf

@@ -185,8 +185,9 @@ def test_logits_and_losses_match_tp1(reference, layout, name):
     assert len(got["logits"]) == len(ref["logits"]) == 2
     for mb, (a, b) in enumerate(zip(got["logits"], ref["logits"])):
         assert a.shape == b.shape == (2, 16, reference["cfgs"][name].vocab_size)
-        diff = np.abs(a - b).max()
-        assert diff <= TOL, f"{layout['name']} {name} micro-batch {mb}: max logit diff {diff:.3g}"
+        # fp32 sums in another order (TP all-reduces, split GEMMs) move logits of size ~7 by ~1e-5.
+        diff, scale = np.abs(a - b).max(), max(1.0, np.abs(b).max())
+        assert diff <= TOL * scale, f"{layout['name']} {name} micro-batch {mb}: max logit diff {diff:.3g}"
     for key in ("losses", "train_losses"):
         np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=TOL, err_msg=f"{layout['name']} {name} {key}")
     # The forward-only and training passes see the same weights.
@@ -196,7 +197,8 @@ def test_logits_and_losses_match_tp1(reference, layout, name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gradients_match_tp1(reference, layout, name):
     cfg = reference["cfgs"][name]
-    ref = {k: torch.from_numpy(v) for k, v in reference["results"][name]["grads"].items()}
+    # Unsharding one TP=1 part only cuts the padded vocabulary rows.
+    ref = canonical_grads([{"tp_rank": 0, "pp_rank": 0, "models": reference["results"]}], name, cfg)
     got = canonical_grads(layout["reports"], name, cfg)
     assert sorted(got) == sorted(ref)
     for key in GRAD_KEYS:
@@ -227,6 +229,14 @@ def test_saved_checkpoint_equals_hf_import(reference, layout, tiny_hf_dirs, name
     assert sorted(exported) == sorted(original)
     for key, value in original.items():
         assert torch.equal(exported[key], value), f"{layout['name']} {name} export {key}"
+
+
+def test_initialize_rejects_world_not_divisible_by_tp_pp(destroy_after):
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.parallel import state
+
+    with pytest.raises(UserError, match="world size 1 is not divisible by TP\\*PP = 2"):
+        state.initialize(state.ParallelConfig(tensor_model_parallel_size=2))
 
 
 # ------------------------------------------------------------------------------------------- CLI

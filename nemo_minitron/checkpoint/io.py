@@ -100,14 +100,21 @@ def _write(out_dir: Path, overwrite: bool, fill: Callable[[Path], None]) -> None
         raise UserError(error)
 
 
-def save_checkpoint(loaded: LoadedModel, out_dir: Path, overwrite: bool = False) -> None:
-    """Save the model as a nemo_minitron checkpoint (canonical layout, loads at any TP/PP)."""
+def save_checkpoint(
+    loaded: LoadedModel, out_dir: Path, overwrite: bool = False, extra_files: Optional[dict[str, bytes]] = None
+) -> None:
+    """Save the model as a nemo_minitron checkpoint (canonical layout, loads at any TP/PP).
+
+    ``extra_files`` (name -> content, taken from rank 0) land in the same directory, in the same atomic step.
+    """
     canonical = gather_canonical(loaded.model, loaded.cfg)
 
     def fill(tmp: Path) -> None:
         save_torch_state_dict({k: v.contiguous() for k, v in canonical.items()}, tmp)
         (tmp / NATIVE_CONFIG).write_text(loaded.cfg.model_dump_json(indent=2) + "\n")
         copy_tokenizer_files(loaded.tokenizer_dir, tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
 
     _write(Path(out_dir), overwrite, fill)
 

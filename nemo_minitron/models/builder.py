@@ -54,6 +54,8 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
         init_method_std=0.02,
+        # Mistral's window counts the token itself: it sees the W - 1 tokens before it.
+        window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
         tensor_model_parallel_size=state.tp_size(),
         pipeline_model_parallel_size=state.pp_size(),
         sequence_parallel=False,

@@ -78,7 +78,8 @@ def shard(key: str, full: torch.Tensor, cfg: ModelConfig, rank: int, size: int) 
 def unshard(key: str, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
     """Inverse of :func:`shard`: the canonical tensor from all TP ranks' slices (in rank order)."""
     if key in _VOCAB_KEYS:
-        return torch.cat(parts)[: cfg.vocab_size]
+        # A copy, not a view into the padded rows: safetensors refuses tensors sharing larger storage.
+        return torch.cat(parts)[: cfg.vocab_size].clone()
     if key.endswith("linear_qkv.weight"):
         return torch.cat(parts)
     if key.endswith("linear_fc1.weight"):
@@ -109,8 +110,18 @@ def load_canonical(model, cfg: ModelConfig, get: Callable[[str], torch.Tensor]) 
 
 
 @torch.no_grad()
-def gather_canonical(model, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
-    """The canonical full state dict (on CPU) on global rank 0; None on other ranks."""
+def gather_canonical(model, cfg: ModelConfig, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+    """The canonical full state dict (on CPU) on global rank 0 — on every rank with ``everywhere`` —
+    and None on the others."""
+    full = _gather_to_rank0(model, cfg)
+    if everywhere and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [full]
+        dist.broadcast_object_list(box, src=0)
+        full = box[0]
+    return full
+
+
+def _gather_to_rank0(model, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
     local = {ckey: t.detach().cpu() for key, ckey in _weight_keys(model) for t in [model.state_dict()[key]]}
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return {k: unshard(k, [v], cfg) for k, v in local.items()}

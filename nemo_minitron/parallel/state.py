@@ -44,11 +44,14 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
 
     apply_cpu_patches()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        backend = "nccl" if cuda_available() else "gloo"
         if cuda_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda_available() else "gloo")
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            # A lone process: no launcher variables are written, so later stages still see no launcher.
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     world = dist.get_world_size()
     if world % parallel.model_parallel_size:
         raise UserError(
@@ -171,7 +174,8 @@ def _spawned_rank(local_rank: int, fn: Callable, world_size: int, port: int, res
 def spawn(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` local processes (a fresh ``RANK`` each); return results by rank.
 
-    ``fn`` calls :func:`initialize` itself. An exception on any rank is re-raised here.
+    ``fn`` calls :func:`initialize` itself. An exception on any rank is re-raised here. Return plain Python
+    or numpy values: torch tensors travel through file descriptors that close when their rank exits.
     """
     import torch.multiprocessing as mp
 

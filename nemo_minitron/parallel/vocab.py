@@ -24,7 +24,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: 
     """Per-token cross entropy [b, s] from vocab-parallel logits [b, s, v/tp] and labels [b, s], in fp32.
 
     The full vocabulary is never gathered: megatron's vocab-parallel CE reduces max and sum-exp over TP.
+    ``logits`` is left untouched (megatron's CE works in place on its input, so it gets a copy).
     """
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    return vocab_parallel_cross_entropy(mask_padded_vocab(logits.float(), vocab_size), labels)
+    work = mask_padded_vocab(logits.float(), vocab_size)
+    if work.data_ptr() == logits.data_ptr():
+        work = work.clone()
+    return vocab_parallel_cross_entropy(work, labels)

@@ -1,0 +1,305 @@
+"""Importance of every prunable unit: attention heads, query groups, MLP neurons, embedding channels, layers.
+
+Activation importance (Minitron) is measured with forward hooks during calibration forward passes:
+
+- head i of a layer: L2 norm over ``head_dim`` of its slice of the ``linear_proj`` input (the attention output);
+- query group: the sum of its heads' scores;
+- MLP neuron i: |input of ``linear_fc2``| (= |act(gate) * up|);
+- embedding channel c: |output of ``input_layernorm`` and ``pre_mlp_layernorm``|, summed over all layers;
+- layer (block importance, ShortGPT): 1 - cos(layer input, layer output), averaged over tokens.
+
+Per-token values are reduced over the sequence (``seq_agg``), then over the calibration samples
+(``batch_agg``); Minitron's best is mean over the sequence, L2 over samples. Hooks keep running sums per
+sample (sum, sum of squares, count), which are summed over data-parallel ranks, gathered over tensor-parallel
+ranks (heads and neurons are split there) and over pipeline stages (each owns its layers), so the final
+scores — and the pruning they choose — do not depend on the parallel layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.schedule import forward_backward
+from nemo_minitron.parallel.vocab import token_cross_entropy
+
+Agg = Literal["mean", "l2", "var"]
+
+
+def reduce_sequence(values: torch.Tensor, how: Agg) -> torch.Tensor:
+    """[s, b, n] per-token values -> [b, n] per-sample values (float64 from here on: they are summed
+    over many samples)."""
+    if how == "mean":
+        return values.mean(0).double()
+    if how == "l2":
+        return values.norm(dim=0).double()
+    return values.var(0, unbiased=False).double()
+
+
+class _Moments:
+    """Running sum, sum of squares and count of per-sample vectors [n], for any batch aggregation."""
+
+    def __init__(self) -> None:
+        self.sum: Optional[torch.Tensor] = None
+        self.sumsq: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def add(self, per_sample: torch.Tensor) -> None:
+        s, q = per_sample.sum(0), (per_sample**2).sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = q if self.sumsq is None else self.sumsq + q
+        self.count += per_sample.shape[0]
+
+    def packed(self) -> torch.Tensor:
+        """[3, n]: sum, sum of squares, count (broadcast) — the form that is reduced across ranks."""
+        return torch.stack([self.sum, self.sumsq, torch.full_like(self.sum, self.count)])
+
+
+def finalize(packed: torch.Tensor, how: Agg) -> torch.Tensor:
+    """[3, n] moments over samples -> [n] scores aggregated over samples."""
+    total, sumsq, count = packed[0], packed[1], packed[2]
+    if how == "mean":
+        return total / count
+    if how == "l2":
+        return sumsq.sqrt()
+    return (sumsq / count - (total / count) ** 2).clamp_min(0)
+
+
+@dataclass
+class Importance:
+    """Scores (higher = more important), indexed by global layer, head, group, neuron and channel."""
+
+    heads: torch.Tensor  # [L, H]
+    neurons: torch.Tensor  # [L, F]
+    channels: torch.Tensor  # [h]
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)  # criterion -> [L]
+    calibration_loss: Optional[float] = None
+    criterion: str = "activation"
+
+    def groups(self, num_query_groups: int) -> torch.Tensor:
+        """[L, G]: a query group's score is the sum of its heads' scores."""
+        layers, heads = self.heads.shape
+        return self.heads.view(layers, num_query_groups, heads // num_query_groups).sum(-1)
+
+    def to_json(self, num_query_groups: int) -> dict:
+        return {
+            "criterion": self.criterion,
+            "calibration_loss": self.calibration_loss,
+            "heads": self.heads.tolist(),
+            "query_groups": self.groups(num_query_groups).tolist(),
+            "neurons": self.neurons.tolist(),
+            "channels": self.channels.tolist(),
+            "layers": {k: v.tolist() for k, v in self.layers.items()},
+        }
+
+
+def _layers(model) -> list:
+    return list(model.decoder.layers)
+
+
+def _global_index(layer) -> int:
+    return layer.layer_number - 1
+
+
+def _sum_over(tensor: torch.Tensor, group) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _gather_tp(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate each TP rank's slice along ``dim`` (TP rank order = global unit order)."""
+    if state.tp_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(state.tp_size())]
+    dist.all_gather(parts, tensor.contiguous(), group=state.tp_group())
+    return torch.cat(parts, dim)
+
+
+def _gather_layers(local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Every pipeline stage's {global layer: tensor} on every rank."""
+    if state.pp_size() == 1:
+        return local
+    everyone: list = [None] * state.pp_size()
+    dist.all_gather_object(everyone, local, group=state.pp_group())
+    return {k: v for part in everyone for k, v in part.items()}
+
+
+def _lm_loss_sums(model, cfg: ModelConfig, batches: list[torch.Tensor]) -> tuple[float, int]:
+    """(sum of token losses, token count) over ``batches`` [b, s+1], summed over DP, on every rank."""
+
+    def loss_fn(logits, labels):
+        losses = token_cross_entropy(logits, labels, cfg.vocab_size)
+        return losses.mean(), {"sum": losses.sum().detach().double(), "count": torch.tensor(float(losses.numel()))}
+
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for out in forward_backward(model, batches, loss_fn, forward_only=True):
+            total += torch.stack([out["sum"], out["count"].double()])
+    total = state.broadcast_from_last_stage(total)
+    total = _sum_over(total, state.dp_group())
+    return float(total[0]), int(total[1])
+
+
+def lm_loss(model, cfg: ModelConfig, batches: list[torch.Tensor]) -> float:
+    """Mean LM loss of ``model`` over this rank's ``batches`` and those of the other DP ranks."""
+    total, count = _lm_loss_sums(model, cfg, batches)
+    return total / count
+
+
+def activation_importance(
+    model,
+    cfg: ModelConfig,
+    batches: list[torch.Tensor],
+    seq_agg: Agg = "mean",
+    batch_agg: Agg = "l2",
+) -> Importance:
+    """Minitron activation importance from forward passes over this DP rank's calibration ``batches``."""
+    d = cfg.kv_channels
+    heads_m: dict[int, _Moments] = {}
+    neurons_m: dict[int, _Moments] = {}
+    channels_m: dict[tuple[int, str], _Moments] = {}
+    block: dict[int, torch.Tensor] = {}  # layer -> [sum of (1 - cos), tokens]
+    handles = []
+
+    def on_proj_input(idx: int) -> Callable:
+        def hook(_module, args):
+            x = args[0]  # [s, b, heads_local * d]
+            per_head = x.float().view(x.shape[0], x.shape[1], -1, d).norm(dim=-1)
+            heads_m.setdefault(idx, _Moments()).add(reduce_sequence(per_head, seq_agg))
+
+        return hook
+
+    def on_fc2_input(idx: int) -> Callable:
+        def hook(_module, args):
+            neurons_m.setdefault(idx, _Moments()).add(reduce_sequence(args[0].float().abs(), seq_agg))
+
+        return hook
+
+    def on_norm_output(key: tuple[int, str]) -> Callable:
+        def hook(_module, _args, output):
+            channels_m.setdefault(key, _Moments()).add(reduce_sequence(output.float().abs(), seq_agg))
+
+        return hook
+
+    def on_layer(idx: int) -> Callable:
+        def hook(_module, _args, kwargs, output):
+            x_in, x_out = kwargs["hidden_states"].float(), output[0].float()
+            one_minus_cos = (1 - torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)).double()
+            acc = block.setdefault(idx, torch.zeros(2, dtype=torch.float64))
+            acc += torch.stack([one_minus_cos.sum(), torch.tensor(float(one_minus_cos.numel()))])
+
+        return hook
+
+    for layer in _layers(model):
+        idx = _global_index(layer)
+        handles += [
+            layer.self_attention.linear_proj.register_forward_pre_hook(on_proj_input(idx)),
+            layer.mlp.linear_fc2.register_forward_pre_hook(on_fc2_input(idx)),
+            layer.input_layernorm.register_forward_hook(on_norm_output((idx, "input"))),
+            layer.pre_mlp_layernorm.register_forward_hook(on_norm_output((idx, "pre_mlp"))),
+            layer.register_forward_hook(on_layer(idx), with_kwargs=True),
+        ]
+    try:
+        total, count = _lm_loss_sums(model, cfg, batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def reduce(moments: dict, tp_split: bool) -> dict:
+        out = {}
+        for idx in sorted(moments):
+            packed = _sum_over(moments[idx].packed(), state.dp_group())
+            if tp_split:
+                packed = _gather_tp(packed, dim=1)
+            out[idx] = packed
+        return out
+
+    heads = _gather_layers(reduce(heads_m, tp_split=True))
+    neurons = _gather_layers(reduce(neurons_m, tp_split=True))
+    channels = _gather_layers(reduce(channels_m, tp_split=False))
+    blocks = _gather_layers({k: _sum_over(v, state.dp_group()) for k, v in block.items()})
+    order = range(cfg.num_layers)
+    # A channel's score is the sum, over all layers and both norms, of its aggregated activation.
+    channel_scores = torch.stack([finalize(channels[key], batch_agg) for key in sorted(channels)]).sum(0)
+    return Importance(
+        heads=torch.stack([finalize(heads[i], batch_agg) for i in order]).float(),
+        neurons=torch.stack([finalize(neurons[i], batch_agg) for i in order]).float(),
+        channels=channel_scores.float(),
+        layers={"block_importance": torch.tensor([float(blocks[i][0] / blocks[i][1]) for i in order])},
+        calibration_loss=total / count,
+    )
+
+
+def magnitude_importance(canonical: dict[str, torch.Tensor], cfg: ModelConfig) -> Importance:
+    """Weight-norm baseline: a unit's score is the L2 norm of all weights that belong only to it."""
+    g, hpg, d, h = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels, cfg.hidden_size
+    heads, neurons = [], []
+    for i in range(cfg.num_layers):
+        pre = f"decoder.layers.{i}."
+        q = canonical[pre + "self_attention.linear_qkv.weight"].view(g, hpg + 2, d, h)[:, :hpg]
+        proj = canonical[pre + "self_attention.linear_proj.weight"].view(h, g, hpg, d)
+        heads.append((q.pow(2).sum((-1, -2)) + proj.pow(2).sum((0, -1))).sqrt().flatten())
+        gate, up = canonical[pre + "mlp.linear_fc1.weight"].chunk(2, 0)
+        down = canonical[pre + "mlp.linear_fc2.weight"]
+        neurons.append((gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)).sqrt())
+    return Importance(
+        heads=torch.stack(heads).float(),
+        neurons=torch.stack(neurons).float(),
+        channels=canonical["embedding.word_embeddings.weight"].float().norm(dim=0),
+        criterion="magnitude",
+    )
+
+
+def random_importance(cfg: ModelConfig, seed: int) -> Importance:
+    """Uniform random scores: the baseline every real criterion must beat."""
+    gen = torch.Generator().manual_seed(seed)
+    return Importance(
+        heads=torch.rand(cfg.num_layers, cfg.num_attention_heads, generator=gen),
+        neurons=torch.rand(cfg.num_layers, cfg.ffn_hidden_size, generator=gen),
+        channels=torch.rand(cfg.hidden_size, generator=gen),
+        criterion="random",
+    )
+
+
+class _SkipLayers:
+    """Context manager: the given global layers pass their input through unchanged."""
+
+    def __init__(self, model, drop: Iterable[int]) -> None:
+        self.targets = [layer for layer in _layers(model) if _global_index(layer) in set(drop)]
+
+    def __enter__(self) -> None:
+        for layer in self.targets:
+            layer.forward = lambda *args, hidden_states=None, **kwargs: (hidden_states, None)
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.targets:
+            del layer.forward
+
+
+def loss_without(model, cfg: ModelConfig, batches: list[torch.Tensor], drop: Iterable[int]) -> float:
+    """LM loss with the layers ``drop`` skipped (identity), as if they had been removed."""
+    with _SkipLayers(model, list(drop)):
+        return lm_loss(model, cfg, batches)
+
+
+def drop_one_importance(model, cfg: ModelConfig, batches: list[torch.Tensor], base_loss: float) -> torch.Tensor:
+    """[L]: LM-loss increase when each layer alone is removed."""
+    return torch.tensor([loss_without(model, cfg, batches, [i]) - base_loss for i in range(cfg.num_layers)])
+
+
+def contiguous_block_losses(model, cfg: ModelConfig, batches: list[torch.Tensor], k: int) -> torch.Tensor:
+    """[L - k + 1]: LM loss with layers start .. start+k-1 removed, for every start."""
+    return torch.tensor([loss_without(model, cfg, batches, range(s, s + k)) for s in range(cfg.num_layers - k + 1)])
+
+
+
+def top_k_lowest(scores: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` indices with the lowest scores, ascending (ties: the higher index goes first)."""
+    order = torch.sort(scores.flip(0), stable=True).indices
+    return sorted((len(scores) - 1 - order[:k]).tolist())

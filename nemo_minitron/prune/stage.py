@@ -1,0 +1,272 @@
+"""The ``prune`` stage: importance on a calibration set, then width and/or depth pruning.
+
+One API call, :func:`prune`, takes a loaded model, a target and calibration batches and returns the pruned
+model (built at the same TP/PP) with a report; :func:`run_prune` is the CLI stage around it, writing the
+pruned checkpoint, ``importance.json``, ``importance.png`` and ``prune_report.json`` in one atomic step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
+from nemo_minitron.config import StrictModel
+from nemo_minitron.data import SequenceSampler, TokenDataset
+from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.errors import UserError
+from nemo_minitron.eval import DTYPES
+from nemo_minitron.models.builder import build_model
+from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
+from nemo_minitron.prune import importance as imp_lib
+from nemo_minitron.prune.slicing import select, slice_canonical
+
+WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+
+
+class PruneTarget(StrictModel):
+    """Target sizes; anything left out keeps the source's value."""
+
+    hidden_size: Optional[int] = Field(None, gt=0)
+    ffn_hidden_size: Optional[int] = Field(None, gt=0)
+    num_attention_heads: Optional[int] = Field(None, gt=0)
+    num_query_groups: Optional[int] = Field(None, gt=0)
+    num_layers: Optional[int] = Field(None, gt=0)
+    drop_layers: Optional[list[int]] = Field(None, description="explicit global layer indices to remove")
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _drop_layers(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must name at least one layer (or leave it out)")
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError("must be distinct non-negative layer indices")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _something(self) -> "PruneTarget":
+        if all(getattr(self, k) is None for k in (*WIDTH_KEYS, "num_layers", "drop_layers")):
+            raise ValueError("give at least one target size or drop_layers")
+        return self
+
+
+class CalibrationConfig(StrictModel):
+    """Forward-only calibration samples from the train split of a prepared dataset."""
+
+    data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
+    num_samples: int = Field(1024, gt=0)
+    seq_length: int = Field(512, ge=2)
+    micro_batch_size: int = Field(4, gt=0)
+    seed: int = 1234
+
+
+class ImportanceConfig(StrictModel):
+    criterion: Literal["activation", "magnitude", "random"] = "activation"
+    seq_agg: imp_lib.Agg = "mean"
+    batch_agg: imp_lib.Agg = "l2"
+    depth: Literal["block_importance", "drop_one", "contiguous"] = "block_importance"
+    seed: int = 1234
+
+
+class PruneConfig(StrictModel):
+    model: str = Field(min_length=1, description="model directory or embedded:...")
+    output: str = Field(min_length=1)
+    target: PruneTarget
+    calibration: CalibrationConfig
+    importance: ImportanceConfig = ImportanceConfig()
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    overwrite: bool = False
+    parallel: state.ParallelConfig = state.ParallelConfig()
+    seed: int = 1234
+
+
+def target_config(src: ModelConfig, target: PruneTarget) -> ModelConfig:
+    """The pruned architecture; one-line error when ``target`` cannot be cut from ``src``."""
+    values = {k: getattr(target, k) or getattr(src, k) for k in WIDTH_KEYS}
+    for key, value in values.items():
+        if value > getattr(src, key):
+            raise UserError(f"target.{key} {value} is larger than the source's {getattr(src, key)}")
+    heads, groups = values["num_attention_heads"], values["num_query_groups"]
+    if heads % groups:
+        raise UserError(f"target.num_attention_heads {heads} is not divisible by target.num_query_groups {groups}")
+    if heads // groups > src.heads_per_group:
+        raise UserError(
+            f"target has {heads // groups} heads per query group, more than the source's {src.heads_per_group}: "
+            "heads are pruned within groups"
+        )
+    num_layers = src.num_layers
+    if target.drop_layers is not None:
+        bad = [i for i in target.drop_layers if i >= src.num_layers]
+        if bad:
+            raise UserError(f"target.drop_layers: layer {bad[0]} does not exist (the source has {src.num_layers})")
+        num_layers = src.num_layers - len(target.drop_layers)
+        if num_layers == 0:
+            raise UserError("target.drop_layers removes every layer")
+        if target.num_layers is not None and target.num_layers != num_layers:
+            raise UserError(f"target.num_layers {target.num_layers} disagrees with drop_layers (leaves {num_layers})")
+    elif target.num_layers is not None:
+        if target.num_layers > src.num_layers:
+            raise UserError(f"target.num_layers {target.num_layers} is larger than the source's {src.num_layers}")
+        num_layers = target.num_layers
+    # head_dim stays: fix it explicitly, since hidden/heads changes when either is pruned.
+    return src.model_copy(update={**values, "num_layers": num_layers, "head_dim": src.kv_channels})
+
+
+def validate(cfg: PruneConfig) -> None:
+    """Every check that needs no compute."""
+    src = read_model_config(resolve_model_dir(cfg.model))
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    check_divisible(src, tp, pp)
+    try:
+        check_divisible(target_config(src, cfg.target), tp, pp)
+    except UserError as exc:
+        raise UserError(f"target: {exc}") from None
+    data = Path(cfg.calibration.data)
+    if not (data / META_FILE).is_file():
+        raise UserError(f"calibration.data: {data} is not a prepared dataset (run prepare-data first)")
+
+
+def calibration_batches(cal: CalibrationConfig) -> list[torch.Tensor]:
+    """This DP rank's calibration micro-batches [micro_batch_size, seq_length + 1] from the train split."""
+    sampler = SequenceSampler(
+        TokenDataset(str(Path(cal.data) / "train")),
+        cal.seq_length,
+        cal.micro_batch_size,
+        seed=cal.seed,
+        dp_rank=state.dp_rank(),
+        dp_size=state.dp_size(),
+    )
+    count = max(1, cal.num_samples // sampler.global_batch_size)
+    batches = sampler.batches()
+    return [next(batches) for _ in range(count)]
+
+
+def _layers_to_drop(model, cfg: ModelConfig, target: ModelConfig, spec: PruneTarget, how: str,
+                    batches: list[torch.Tensor], scores: imp_lib.Importance) -> list[int]:
+    if spec.drop_layers is not None:
+        return spec.drop_layers
+    k = cfg.num_layers - target.num_layers
+    if k == 0:
+        return []
+    if how == "block_importance":
+        return imp_lib.top_k_lowest(scores.layers["block_importance"], k)
+    if how == "drop_one":
+        scores.layers["drop_one"] = imp_lib.drop_one_importance(model, cfg, batches, scores.calibration_loss)
+        return imp_lib.top_k_lowest(scores.layers["drop_one"], k)
+    losses = imp_lib.contiguous_block_losses(model, cfg, batches, k)
+    scores.layers[f"contiguous_block_loss_k{k}"] = losses
+    start = int(torch.argmin(losses))
+    return list(range(start, start + k))
+
+
+def prune(
+    loaded: LoadedModel,
+    target: PruneTarget,
+    calibration: list[torch.Tensor],
+    importance: ImportanceConfig = ImportanceConfig(),
+) -> tuple[LoadedModel, dict]:
+    """Prune ``loaded`` to ``target`` using importance from ``calibration`` micro-batches [b, s+1].
+
+    Returns the pruned model (same TP/PP as ``loaded``) and a report with the scores and the selection.
+    """
+    cfg, model = loaded.cfg, loaded.model
+    new_cfg = target_config(cfg, target)
+    check_divisible(new_cfg, state.tp_size(), state.pp_size())
+    start = time.perf_counter()
+    # Block importance and the calibration loss come from the hooked forward pass for every criterion.
+    scores = imp_lib.activation_importance(model, cfg, calibration, importance.seq_agg, importance.batch_agg)
+    importance_seconds = time.perf_counter() - start
+    canonical = gather_canonical(model, cfg, everywhere=True)
+    if importance.criterion != "activation":
+        width = (
+            imp_lib.magnitude_importance(canonical, cfg)
+            if importance.criterion == "magnitude"
+            else imp_lib.random_importance(cfg, importance.seed)
+        )
+        width.layers, width.calibration_loss = scores.layers, scores.calibration_loss
+        scores = width
+    drop = _layers_to_drop(model, cfg, new_cfg, target, importance.depth, calibration, scores)
+    keep = [i for i in range(cfg.num_layers) if i not in set(drop)]
+    selection = select(scores, cfg, new_cfg, keep)
+    pruned_tensors = slice_canonical(canonical, cfg, new_cfg, selection)
+    pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False)
+    load_canonical(pruned_model, new_cfg, pruned_tensors.__getitem__)
+    pruned_model.eval()
+    pruned_loss = imp_lib.lm_loss(pruned_model, new_cfg, calibration)
+    report = {
+        "source": cfg.model_dump(),
+        "target": new_cfg.model_dump(),
+        "source_params": cfg.num_params(),
+        "target_params": new_cfg.num_params(),
+        "param_ratio": new_cfg.num_params() / cfg.num_params(),
+        "criterion": scores.criterion,
+        "depth_criterion": None if target.drop_layers is not None or not drop else importance.depth,
+        "dropped_layers": drop,
+        "calibration_loss_before": scores.calibration_loss,
+        "calibration_loss_after": pruned_loss,
+        "calibration_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in calibration) * state.dp_size(),
+        "importance_seconds": importance_seconds,
+        "importance": scores.to_json(cfg.num_query_groups),
+        "selection": selection.to_json(),
+    }
+    return LoadedModel(cfg=new_cfg, model=pruned_model, tokenizer_dir=loaded.tokenizer_dir), report
+
+
+def heatmap_png(report: dict) -> bytes:
+    """PNG: layer x head and layer x neuron importance, channel importance, layer scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = report["importance"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for ax, key, title in ((axes[0, 0], "heads", "attention heads"), (axes[0, 1], "neurons", "MLP neurons")):
+        im = ax.imshow(torch.tensor(scores[key]).numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set(title=f"{title} ({scores['criterion']})", xlabel="index", ylabel="layer")
+        fig.colorbar(im, ax=ax)
+    axes[1, 0].plot(sorted(scores["channels"], reverse=True))
+    axes[1, 0].set(title="embedding channels (sorted)", xlabel="rank", ylabel="importance", yscale="log")
+    for name, values in scores["layers"].items():
+        axes[1, 1].plot(values, marker="o", label=name)
+    for layer in report["dropped_layers"]:
+        axes[1, 1].axvline(layer, color="red", alpha=0.2)
+    axes[1, 1].set(title="layer scores (red: dropped)", xlabel="layer")
+    axes[1, 1].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_prune(cfg: PruneConfig) -> dict:
+    """CLI stage: load, calibrate, prune, write the pruned checkpoint with its importance and report."""
+    validate(cfg)
+    if Path(cfg.output).exists() and not cfg.overwrite:
+        raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
+    state.initialize(cfg.parallel, cfg.seed)
+    # Hooks read the norms' outputs, which Transformer Engine fuses away: calibrate on the local spec.
+    loaded = load_model(cfg.model, dtype=DTYPES[cfg.dtype], use_te=False)
+    pruned, report = prune(loaded, cfg.target, calibration_batches(cfg.calibration), cfg.importance)
+    summary = {k: v for k, v in report.items() if k not in ("importance", "selection", "source", "target")}
+    summary["output"] = cfg.output
+    files = {
+        "importance.json": json.dumps(
+            {"importance": report["importance"], "selection": report["selection"]}
+        ).encode(),
+        "importance.png": heatmap_png(report),
+        "prune_report.json": json.dumps({**summary, "config": cfg.model_dump()}, indent=2).encode(),
+    }
+    save_checkpoint(pruned, Path(cfg.output), cfg.overwrite, extra_files=files)
+    return summary
