@@ -127,10 +127,13 @@ def validate(cfg: PruneConfig) -> None:
     src = read_model_config(resolve_model_dir(cfg.model))
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     check_divisible(src, tp, pp)
+    target = target_config(src, cfg.target)
     try:
-        check_divisible(target_config(src, cfg.target), tp, pp)
+        check_divisible(target, tp, pp)
     except UserError as exc:
         raise UserError(f"target: {exc}") from None
+    if Path(cfg.output).exists() and not cfg.overwrite:
+        raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
     data = Path(cfg.calibration.data)
     if not (data / META_FILE).is_file():
         raise UserError(f"calibration.data: {data} is not a prepared dataset (run prepare-data first)")
@@ -253,8 +256,6 @@ def heatmap_png(report: dict) -> bytes:
 def run_prune(cfg: PruneConfig) -> dict:
     """CLI stage: load, calibrate, prune, write the pruned checkpoint with its importance and report."""
     validate(cfg)
-    if Path(cfg.output).exists() and not cfg.overwrite:
-        raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
     state.initialize(cfg.parallel, cfg.seed)
     # Hooks read the norms' outputs, which Transformer Engine fuses away: calibrate on the local spec.
     loaded = load_model(cfg.model, dtype=DTYPES[cfg.dtype], use_te=False)
