@@ -34,6 +34,7 @@ def _stages() -> dict[str, Stage]:
     from nemo_minitron.data import PrepareDataConfig, prepare_data
     from nemo_minitron import eval as evaluation
     from nemo_minitron import prune
+    from nemo_minitron.distill import trainer
 
     return {
         "prepare-data": Stage(PrepareDataConfig, prepare_data, "tokenize text into train/valid indexed datasets"),
@@ -41,6 +42,7 @@ def _stages() -> dict[str, Stage]:
         "export-hf": Stage(convert.ConvertConfig, convert.export_hf_dir, "checkpoint -> HF directory", convert.validate),
         "eval": Stage(evaluation.EvalConfig, evaluation.evaluate, "held-out loss and perplexity", evaluation.validate),
         "prune": Stage(prune.PruneConfig, prune.run_prune, "importance + width/depth pruning", prune.stage.validate),
+        "distill": Stage(trainer.DistillConfig, trainer.run_distill, "knowledge distillation (or CE training)", trainer.validate),
     }
 
 

@@ -6,7 +6,7 @@ loss from its output and the labels; stages in between only pass activations.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -28,11 +28,13 @@ def forward_backward(
     micro_batches: Sequence[torch.Tensor],
     loss_fn: LossFn,
     forward_only: bool,
+    adjust_tensor_shapes_fn: Optional[Callable] = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward (and backward unless ``forward_only``) over ``micro_batches`` of tokens [b, s+1].
 
     Returns the loss dicts of every micro-batch on the last pipeline stage, an empty list elsewhere.
     Gradients are accumulated in the parameters' ``.grad`` (or megatron DDP buffers).
+    ``adjust_tensor_shapes_fn`` changes the shapes sent between stages (see distill.pair).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -52,5 +54,6 @@ def forward_backward(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        adjust_tensor_shapes_fn=adjust_tensor_shapes_fn if state.pp_size() > 1 else None,
     )
     return list(results) if state.is_last_stage() else []

@@ -1,0 +1,133 @@
+"""Training checkpoints that are complete or absent, and load without unpickling arbitrary objects.
+
+A checkpoint is the directory ``<root>/step_<N>`` with one ``rank<R>.pt`` per rank (this rank's model
+shard, optimizer and RNG states, data position) and ``meta.json``. All ranks write into a hidden
+temporary directory; only when every rank has finished does rank 0 write ``meta.json`` and rename the
+directory into place, so a crash at any moment leaves either the previous checkpoints or a complete new one.
+Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.errors import UserError
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_ok(ok: bool) -> bool:
+    """True only if ``ok`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return int(flag) == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / META).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def save(root: Path, step: int, payload: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
+    """Write this rank's ``payload`` for ``step`` (collective: every rank calls it)."""
+    rank, world = _rank_world()
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    error: Optional[str] = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if dist.is_initialized():
+        dist.barrier()
+    try:
+        part = tmp / f"rank{rank:05d}.pt.part"
+        with open(part, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, tmp / f"rank{rank:05d}.pt")
+    except OSError as exc:
+        error = f"cannot write checkpoint {final}: {exc.strerror or exc}"
+    if not _all_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(error or f"cannot write checkpoint {final}: another rank failed")
+    if rank == 0:
+        try:
+            (tmp / META).write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=2) + "\n")
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            for _, old in step_dirs(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"cannot write checkpoint {final}: {exc.strerror or exc}"
+    if dist.is_initialized() and world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+    return final
+
+
+def load_latest(root: Path, expect_meta: dict[str, Any]) -> Optional[tuple[int, dict[str, Any]]]:
+    """(step, this rank's payload) of the newest complete checkpoint, or None when there is none.
+
+    ``expect_meta`` entries (parallel layout, architecture) must match the checkpoint's, else UserError.
+    """
+    found = step_dirs(root)
+    if not found:
+        return None
+    step, path = found[-1]
+    meta = json.loads((path / META).read_text())
+    rank, world = _rank_world()
+    if meta.get("world_size") != world:
+        raise UserError(f"{path}: written by {meta.get('world_size')} ranks, this run has {world}")
+    for key, value in expect_meta.items():
+        if meta.get(key) != value:
+            raise UserError(f"{path}: {key} is {meta.get(key)!r} in the checkpoint, {value!r} in this run")
+    file = path / f"rank{rank:05d}.pt"
+    if not file.is_file():
+        raise UserError(f"{path}: shard {file.name} is missing")
+    try:
+        payload = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as exc:  # a truncated or foreign file: torch raises several types
+        raise UserError(f"{file}: unreadable checkpoint shard ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    return step, payload

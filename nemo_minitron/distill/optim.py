@@ -1,0 +1,62 @@
+"""AdamW on fp32 master weights for a model that computes in bf16 (or fp32).
+
+Like megatron's mixed-precision optimizer: every trainable parameter gets an fp32 ``main_grad`` into which
+each micro-batch's gradient is accumulated as soon as autograd produces it (so accumulation over many
+micro-batches does not round in bf16), and the optimizer updates fp32 master copies that are then copied
+back into the model's parameters. For fp32 parameters the master is the parameter itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MixedPrecisionAdamW:
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float) -> None:
+        self.params = params
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
+        for p in params:
+            p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+            p.register_post_accumulate_grad_hook(self._accumulate)
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    @staticmethod
+    def _accumulate(param: torch.nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.main_grad.zero_()
+            p.grad = None
+
+    def scale_grads(self, factor: float) -> None:
+        for p in self.params:
+            p.main_grad.mul_(factor)
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for p, master in zip(self.params, self.masters):
+            master.grad = p.main_grad
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, master in zip(self.params, self.masters):
+                if master is not p:
+                    p.copy_(master)
+                master.grad = None
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "masters": [m.detach().clone() for m, p in zip(self.masters, self.params) if m is not p],
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        low_precision = [(m, p) for m, p in zip(self.masters, self.params) if m is not p]
+        with torch.no_grad():
+            for (master, p), saved in zip(low_precision, sd["masters"]):
+                master.copy_(saved)
+                p.copy_(saved)

@@ -1,0 +1,537 @@
+"""The ``distill`` stage: a frozen teacher teaches a student (usually a pruned copy of it).
+
+One training step consumes ``global_batch_size`` sequences: ``global_batch_size / (micro_batch_size * DP)``
+micro-batches per data-parallel rank run through megatron's pipeline schedule (teacher and student on the
+same stages, see :mod:`nemo_minitron.distill.pair`), gradients are averaged over DP, clipped by their global
+norm, and AdamW steps with linear warmup and cosine decay to ``min_lr``. ``mode: ce`` trains one model with
+the LM loss alone (teacher correction, or the no-teacher baseline).
+
+Everything the next step depends on — weights, optimizer, step, data position, RNG states — is in the
+checkpoint, so a resumed run reproduces the uninterrupted loss curve exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, model_validator
+
+from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
+from nemo_minitron.config import StrictModel
+from nemo_minitron.data import SequenceSampler, TokenDataset, eval_windows
+from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.distill import checkpointing
+from nemo_minitron.distill.losses import (
+    FusedLogitKD,
+    IntermediateConfig,
+    IntermediateStateLoss,
+    LogitKDConfig,
+    balance,
+)
+from nemo_minitron.distill.optim import MixedPrecisionAdamW
+from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_weight, pipeline_shapes
+from nemo_minitron.errors import UserError
+from nemo_minitron.eval import DTYPES
+from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel import grads, state
+from nemo_minitron.parallel.schedule import forward_backward
+from nemo_minitron.parallel.sharding import check_divisible
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+class TrainConfig(StrictModel):
+    seq_length: int = Field(512, ge=2)
+    micro_batch_size: int = Field(4, gt=0)
+    global_batch_size: int = Field(16, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)
+    max_tokens: Optional[int] = Field(None, gt=0, description="alternative to max_steps")
+    dtype: Dtype = Field("bfloat16", description="student compute dtype (fp32 master weights and gradients)")
+    teacher_dtype: Dtype = "bfloat16"
+    seed: int = 1234
+    max_skipped_steps: int = Field(10, ge=0, description="non-finite steps skipped in a row before stopping")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of max_steps and max_tokens")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size {self.micro_batch_size}"
+            )
+        return self
+
+    def steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(self.max_tokens / (self.global_batch_size * self.seq_length))
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
+
+    @model_validator(mode="after")
+    def _lrs(self) -> "OptimConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
+        return self
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Linear warmup over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` at ``total``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(total - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class LossConfig(StrictModel):
+    logits: LogitKDConfig = LogitKDConfig()
+    intermediate: IntermediateConfig = IntermediateConfig()
+
+
+class CheckpointConfig(StrictModel):
+    every_steps: int = Field(100, gt=0)
+    keep_last: int = Field(2, gt=0)
+    resume: bool = True
+
+
+class EvalDuringTraining(StrictModel):
+    every_steps: int = Field(100, ge=0, description="0: only at the end")
+    max_windows: int = Field(16, gt=0)
+
+
+class LogConfig(StrictModel):
+    every_steps: int = Field(1, gt=0)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class DistillConfig(StrictModel):
+    """The ``distill`` stage. ``mode: ce`` trains ``student`` alone with the LM loss (no teacher)."""
+
+    mode: Literal["kd", "ce"] = "kd"
+    student: str = Field(min_length=1)
+    teacher: Optional[str] = None
+    data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
+    output: str = Field(min_length=1)
+    train: TrainConfig
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalDuringTraining = EvalDuringTraining()
+    log: LogConfig = LogConfig()
+    parallel: state.ParallelConfig = state.ParallelConfig()
+
+    @model_validator(mode="after")
+    def _teacher(self) -> "DistillConfig":
+        if self.mode == "kd" and not self.teacher:
+            raise ValueError("mode kd needs a teacher")
+        if self.mode == "ce" and self.teacher:
+            raise ValueError("mode ce trains without a teacher: remove teacher")
+        return self
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    tokens: int
+    final_loss: float
+    eval_loss: Optional[float]
+    eval_perplexity: Optional[float]
+    skipped_steps: int
+    seconds: float
+    tokens_per_second: float
+    output: str
+    stopped_early: bool
+
+
+def _layers_of_stage(cfg: ModelConfig, pp_rank: int, pp_size: int) -> range:
+    per = cfg.num_layers // pp_size
+    return range(pp_rank * per, (pp_rank + 1) * per)
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Every check that needs no compute."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    student = read_model_config(resolve_model_dir(cfg.student))
+    check_divisible(student, tp, pp)
+    if cfg.mode == "kd":
+        teacher = read_model_config(resolve_model_dir(cfg.teacher))
+        try:
+            check_divisible(teacher, tp, pp)
+        except UserError as exc:
+            raise UserError(f"teacher: {exc}") from None
+        if teacher.vocab_size != student.vocab_size:
+            raise UserError(f"teacher vocab_size {teacher.vocab_size} differs from the student's {student.vocab_size}")
+        for pair in cfg.loss.intermediate.pairs:
+            if pair.student_layer >= student.num_layers:
+                raise UserError(f"loss.intermediate: student_layer {pair.student_layer} does not exist "
+                                f"(the student has {student.num_layers})")
+            if pair.teacher_layer >= teacher.num_layers:
+                raise UserError(f"loss.intermediate: teacher_layer {pair.teacher_layer} does not exist "
+                                f"(the teacher has {teacher.num_layers})")
+            s_stage = pair.student_layer // (student.num_layers // pp)
+            t_stage = pair.teacher_layer // (teacher.num_layers // pp)
+            if s_stage != t_stage:
+                raise UserError(f"loss.intermediate: student layer {pair.student_layer} (stage {s_stage}) and teacher "
+                                f"layer {pair.teacher_layer} (stage {t_stage}) are on different pipeline stages")
+    elif cfg.loss.intermediate.pairs:
+        raise UserError("loss.intermediate needs a teacher (mode kd)")
+    data = Path(cfg.data)
+    if not (data / META_FILE).is_file():
+        raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
+
+
+class _Intermediate:
+    """Collects the configured layers' outputs on this stage and turns them into the intermediate loss."""
+
+    def __init__(self, pair: DistillationPair, cfg: IntermediateConfig) -> None:
+        self.cfg = cfg
+        local = {layer.layer_number - 1: layer for layer in pair.student.decoder.layers}
+        t_local = {layer.layer_number - 1: layer for layer in pair.teacher.decoder.layers}
+        self.pairs = [(p.student_layer, p.teacher_layer) for p in cfg.pairs if p.student_layer in local]
+        self.states: dict[tuple[str, int], torch.Tensor] = {}
+        self.module = IntermediateStateLoss(
+            cfg.model_copy(update={"pairs": [p for p in cfg.pairs if p.student_layer in local]}),
+            pair.h_student,
+            pair.h_teacher,
+        )
+        for s, t in self.pairs:
+            local[s].register_forward_hook(self._keep("student", s))
+            t_local[t].register_forward_hook(self._keep("teacher", t))
+
+    def _keep(self, side: str, index: int):
+        def hook(_module, _args, output):
+            self.states[(side, index)] = output[0]
+
+        return hook
+
+    def loss(self) -> Optional[torch.Tensor]:
+        if not self.pairs:
+            return None
+        student = [self.states.pop(("student", s)) for s, _ in self.pairs]
+        teacher = [self.states.pop(("teacher", t)).detach() for _, t in self.pairs]
+        return self.module(student, teacher)
+
+
+class Trainer:
+    """State of one distillation run on this rank (built by :func:`distill`)."""
+
+    def __init__(self, student: LoadedModel, teacher: Optional[LoadedModel], data: Path, output: Path,
+                 train: TrainConfig, optim: OptimConfig, loss: LossConfig, checkpoint: CheckpointConfig,
+                 evaluation: EvalDuringTraining, log: LogConfig) -> None:
+        self.student, self.teacher = student, teacher
+        self.output, self.train_cfg, self.optim_cfg = output, train, optim
+        self.loss_cfg, self.ckpt_cfg, self.eval_cfg, self.log_cfg = loss, checkpoint, evaluation, log
+        self.pair = DistillationPair(student.model, teacher.model if teacher else None)
+        dp = state.dp_size()
+        if train.global_batch_size % (train.micro_batch_size * dp):
+            raise UserError(f"train.global_batch_size {train.global_batch_size} is not divisible by "
+                            f"micro_batch_size x data-parallel size = {train.micro_batch_size * dp}")
+        self.num_micro = train.global_batch_size // (train.micro_batch_size * dp)
+        logit_cfg = loss.logits
+        if teacher is None:
+            logit_cfg = logit_cfg.model_copy(update={"kd_weight": 0.0, "ce_weight": 1.0})
+        self.logit_loss = FusedLogitKD(logit_cfg, student.cfg.vocab_size)
+        self.ce_loss = FusedLogitKD(LogitKDConfig(kd_weight=0.0, ce_weight=1.0), student.cfg.vocab_size)
+        self.intermediate = (
+            _Intermediate(self.pair, loss.intermediate) if teacher is not None and loss.intermediate.pairs else None
+        )
+        self.params = [p for p in student.model.parameters() if p.requires_grad]
+        if self.intermediate is not None:
+            self.params += list(self.intermediate.module.parameters())
+        self.optimizer = MixedPrecisionAdamW(
+            self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
+        )
+        self.sampler = SequenceSampler(
+            TokenDataset(str(data / "train")), train.seq_length, train.micro_batch_size,
+            seed=train.seed, dp_rank=state.dp_rank(), dp_size=dp,
+        )
+        self.valid = TokenDataset(str(data / "valid"))
+        self.total_steps = train.steps()
+        self.step = 0
+        self.skipped_in_a_row = 0
+        self.skipped = 0
+        self.last_logit_loss = 1.0
+        self.stop_requested = False
+        self.stage_module = self._stage_module()
+
+    # ------------------------------------------------------------------ one step
+
+    def _loss_fn(self, hidden: torch.Tensor, labels: torch.Tensor):
+        """Last stage: hidden [b, s, h_s] (+ teacher's) -> (loss, report dict)."""
+        flat_labels = labels.reshape(-1)
+        teacher_hidden = self.pair.teacher_hidden
+        out = self.logit_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            output_weight(self.pair.student),
+            None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+            None if teacher_hidden is None else output_weight(self.pair.teacher),
+            flat_labels,
+            None,
+        )
+        total = out["loss"]
+        report = {"kd": out["kd"].detach().clone(), "logit_loss": total.detach().clone()}
+        if "ce" in out:
+            report["ce"] = out["ce"].detach().clone()
+        if self.intermediate is not None:
+            is_loss = self.intermediate.loss()
+            if is_loss is not None:
+                total = total + balance(total, is_loss, self.loss_cfg.intermediate)
+                report["intermediate"] = is_loss.detach().clone()
+        report["loss"] = total.detach().clone()
+        return total, report
+
+    def _stage_module(self):
+        """The pair, with mid-stage intermediate losses attached to what the stage sends on."""
+        trainer = self
+
+        class StageModule(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = trainer.pair
+                # What megatron's schedules read from the model they run.
+                self.config = trainer.pair.config
+                self.model_type = trainer.pair.student.model_type
+
+            def set_input_tensor(self, tensor) -> None:
+                self.inner.set_input_tensor(tensor)
+
+            def forward(self, input_ids, position_ids, attention_mask=None):
+                out = self.inner(input_ids, position_ids, attention_mask)
+                if trainer.intermediate is not None and not state.is_last_stage():
+                    is_loss = trainer.intermediate.loss()
+                    if is_loss is not None:
+                        weight = trainer.loss_cfg.intermediate.weight
+                        if trainer.loss_cfg.intermediate.balancing == "dynamic":
+                            weight *= trainer.last_logit_loss / max(float(is_loss.detach()), 1e-12)
+                        out = AttachAuxLoss.apply(out, is_loss, weight / trainer.num_micro)
+                return out
+
+        return StageModule()
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+        self.optimizer.zero_grad()
+        self.pair.student.train()
+        reports = forward_backward(
+            self.stage_module, micro_batches, self._loss_fn, forward_only=False,
+            adjust_tensor_shapes_fn=pipeline_shapes(self.pair),
+        )
+        grads.sync_tied_embedding_grads(self.pair.student)
+        grads.average_data_parallel_grads(self.params)
+        metrics = self._mean_metrics(reports)
+        norm = float(grads.grad_norm(self.pair.student, self.params))
+        metrics["grad_norm"] = norm
+        finite = math.isfinite(norm) and math.isfinite(metrics["loss"])
+        if not finite:
+            self.optimizer.zero_grad()
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+            metrics["skipped"] = 1.0
+            if self.skipped_in_a_row > self.train_cfg.max_skipped_steps:
+                raise UserError(f"step {self.step}: loss or gradients not finite for {self.skipped_in_a_row} "
+                                "steps in a row; stopping (the last checkpoint is intact)")
+            return metrics
+        self.skipped_in_a_row = 0
+        if self.optim_cfg.clip_grad > 0 and norm > self.optim_cfg.clip_grad:
+            self.optimizer.scale_grads(self.optim_cfg.clip_grad / (norm + 1e-6))
+        lr = self.optim_cfg.lr_at(self.step, self.total_steps)
+        self.optimizer.step(lr)
+        metrics["lr"] = lr
+        self.last_logit_loss = metrics.get("logit_loss", metrics["loss"])
+        return metrics
+
+    def _mean_metrics(self, reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        keys = sorted(reports[0]) if reports else []
+        keys = state.broadcast_from_last_stage(keys)
+        values = torch.zeros(len(keys), dtype=torch.float64)
+        for r in reports:
+            values += torch.stack([r[k].double() for k in keys])
+        values /= max(len(reports), 1)
+        values = state.broadcast_from_last_stage(values)
+        if state.dp_size() > 1:
+            dist.all_reduce(values, group=state.dp_group())
+            values /= state.dp_size()
+        return dict(zip(keys, values.tolist()))
+
+    # ------------------------------------------------------------------ held-out evaluation
+
+    def evaluate(self) -> tuple[float, float]:
+        """Student's held-out loss and perplexity on the valid split (same windows every time)."""
+        windows = list(eval_windows(self.valid, self.train_cfg.seq_length + 1, self.eval_cfg.max_windows))
+        mine = windows[state.dp_rank() :: state.dp_size()]
+        mb = self.train_cfg.micro_batch_size
+        # Equal micro-batches for the pipeline schedule; a remainder smaller than one is left out.
+        batches = [torch.stack(mine[i : i + mb]) for i in range(0, len(mine) - len(mine) % mb, mb)] or [torch.stack(mine)]
+        student = self.pair.student
+        student.eval()
+
+        def loss_fn(hidden, labels):
+            ce = self.ce_loss(hidden.reshape(-1, hidden.shape[-1]), output_weight(student), None, None,
+                              labels.reshape(-1), None)["ce"]
+            n = torch.tensor(float(labels.numel()), dtype=torch.float64)
+            return ce, {"sum": ce.detach().double() * n, "count": n}
+
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for out in forward_backward(student, batches, loss_fn, forward_only=True):
+                total += torch.stack([out["sum"], out["count"]])
+        total = state.broadcast_from_last_stage(total)
+        if state.dp_size() > 1:
+            dist.all_reduce(total, group=state.dp_group())
+        loss = float(total[0] / total[1])
+        return loss, math.exp(loss)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _meta(self) -> dict:
+        return {
+            "tensor_model_parallel_size": state.tp_size(),
+            "pipeline_model_parallel_size": state.pp_size(),
+            "student": self.student.cfg.model_dump(),
+            "global_batch_size": self.train_cfg.global_batch_size,
+            "seq_length": self.train_cfg.seq_length,
+        }
+
+    def _payload(self) -> dict:
+        from megatron.core.tensor_parallel import random as mrandom
+
+        tracker = mrandom.get_cuda_rng_tracker()
+        return {
+            "model": {k: v for k, v in self.pair.student.state_dict().items() if isinstance(v, torch.Tensor)},
+            "intermediate": self.intermediate.module.state_dict() if self.intermediate else {},
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "skipped": self.skipped,
+            "skipped_in_a_row": self.skipped_in_a_row,
+            "last_logit_loss": self.last_logit_loss,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_tracker": dict(tracker.get_states()) if hasattr(tracker, "get_states") else {},
+        }
+
+    def save(self) -> None:
+        checkpointing.save(self.output / "checkpoints", self.step, self._payload(), self._meta(), self.ckpt_cfg.keep_last)
+
+    def resume(self) -> bool:
+        from megatron.core.tensor_parallel import random as mrandom
+
+        found = checkpointing.load_latest(self.output / "checkpoints", self._meta())
+        if found is None:
+            return False
+        _, payload = found
+        self.pair.student.load_state_dict(payload["model"], strict=False)
+        if self.intermediate is not None:
+            self.intermediate.module.load_state_dict(payload["intermediate"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = int(payload["step"])
+        self.skipped, self.skipped_in_a_row = int(payload["skipped"]), int(payload["skipped_in_a_row"])
+        self.last_logit_loss = float(payload["last_logit_loss"])
+        torch.set_rng_state(payload["rng_cpu"])
+        if payload["rng_tracker"]:
+            mrandom.get_cuda_rng_tracker().set_states(payload["rng_tracker"])
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> DistillResult:
+        from nemo_minitron.distill.logging import RunLogger
+
+        if self.ckpt_cfg.resume:
+            self.resume()
+        logger = RunLogger(self.output, self.log_cfg, self.total_steps, start_step=self.step)
+        tokens_per_step = self.train_cfg.global_batch_size * self.train_cfg.seq_length
+        batches = self.sampler.batches(start_sample=self.step * self.train_cfg.global_batch_size)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        start, start_step = time.perf_counter(), self.step
+        metrics: dict[str, float] = {"loss": float("nan")}
+        eval_loss = eval_ppl = None
+        try:
+            while self.step < self.total_steps and not self._stop_everywhere():
+                metrics = self.train_step([next(batches) for _ in range(self.num_micro)])
+                self.step += 1
+                metrics["tokens"] = float(self.step * tokens_per_step)
+                if self.eval_cfg.every_steps and self.step % self.eval_cfg.every_steps == 0 and self.step < self.total_steps:
+                    metrics["eval_loss"], metrics["eval_ppl"] = self.evaluate()
+                logger.log(self.step, metrics)
+                if self.step % self.ckpt_cfg.every_steps == 0 and self.step < self.total_steps:
+                    self.save()
+            stopped_early = self.step < self.total_steps
+            if stopped_early:
+                self.save()
+            else:
+                eval_loss, eval_ppl = self.evaluate()
+                logger.log(self.step, {"eval_loss": eval_loss, "eval_ppl": eval_ppl, "tokens": float(self.step * tokens_per_step)})
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            logger.close()
+        seconds = time.perf_counter() - start
+        done_tokens = (self.step - start_step) * tokens_per_step
+        return DistillResult(
+            steps=self.step, tokens=self.step * tokens_per_step, final_loss=metrics.get("loss", float("nan")),
+            eval_loss=eval_loss, eval_perplexity=eval_ppl, skipped_steps=self.skipped, seconds=seconds,
+            tokens_per_second=done_tokens / seconds if seconds > 0 else 0.0, output=str(self.output),
+            stopped_early=stopped_early,
+        )
+
+    def _on_sigterm(self, _signum, _frame) -> None:
+        self.stop_requested = True
+
+    def _stop_everywhere(self) -> bool:
+        """A SIGTERM on any rank stops every rank after the same step."""
+        flag = torch.tensor([1 if self.stop_requested else 0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag)
+        return bool(flag)
+
+
+def distill(
+    student: LoadedModel,
+    teacher: Optional[LoadedModel],
+    data: str | Path,
+    output: str | Path,
+    train: TrainConfig,
+    optim: OptimConfig = OptimConfig(),
+    loss: LossConfig = LossConfig(),
+    checkpoint: CheckpointConfig = CheckpointConfig(),
+    evaluation: EvalDuringTraining = EvalDuringTraining(),
+    log: LogConfig = LogConfig(),
+) -> DistillResult:
+    """Train ``student`` from ``teacher`` (or with CE alone when None) on the prepared dataset ``data``.
+
+    Checkpoints, ``metrics.jsonl`` and TensorBoard events go under ``output``; an existing checkpoint there is
+    resumed when ``checkpoint.resume``. The trained weights stay in ``student.model``.
+    """
+    return Trainer(student, teacher, Path(data), Path(output), train, optim, loss, checkpoint, evaluation, log).run()
+
+
+def run_distill(cfg: DistillConfig) -> dict:
+    """CLI stage: load teacher and student, train, save the student as ``<output>/final``."""
+    validate(cfg)
+    state.initialize(cfg.parallel, cfg.train.seed)
+    student = load_model(cfg.student, dtype=DTYPES[cfg.train.dtype])
+    student.model.train()
+    teacher = load_model(cfg.teacher, dtype=DTYPES[cfg.train.teacher_dtype]) if cfg.mode == "kd" else None
+    result = distill(student, teacher, cfg.data, cfg.output, cfg.train, cfg.optim, cfg.loss, cfg.checkpoint,
+                     cfg.eval, cfg.log)
+    if not result.stopped_early:
+        save_checkpoint(student, Path(cfg.output) / "final", overwrite=True)
+    summary = {**result.__dict__, "final": str(Path(cfg.output) / "final")}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (Path(cfg.output) / "result.json").write_text(json.dumps({**summary, "config": cfg.model_dump()}, indent=2))
+    return summary

@@ -1,0 +1,59 @@
+"""Gradient reductions for training megatron-core models with explicit collectives.
+
+- data parallel: every DP rank's gradients are averaged over the DP group;
+- tied embeddings with PP > 1: the first stage's embedding and the last stage's output layer hold copies of
+  one weight; their gradients are summed over megatron's embedding group so both copies stay equal;
+- gradient norm: each tensor-parallel shard counted once, replicated parameters (norms) once per TP group,
+  the tied copy once, then summed over the model-parallel ranks.
+
+Gradients are read from ``param.main_grad`` (fp32, see ``distill.optim``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.parallel import state
+
+
+def _sharded(param: torch.nn.Parameter) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def sync_tied_embedding_grads(model) -> None:
+    """Sum the gradients of the two copies of a tied embedding across the first and last stage."""
+    from megatron.core import parallel_state
+
+    if state.pp_size() == 1 or not model.share_embeddings_and_output_weights:
+        return
+    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        return
+    weight = model.shared_embedding_or_output_weight()
+    dist.all_reduce(weight.main_grad, group=parallel_state.get_embedding_group())
+
+
+def average_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
+    if state.dp_size() == 1:
+        return
+    for p in params:
+        dist.all_reduce(p.main_grad, group=state.dp_group())
+        p.main_grad.div_(state.dp_size())
+
+
+def grad_norm(model, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` over all model-parallel ranks (float64 scalar)."""
+    from megatron.core import parallel_state
+
+    skip = None
+    if state.pp_size() > 1 and model.share_embeddings_and_output_weights and state.is_last_stage() and not state.is_first_stage():
+        skip = model.shared_embedding_or_output_weight()  # the first stage counts the tied weight
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p is skip:
+            continue
+        if _sharded(p) or state.tp_rank() == 0:
+            total += p.main_grad.double().pow(2).sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return total.sqrt()
