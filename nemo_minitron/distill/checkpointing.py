@@ -36,6 +36,8 @@ def _all_ok(ok: bool) -> bool:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return ok
     flag = torch.tensor([0 if ok else 1])
+    if torch.cuda.is_available():  # NCCL reduces CUDA tensors only
+        flag = flag.cuda()
     dist.all_reduce(flag)
     return int(flag) == 0
 

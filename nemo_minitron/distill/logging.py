@@ -26,7 +26,16 @@ class RunLogger:
         output.mkdir(parents=True, exist_ok=True)
         path = output / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            # A resumed run logs again from step start_step + 1, and a finished run that is run again (it
+            # resumes at its last step) logs its final evaluation again: the training records up to
+            # start_step stay, the evaluation-only record of start_step goes.
+            records = []
+            for line in path.read_text().splitlines():
+                try:
+                    records.append((line, json.loads(line)))
+                except json.JSONDecodeError:  # a line cut short by a crash mid-write
+                    continue
+            kept = [line for line, r in records if r["step"] < start_step or (r["step"] == start_step and "loss" in r)]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")
         if cfg.tensorboard:

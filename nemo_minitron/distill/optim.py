@@ -17,7 +17,7 @@ class MixedPrecisionAdamW:
         self.params = params
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
         for p in params:
-            p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+            p.main_grad = torch.zeros_like(p, dtype=torch.float32)  # on the parameter's device
             p.register_post_accumulate_grad_hook(self._accumulate)
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 

@@ -161,6 +161,16 @@ class DistillResult:
     stopped_early: bool
 
 
+def _all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum a small host (CPU) tensor over ``group``; through the GPU with NCCL, which reduces CUDA tensors only."""
+    if not torch.cuda.is_available():
+        dist.all_reduce(tensor, group=group)
+        return tensor
+    on_device = tensor.cuda()
+    dist.all_reduce(on_device, group=group)
+    return on_device.cpu()
+
+
 def _layers_of_stage(cfg: ModelConfig, pp_rank: int, pp_size: int) -> range:
     per = cfg.num_layers // pp_size
     return range(pp_rank * per, (pp_rank + 1) * per)
@@ -196,22 +206,45 @@ def validate(cfg: DistillConfig) -> None:
     data = Path(cfg.data)
     if not (data / META_FILE).is_file():
         raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
+    meta = json.loads((data / META_FILE).read_text(encoding="utf-8"))
+    if meta.get("vocab_size", 0) > student.vocab_size:
+        raise UserError(f"data: {data} was tokenized with {meta['vocab_size']} token ids, more than the student's "
+                        f"vocab_size {student.vocab_size} (prepare it with the student's tokenizer)")
+    for split in ("train", "valid"):
+        tokens = meta.get(f"num_{split}_tokens")
+        if tokens is not None and tokens < cfg.train.seq_length + 1:
+            raise UserError(f"data: the {split} split of {data} has {tokens} tokens, fewer than one sequence of "
+                            f"train.seq_length + 1 = {cfg.train.seq_length + 1}")
 
 
 class _Intermediate:
-    """Collects the configured layers' outputs on this stage and turns them into the intermediate loss."""
+    """Collects the configured layers' outputs on this stage and turns them into the intermediate loss.
 
-    def __init__(self, pair: DistillationPair, cfg: IntermediateConfig) -> None:
+    A stage holds only some of the pairs; its share of the loss is ``fraction`` (local pairs / all pairs) of
+    the mean over its pairs, so the shares of all stages add up to the mean over all pairs whatever the
+    pipeline layout. Each pair's projection is initialised from ``seed`` and the pair's index alone, so it is
+    the same at every TP / PP layout.
+    """
+
+    def __init__(self, pair: DistillationPair, cfg: IntermediateConfig, seed: int) -> None:
         self.cfg = cfg
         local = {layer.layer_number - 1: layer for layer in pair.student.decoder.layers}
         t_local = {layer.layer_number - 1: layer for layer in pair.teacher.decoder.layers}
-        self.pairs = [(p.student_layer, p.teacher_layer) for p in cfg.pairs if p.student_layer in local]
+        indices = [i for i, p in enumerate(cfg.pairs) if p.student_layer in local]
+        self.pairs = [(cfg.pairs[i].student_layer, cfg.pairs[i].teacher_layer) for i in indices]
+        self.fraction = len(indices) / len(cfg.pairs)
         self.states: dict[tuple[str, int], torch.Tensor] = {}
         self.module = IntermediateStateLoss(
-            cfg.model_copy(update={"pairs": [p for p in cfg.pairs if p.student_layer in local]}),
+            cfg.model_copy(update={"pairs": [cfg.pairs[i] for i in indices]}),
             pair.h_student,
             pair.h_teacher,
         )
+        for index, projection in zip(indices, self.module.projections):
+            if isinstance(projection, torch.nn.Linear):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed + index)
+                    projection.reset_parameters()
+        self.module.to(next(pair.student.parameters()).device)
         for s, t in self.pairs:
             local[s].register_forward_hook(self._keep("student", s))
             t_local[t].register_forward_hook(self._keep("teacher", t))
@@ -223,10 +256,13 @@ class _Intermediate:
         return hook
 
     def loss(self) -> Optional[torch.Tensor]:
+        """Mean over this stage's pairs (None without any); the caller weights it by ``fraction``."""
         if not self.pairs:
             return None
-        student = [self.states.pop(("student", s)) for s, _ in self.pairs]
-        teacher = [self.states.pop(("teacher", t)).detach() for _, t in self.pairs]
+        # A layer may appear in several pairs: read every state, then forget them all.
+        student = [self.states[("student", s)] for s, _ in self.pairs]
+        teacher = [self.states[("teacher", t)].detach() for _, t in self.pairs]
+        self.states.clear()
         return self.module(student, teacher)
 
 
@@ -251,8 +287,12 @@ class Trainer:
         self.logit_loss = FusedLogitKD(logit_cfg, student.cfg.vocab_size)
         self.ce_loss = FusedLogitKD(LogitKDConfig(kd_weight=0.0, ce_weight=1.0), student.cfg.vocab_size)
         self.intermediate = (
-            _Intermediate(self.pair, loss.intermediate) if teacher is not None and loss.intermediate.pairs else None
+            _Intermediate(self.pair, loss.intermediate, train.seed)
+            if teacher is not None and loss.intermediate.pairs
+            else None
         )
+        # (intermediate loss share, its term in the loss) of each micro-batch on a stage before the last.
+        self.mid_stage_losses: list[tuple[float, float]] = []
         self.params = [p for p in student.model.parameters() if p.requires_grad]
         if self.intermediate is not None:
             self.params += list(self.intermediate.module.parameters())
@@ -263,12 +303,16 @@ class Trainer:
             TokenDataset(str(data / "train")), train.seq_length, train.micro_batch_size,
             seed=train.seed, dp_rank=state.dp_rank(), dp_size=dp,
         )
+        # Fixed held-out windows, read now: a split too short for one fails before any training. (The dataset
+        # stays referenced: its memory map closes when it is collected.)
         self.valid = TokenDataset(str(data / "valid"))
+        self.eval_windows = list(eval_windows(self.valid, train.seq_length + 1, evaluation.max_windows))
         self.total_steps = train.steps()
         self.step = 0
         self.skipped_in_a_row = 0
         self.skipped = 0
         self.last_logit_loss = 1.0
+        self.last_loss = float("nan")  # of the last step: the result of a finished run that is run again
         self.stop_requested = False
         self.stage_module = self._stage_module()
 
@@ -293,8 +337,9 @@ class Trainer:
         if self.intermediate is not None:
             is_loss = self.intermediate.loss()
             if is_loss is not None:
-                total = total + balance(total, is_loss, self.loss_cfg.intermediate)
-                report["intermediate"] = is_loss.detach().clone()
+                share = self.intermediate.fraction
+                total = total + share * balance(total, is_loss, self.loss_cfg.intermediate)
+                report["intermediate"] = share * is_loss.detach().clone()
         report["loss"] = total.detach().clone()
         return total, report
 
@@ -318,9 +363,12 @@ class Trainer:
                 if trainer.intermediate is not None and not state.is_last_stage():
                     is_loss = trainer.intermediate.loss()
                     if is_loss is not None:
-                        weight = trainer.loss_cfg.intermediate.weight
+                        share = trainer.intermediate.fraction
+                        weight = trainer.loss_cfg.intermediate.weight * share
                         if trainer.loss_cfg.intermediate.balancing == "dynamic":
                             weight *= trainer.last_logit_loss / max(float(is_loss.detach()), 1e-12)
+                        value = float(is_loss.detach())
+                        trainer.mid_stage_losses.append((share * value, weight * value))
                         out = AttachAuxLoss.apply(out, is_loss, weight / trainer.num_micro)
                 return out
 
@@ -328,6 +376,7 @@ class Trainer:
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
         self.optimizer.zero_grad()
+        self.mid_stage_losses.clear()
         self.pair.student.train()
         reports = forward_backward(
             self.stage_module, micro_batches, self._loss_fn, forward_only=False,
@@ -345,7 +394,7 @@ class Trainer:
             self.skipped_in_a_row += 1
             metrics["skipped"] = 1.0
             if self.skipped_in_a_row > self.train_cfg.max_skipped_steps:
-                raise UserError(f"step {self.step}: loss or gradients not finite for {self.skipped_in_a_row} "
+                raise UserError(f"step {self.step + 1}: loss or gradients not finite for {self.skipped_in_a_row} "
                                 "steps in a row; stopping (the last checkpoint is intact)")
             return metrics
         self.skipped_in_a_row = 0
@@ -362,23 +411,37 @@ class Trainer:
         keys = state.broadcast_from_last_stage(keys)
         values = torch.zeros(len(keys), dtype=torch.float64)
         for r in reports:
-            values += torch.stack([r[k].double() for k in keys])
+            values += torch.stack([r[k].double() for k in keys]).cpu()
         values /= max(len(reports), 1)
         values = state.broadcast_from_last_stage(values)
+        if self.intermediate is not None and state.pp_size() > 1:
+            # Intermediate losses of earlier stages joined the gradient, not the last stage's report: add them.
+            mid = torch.zeros(2, dtype=torch.float64)
+            for share, term in self.mid_stage_losses:
+                mid += torch.tensor([share, term], dtype=torch.float64)
+            mid /= self.num_micro
+            self.mid_stage_losses.clear()
+            mid = _all_reduce(mid, state.pp_group())
+            if "intermediate" not in keys:
+                keys = keys + ["intermediate"]
+                values = torch.cat([values, torch.zeros(1, dtype=torch.float64)])
+            values[keys.index("intermediate")] += mid[0]
+            values[keys.index("loss")] += mid[1]
         if state.dp_size() > 1:
-            dist.all_reduce(values, group=state.dp_group())
-            values /= state.dp_size()
+            values = _all_reduce(values, state.dp_group()) / state.dp_size()
         return dict(zip(keys, values.tolist()))
 
     # ------------------------------------------------------------------ held-out evaluation
 
     def evaluate(self) -> tuple[float, float]:
         """Student's held-out loss and perplexity on the valid split (same windows every time)."""
-        windows = list(eval_windows(self.valid, self.train_cfg.seq_length + 1, self.eval_cfg.max_windows))
-        mine = windows[state.dp_rank() :: state.dp_size()]
+        mine = self.eval_windows[state.dp_rank() :: state.dp_size()]
         mb = self.train_cfg.micro_batch_size
-        # Equal micro-batches for the pipeline schedule; a remainder smaller than one is left out.
-        batches = [torch.stack(mine[i : i + mb]) for i in range(0, len(mine) - len(mine) % mb, mb)] or [torch.stack(mine)]
+        # Equal micro-batches for the pipeline schedule; a remainder smaller than one is left out. A DP rank
+        # without a window (fewer windows than DP ranks) contributes nothing.
+        batches = [torch.stack(mine[i : i + mb]) for i in range(0, len(mine) - len(mine) % mb, mb)]
+        if not batches and mine:
+            batches = [torch.stack(mine)]
         student = self.pair.student
         student.eval()
 
@@ -390,11 +453,11 @@ class Trainer:
 
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for out in forward_backward(student, batches, loss_fn, forward_only=True):
-                total += torch.stack([out["sum"], out["count"]])
+            for out in forward_backward(student, batches, loss_fn, forward_only=True) if batches else []:
+                total += torch.stack([out["sum"].cpu(), out["count"]])
         total = state.broadcast_from_last_stage(total)
         if state.dp_size() > 1:
-            dist.all_reduce(total, group=state.dp_group())
+            total = _all_reduce(total, state.dp_group())
         loss = float(total[0] / total[1])
         return loss, math.exp(loss)
 
@@ -421,6 +484,7 @@ class Trainer:
             "skipped": self.skipped,
             "skipped_in_a_row": self.skipped_in_a_row,
             "last_logit_loss": self.last_logit_loss,
+            "last_loss": self.last_loss,
             "rng_cpu": torch.get_rng_state(),
             "rng_tracker": dict(tracker.get_states()) if hasattr(tracker, "get_states") else {},
         }
@@ -442,6 +506,7 @@ class Trainer:
         self.step = int(payload["step"])
         self.skipped, self.skipped_in_a_row = int(payload["skipped"]), int(payload["skipped_in_a_row"])
         self.last_logit_loss = float(payload["last_logit_loss"])
+        self.last_loss = float(payload.get("last_loss", float("nan")))
         torch.set_rng_state(payload["rng_cpu"])
         if payload["rng_tracker"]:
             mrandom.get_cuda_rng_tracker().set_states(payload["rng_tracker"])
@@ -454,26 +519,32 @@ class Trainer:
 
         if self.ckpt_cfg.resume:
             self.resume()
+        elif checkpointing.step_dirs(self.output / "checkpoints"):
+            # Training from scratch among another run's checkpoints would mix the two (keep_last deletes by step).
+            raise UserError(f"{self.output / 'checkpoints'} holds checkpoints of an earlier run and checkpoint.resume "
+                            "is false: remove them or choose another output")
         logger = RunLogger(self.output, self.log_cfg, self.total_steps, start_step=self.step)
         tokens_per_step = self.train_cfg.global_batch_size * self.train_cfg.seq_length
         batches = self.sampler.batches(start_sample=self.step * self.train_cfg.global_batch_size)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         start, start_step = time.perf_counter(), self.step
-        metrics: dict[str, float] = {"loss": float("nan")}
         eval_loss = eval_ppl = None
         try:
             while self.step < self.total_steps and not self._stop_everywhere():
                 metrics = self.train_step([next(batches) for _ in range(self.num_micro)])
                 self.step += 1
+                self.last_loss = metrics["loss"]
                 metrics["tokens"] = float(self.step * tokens_per_step)
                 if self.eval_cfg.every_steps and self.step % self.eval_cfg.every_steps == 0 and self.step < self.total_steps:
                     metrics["eval_loss"], metrics["eval_ppl"] = self.evaluate()
                 logger.log(self.step, metrics)
-                if self.step % self.ckpt_cfg.every_steps == 0 and self.step < self.total_steps:
+                # The last step too: running a finished run again then resumes there and trains nothing.
+                if self.step % self.ckpt_cfg.every_steps == 0 or self.step == self.total_steps:
                     self.save()
             stopped_early = self.step < self.total_steps
             if stopped_early:
-                self.save()
+                if self.step % self.ckpt_cfg.every_steps:  # (else saved just now, or step 0: nothing to keep)
+                    self.save()
             else:
                 eval_loss, eval_ppl = self.evaluate()
                 logger.log(self.step, {"eval_loss": eval_loss, "eval_ppl": eval_ppl, "tokens": float(self.step * tokens_per_step)})
@@ -483,7 +554,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         done_tokens = (self.step - start_step) * tokens_per_step
         return DistillResult(
-            steps=self.step, tokens=self.step * tokens_per_step, final_loss=metrics.get("loss", float("nan")),
+            steps=self.step, tokens=self.step * tokens_per_step, final_loss=self.last_loss,
             eval_loss=eval_loss, eval_perplexity=eval_ppl, skipped_steps=self.skipped, seconds=seconds,
             tokens_per_second=done_tokens / seconds if seconds > 0 else 0.0, output=str(self.output),
             stopped_early=stopped_early,
@@ -496,7 +567,7 @@ class Trainer:
         """A SIGTERM on any rank stops every rank after the same step."""
         flag = torch.tensor([1 if self.stop_requested else 0])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag)
+            flag = _all_reduce(flag)
         return bool(flag)
 
 

@@ -48,7 +48,8 @@ def grad_norm(model, params: list[torch.nn.Parameter]) -> torch.Tensor:
     skip = None
     if state.pp_size() > 1 and model.share_embeddings_and_output_weights and state.is_last_stage() and not state.is_first_stage():
         skip = model.shared_embedding_or_output_weight()  # the first stage counts the tied weight
-    total = torch.zeros((), dtype=torch.float64)
+    # On the gradients' device: a CUDA scalar cannot be added into a CPU one, and NCCL reduces CUDA tensors only.
+    total = torch.zeros((), dtype=torch.float64, device=params[0].main_grad.device if params else None)
     for p in params:
         if p is skip:
             continue

@@ -1,0 +1,113 @@
+"""Distillation step throughput: nemo_minitron's trainer vs a plain Hugging Face transformers KD loop.
+
+    .venv/bin/python benchmarks/kd_throughput.py [--student runs/prune/smollm2-width-55] [--steps 4]
+
+Same teacher (the embedded SmolLM2-135M), same student, same batches (global batch of --batch sequences of
+--seq tokens), same dtype (bf16 compute, fp32 AdamW) on this CPU, measured alternately in one run. The HF
+loop is what one writes by hand: teacher forward under no_grad, student forward/backward, full-softmax
+forward KL on the materialised logits, AdamW step. Also prints the machine's measured bf16 GEMM FLOP/s and
+the fraction of it each loop reaches (model FLOPs: 2 x teacher params + 6 x student params per token, plus
+the vocabulary projections). Target: ours / HF >= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nemo_minitron import embedded
+from nemo_minitron.checkpoint.io import export_hf, load_model
+from nemo_minitron.data.prepare import PrepareDataConfig, prepare_data
+from nemo_minitron.distill.trainer import LogConfig, Trainer, TrainConfig, OptimConfig, LossConfig, CheckpointConfig, EvalDuringTraining
+from nemo_minitron.parallel import state
+
+
+def gemm_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def hf_kd_step(teacher, student, optimizer, tokens: torch.Tensor) -> float:
+    inputs = tokens[:, :-1]
+    with torch.no_grad():
+        t_logits = teacher(inputs).logits.float()
+    s_logits = student(inputs).logits.float()
+    loss = torch.nn.functional.kl_div(
+        torch.log_softmax(s_logits, -1).flatten(0, 1), torch.log_softmax(t_logits, -1).flatten(0, 1),
+        log_target=True, reduction="batchmean",
+    )
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default="runs/prune/smollm2-width-55")
+    parser.add_argument("--data", default="runs/data/shakespeare-smollm2")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    if not Path(args.student).is_dir():
+        raise SystemExit(f"{args.student}: run `nemo-minitron prune conf/prune/smollm2_width_55.yaml` first")
+    from transformers import AutoModelForCausalLM
+
+    prepare_data(PrepareDataConfig(input=embedded.CORPUS, tokenizer=embedded.TEACHER, output_dir=args.data))
+    state.initialize(state.ParallelConfig())
+    teacher = load_model(embedded.TEACHER, dtype=torch.bfloat16)
+    student = load_model(args.student, dtype=torch.bfloat16)
+    tmp = Path(tempfile.mkdtemp())
+    export_hf(student, tmp / "student")
+    hf_teacher = AutoModelForCausalLM.from_pretrained(embedded.teacher_dir(), dtype=torch.bfloat16).eval()
+    # fp32 master weights with bf16 compute, as ours: autocast over an fp32 student.
+    hf_student = AutoModelForCausalLM.from_pretrained(tmp / "student", dtype=torch.float32).train()
+    hf_opt = torch.optim.AdamW(hf_student.parameters(), lr=1e-4)
+
+    train = TrainConfig(seq_length=args.seq, micro_batch_size=args.batch, global_batch_size=args.batch,
+                        max_steps=10**6, dtype="bfloat16")
+    trainer = Trainer(student, teacher, Path(args.data), tmp / "run", train, OptimConfig(lr=1e-4), LossConfig(),
+                      CheckpointConfig(resume=False), EvalDuringTraining(every_steps=0),
+                      LogConfig(progress=False, tensorboard=False))
+    batches = trainer.sampler.batches()
+    ours, theirs = [], []
+    for step in range(args.steps + 1):  # the first step of each is a warm-up
+        tokens = next(batches)
+        t = time.perf_counter()
+        trainer.train_step([tokens])
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hf_kd_step(hf_teacher, hf_student, hf_opt, tokens)
+        theirs.append(time.perf_counter() - t)
+    shutil.rmtree(tmp, ignore_errors=True)
+    n_tok = args.batch * args.seq
+    ours_s, theirs_s = min(ours[1:]), min(theirs[1:])
+    vocab = teacher.cfg.vocab_size
+    flops_per_tok = (2 * teacher.cfg.num_params() + 6 * student.cfg.num_params()
+                     + 2 * vocab * teacher.cfg.hidden_size + 6 * vocab * student.cfg.hidden_size)
+    peak = gemm_flops(torch.bfloat16)
+    print(f"batch {args.batch} x {args.seq} tokens, teacher {teacher.cfg.num_params() / 1e6:.1f}M, "
+          f"student {student.cfg.num_params() / 1e6:.1f}M params, bf16 compute")
+    print(f"measured bf16 GEMM: {peak / 1e9:.1f} GFLOP/s")
+    for name, sec in (("nemo_minitron", ours_s), ("HF transformers loop", theirs_s)):
+        print(f"{name:<22} best step {sec:6.2f} s  {n_tok / sec:7.1f} tok/s  "
+              f"{flops_per_tok * n_tok / sec / peak:6.1%} of bf16 GEMM peak")
+    print(f"ratio ours / HF (tokens/s) = {theirs_s / ours_s:.2f}  (target >= 1.3)")
+
+
+if __name__ == "__main__":
+    main()
