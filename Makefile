@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install setup run test test-all clean-runs
+.PHONY: install setup run test test-all test-slurm clean-runs
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Jobs on a real one-node Slurm (tests/test_launch.py starts munge, slurmctld and slurmd itself, as root).
+# Debian's slurm-wlm and munge are installed first when missing; without them the test fails instead of skipping.
+test-slurm: $(STAMP)
+	command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge; }
+	NEMO_MINITRON_REQUIRE_SLURM=1 $(BIN)/python -m pytest -q tests/test_launch.py -k real_slurm
 
 clean-runs:
 	rm -rf runs

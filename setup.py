@@ -31,6 +31,14 @@ setup(
         # Transformer Engine builds against CUDA: install it on GPU machines (NGC containers ship it).
         "gpu": ["transformer_engine[pytorch]>=2.0"],
         "test": ["pytest>=8"],
+        # NeMo-Run's `nemo` CLI and executors (the entry points below). Not in the pinned CPU set, which it cannot
+        # share: its torchx needs urllib3<1.27 and its leptonai anyio<=4.9 (huggingface_hub's httpx2: >=4.10).
+        # nemo-run 0.11.1 imports leptonai.api.v1, which leptonai 0.47 removed.
+        "nemo-run": ["nemo-run>=0.11", "leptonai<0.47"],
     },
-    entry_points={"console_scripts": ["nemo-minitron=nemo_minitron.cli:main"]},
+    entry_points={
+        "console_scripts": ["nemo-minitron=nemo_minitron.cli:main"],
+        # `nemo minitron prune|distill|eval config=RECIPE key=value ...` (nemo_minitron/launch/nemo_run.py).
+        "nemo_run.cli": ["minitron=nemo_minitron.launch.nemo_run"],
+    },
 )

@@ -35,6 +35,7 @@ def _stages() -> dict[str, Stage]:
     from nemo_minitron import eval as evaluation
     from nemo_minitron import prune
     from nemo_minitron.distill import trainer
+    from nemo_minitron.launch import slurm
 
     return {
         "prepare-data": Stage(PrepareDataConfig, prepare_data, "tokenize text into train/valid indexed datasets"),
@@ -43,6 +44,7 @@ def _stages() -> dict[str, Stage]:
         "eval": Stage(evaluation.EvalConfig, evaluation.evaluate, "held-out loss and perplexity", evaluation.validate),
         "prune": Stage(prune.PruneConfig, prune.run_prune, "importance + width/depth pruning", prune.stage.validate),
         "distill": Stage(trainer.DistillConfig, trainer.run_distill, "knowledge distillation (or CE training)", trainer.validate),
+        "launch": Stage(slurm.SlurmLaunch, slurm.launch_slurm, "submit a stage to Slurm (launch slurm JOB.yaml cluster=...)"),
     }
 
 
@@ -109,7 +111,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if overrides and "=" not in overrides[0]:
         config_path = overrides.pop(0)
     try:
-        cfg = load_config(stages[ns.stage].config, config_path, overrides)
+        if ns.stage == "launch":
+            # `launch slurm JOB.yaml key=value ...`: a launcher, then another stage's config and overrides.
+            from nemo_minitron.launch.slurm import parse_cli
+
+            cfg = parse_cli(ns.args)
+        else:
+            cfg = load_config(stages[ns.stage].config, config_path, overrides)
         result = run_stage(ns.stage, cfg)
     except UserError as exc:
         print(f"nemo-minitron {ns.stage}: error: {exc}", file=sys.stderr)

@@ -17,7 +17,8 @@ from nemo_minitron.config import load_config
 from nemo_minitron.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "conf").glob("*/*.yaml"))
+# conf/cluster holds the cluster configs of `launch` (tests/test_launch.py validates them), not a stage's config.
+CONFIGS = sorted(p for p in (ROOT / "conf").glob("*/*.yaml") if p.parent.name != "cluster")
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -35,7 +36,7 @@ def test_shipped_config_validates(path: Path) -> None:
 
 def test_every_stage_has_a_shipped_config() -> None:
     shipped = {p.parent.name.replace("_", "-") for p in CONFIGS}
-    assert set(_stages()) <= shipped
+    assert set(_stages()) - {"launch"} <= shipped
 
 
 @pytest.mark.parametrize(
