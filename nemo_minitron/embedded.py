@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from nemo_minitron.errors import UserError
+from nemo_minitron.fsutil import atomic_directory
 
 TEACHER = "embedded:smollm2-135m-instruct"
 CORPUS = "embedded:shakespeare"
@@ -72,17 +71,9 @@ def convert_teacher(target: Path) -> None:
         model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_path(ref: str) -> Path:

@@ -11,9 +11,7 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from nemo_minitron.config import StrictModel
 from nemo_minitron.embedded import resolve_path
 from nemo_minitron.errors import UserError
+from nemo_minitron.fsutil import atomic_directory
 
 SUFFIXES = (".txt", ".md", ".jsonl")
 SPLITS = ("train", "valid")
@@ -207,9 +206,8 @@ def prepare_data(cfg: PrepareDataConfig) -> PreparedData:
     vocab_size, eos_id = len(tokenizer), int(tokenizer.eos_token_id)
     dtype = np.uint16 if vocab_size < 65500 else np.int32
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # Only a missing or an empty output folder gets here (see _existing): replacing it loses nothing.
+    with atomic_directory(out, overwrite=True) as tmp:
         builders = {s: IndexedDatasetBuilder(str(tmp / f"{s}.bin"), dtype=dtype) for s in SPLITS}
         documents: dict[str, list[str]] = {s: [] for s in SPLITS}
         tokens = dict.fromkeys(SPLITS, 0)
@@ -235,10 +233,4 @@ def prepare_data(cfg: PrepareDataConfig) -> PreparedData:
             "config": cfg.model_dump(),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()  # only an empty folder gets here (see _existing)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _from_meta(out, meta)
