@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.io import export_hf, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import StrictModel
 from nemo_minitron.eval import DTYPES
@@ -26,11 +27,13 @@ class ConvertConfig(StrictModel):
 
 def validate(cfg: ConvertConfig) -> None:
     """Checks that need no compute: the source exists and splits into the requested TP/PP."""
-    check_divisible(
-        read_model_config(resolve_model_dir(cfg.source)),
-        cfg.parallel.tensor_model_parallel_size,
-        cfg.parallel.pipeline_model_parallel_size,
-    )
+    model_cfg = read_model_config(resolve_model_dir(cfg.source))
+    check_divisible(model_cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+
+
+def validate_export(cfg: ConvertConfig) -> None:
+    validate(cfg)
+    check_exportable(read_model_config(resolve_model_dir(cfg.source)))
 
 
 def import_hf(cfg: ConvertConfig) -> Path:

@@ -312,3 +312,17 @@ def test_prune_cli_end_to_end(tmp_path):
               "calibration.data=data", "target.hidden_size=100")
     assert run.returncode == 2 and run.stderr.strip().endswith("target.hidden_size 100 is larger than the source's 64")
     assert not (tmp_path / "other").exists()
+
+
+def test_export_refuses_a_hidden_size_transformers_cannot_load(tiny_hf_dirs, single_rank, tmp_path):
+    """transformers' LlamaConfig requires hidden_size % num_attention_heads == 0 (even with head_dim)."""
+    loaded = io.load_model(str(tiny_hf_dirs["untied"]))
+    pruned, _ = prune(loaded, PruneTarget(hidden_size=50), calibration(loaded.cfg.vocab_size, n=1))
+    with pytest.raises(UserError, match="hidden_size 50 is not a multiple of num_attention_heads 4"):
+        io.export_hf(pruned, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    io.save_checkpoint(pruned, tmp_path / "ckpt")  # the project's own format has no such limit
+    from nemo_minitron.cli import main
+
+    assert main(["export-hf", f"source={tmp_path / 'ckpt'}", f"output={tmp_path / 'export'}"]) == 2
+    assert not (tmp_path / "export").exists()

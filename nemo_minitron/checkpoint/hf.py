@@ -90,10 +90,21 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     )
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """transformers' Llama/Mistral configs refuse a hidden size that is not a multiple of the head count
+    (even with an explicit head_dim): such a model cannot be exported for transformers / vLLM."""
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UserError(
+            f"hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads {cfg.num_attention_heads}: "
+            "transformers cannot load such a Llama/Mistral config (prune hidden_size to a multiple)"
+        )
+
+
 def hf_config_from_model_config(cfg: ModelConfig) -> dict:
     """A ``config.json`` dict that transformers loads as ``LlamaConfig`` / ``MistralConfig``."""
     from transformers import AutoConfig
 
+    check_exportable(cfg)
     rope: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **cfg.rope_scaling.model_dump()}

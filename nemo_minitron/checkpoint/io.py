@@ -19,6 +19,7 @@ from nemo_minitron import embedded
 from nemo_minitron.checkpoint.hf import (
     HFTensors,
     canonical_getter,
+    check_exportable,
     copy_tokenizer_files,
     hf_config_from_model_config,
     hf_state_dict,
@@ -121,6 +122,7 @@ def save_checkpoint(
 
 def export_hf(loaded: LoadedModel, out_dir: Path, overwrite: bool = False, dtype: torch.dtype = torch.float32) -> None:
     """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    check_exportable(loaded.cfg)
     canonical = gather_canonical(loaded.model, loaded.cfg)
 
     def fill(tmp: Path) -> None:
