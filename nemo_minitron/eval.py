@@ -95,8 +95,7 @@ def _megatron_loss_sums(cfg: EvalConfig, model, vocab_size: int, windows: list[t
                 count += out["count"]
     total, count = state.broadcast_from_last_stage((total, count))
     if state.dp_size() > 1:
-        sums = torch.stack([total, count.double()])
-        dist.all_reduce(sums, group=state.dp_group())
+        sums = state.all_reduce(torch.stack([total, count.double()]), state.dp_group())
         total, count = sums[0], sums[1].long()
     return float(total), int(count)
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
+from nemo_minitron.parallel import state
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -33,13 +34,7 @@ def _rank_world() -> tuple[int, int]:
 
 def _all_ok(ok: bool) -> bool:
     """True only if ``ok`` on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return ok
-    flag = torch.tensor([0 if ok else 1])
-    if torch.cuda.is_available():  # NCCL reduces CUDA tensors only
-        flag = flag.cuda()
-    dist.all_reduce(flag)
-    return int(flag) == 0
+    return int(state.all_reduce(torch.tensor([0 if ok else 1]))) == 0
 
 
 def _fsync_dir(path: Path) -> None:

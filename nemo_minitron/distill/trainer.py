@@ -161,16 +161,6 @@ class DistillResult:
     stopped_early: bool
 
 
-def _all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum a small host (CPU) tensor over ``group``; through the GPU with NCCL, which reduces CUDA tensors only."""
-    if not torch.cuda.is_available():
-        dist.all_reduce(tensor, group=group)
-        return tensor
-    on_device = tensor.cuda()
-    dist.all_reduce(on_device, group=group)
-    return on_device.cpu()
-
-
 def _layers_of_stage(cfg: ModelConfig, pp_rank: int, pp_size: int) -> range:
     per = cfg.num_layers // pp_size
     return range(pp_rank * per, (pp_rank + 1) * per)
@@ -421,14 +411,14 @@ class Trainer:
                 mid += torch.tensor([share, term], dtype=torch.float64)
             mid /= self.num_micro
             self.mid_stage_losses.clear()
-            mid = _all_reduce(mid, state.pp_group())
+            mid = state.all_reduce(mid, state.pp_group())
             if "intermediate" not in keys:
                 keys = keys + ["intermediate"]
                 values = torch.cat([values, torch.zeros(1, dtype=torch.float64)])
             values[keys.index("intermediate")] += mid[0]
             values[keys.index("loss")] += mid[1]
         if state.dp_size() > 1:
-            values = _all_reduce(values, state.dp_group()) / state.dp_size()
+            values = state.all_reduce(values, state.dp_group()) / state.dp_size()
         return dict(zip(keys, values.tolist()))
 
     # ------------------------------------------------------------------ held-out evaluation
@@ -457,7 +447,7 @@ class Trainer:
                 total += torch.stack([out["sum"].cpu(), out["count"]])
         total = state.broadcast_from_last_stage(total)
         if state.dp_size() > 1:
-            total = _all_reduce(total, state.dp_group())
+            total = state.all_reduce(total, state.dp_group())
         loss = float(total[0] / total[1])
         return loss, math.exp(loss)
 
@@ -565,10 +555,7 @@ class Trainer:
 
     def _stop_everywhere(self) -> bool:
         """A SIGTERM on any rank stops every rank after the same step."""
-        flag = torch.tensor([1 if self.stop_requested else 0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = _all_reduce(flag)
-        return bool(flag)
+        return bool(state.all_reduce(torch.tensor([1 if self.stop_requested else 0])))
 
 
 def distill(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -146,6 +146,31 @@ def last_stage_global_rank() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_pipeline_model_parallel_last_rank()
+
+
+def all_reduce(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Sum ``tensor`` over ``group`` (the world by default); returns the result on ``tensor``'s device.
+
+    NCCL reduces CUDA tensors only: host tensors (statistics, flags) travel through the GPU there.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensor
+    if cuda_available() and not tensor.is_cuda:
+        on_device = tensor.cuda()
+        dist.all_reduce(on_device, group=group)
+        return on_device.to(tensor.device)
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape everywhere), in rank order within ``group``."""
+    if dist.get_world_size(group) == 1:
+        return [tensor]
+    source = tensor.contiguous().cuda() if cuda_available() else tensor.contiguous()
+    parts = [torch.empty_like(source) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, source, group=group)
+    return [part.to(tensor.device) for part in parts]
 
 
 def broadcast_from_last_stage(obj: Any) -> Any:

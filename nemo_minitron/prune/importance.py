@@ -106,19 +106,11 @@ def _global_index(layer) -> int:
     return layer.layer_number - 1
 
 
-def _sum_over(tensor: torch.Tensor, group) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
-    return tensor
-
-
 def _gather_tp(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     """Concatenate each TP rank's slice along ``dim`` (TP rank order = global unit order)."""
     if state.tp_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(state.tp_size())]
-    dist.all_gather(parts, tensor.contiguous(), group=state.tp_group())
-    return torch.cat(parts, dim)
+    return torch.cat(state.all_gather(tensor, state.tp_group()), dim)
 
 
 def _gather_layers(local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -142,7 +134,7 @@ def _lm_loss_sums(model, cfg: ModelConfig, batches: list[torch.Tensor]) -> tuple
         for out in forward_backward(model, batches, loss_fn, forward_only=True):
             total += torch.stack([out["sum"], out["count"].double()])
     total = state.broadcast_from_last_stage(total)
-    total = _sum_over(total, state.dp_group())
+    total = state.all_reduce(total, state.dp_group())
     return float(total[0]), int(total[1])
 
 
@@ -214,7 +206,7 @@ def activation_importance(
     def reduce(moments: dict, tp_split: bool) -> dict:
         out = {}
         for idx in sorted(moments):
-            packed = _sum_over(moments[idx].packed(), state.dp_group())
+            packed = state.all_reduce(moments[idx].packed(), state.dp_group())
             if tp_split:
                 packed = _gather_tp(packed, dim=1)
             out[idx] = packed
@@ -223,7 +215,7 @@ def activation_importance(
     heads = _gather_layers(reduce(heads_m, tp_split=True))
     neurons = _gather_layers(reduce(neurons_m, tp_split=True))
     channels = _gather_layers(reduce(channels_m, tp_split=False))
-    blocks = _gather_layers({k: _sum_over(v, state.dp_group()) for k, v in block.items()})
+    blocks = _gather_layers({k: state.all_reduce(v, state.dp_group()) for k, v in block.items()})
     order = range(cfg.num_layers)
     # A channel's score is the sum, over all layers and both norms, of its aggregated activation.
     channel_scores = torch.stack([finalize(channels[key], batch_agg) for key in sorted(channels)]).sum(0)
