@@ -175,16 +175,26 @@ def test_fp32_matches_fp64_reference(tp1, name):
     assert_runs_close(run_fused(inputs32, cfg), reference_run(inputs64, cfg), 1e-6, f"{name} fp32")
 
 
-def test_bf16_inputs_are_computed_in_fp32(tp1):
+def test_bf16_inputs_project_in_bf16_and_reduce_in_fp32(tp1):
+    """bf16 activations: the vocabulary projections are bf16 GEMMs (what a bf16 output layer computes), the
+    softmax statistics and divergences fp32. The loss equals an fp64 reference over those bf16 logits."""
     cfg = LogitKDConfig(chunk_tokens=4, ce_weight=0.3)
     inputs16 = make_inputs(torch.bfloat16)
+    got = run_fused(inputs16, cfg)
+    zs = (inputs16["student_hidden"] @ inputs16["student_weight"].T)[:, :VOCAB].double()
+    zt = (inputs16["teacher_hidden"] @ inputs16["teacher_weight"].T)[:, :VOCAB].double()
+    log_ps, log_pt = F.log_softmax(zs, -1), F.log_softmax(zt, -1)
+    mask = inputs16["loss_mask"].double()
+    kd = ((log_pt.exp() * (log_pt - log_ps)).sum(-1) * mask).sum() / mask.sum()
+    ce = (F.cross_entropy(zs, inputs16["labels"].clamp_min(0), reduction="none") * mask).sum() / mask.sum()
+    assert abs(got["kd"] - float(kd)) <= 1e-5 and abs(got["ce"] - float(ce)) <= 1e-5
+    assert abs(got["loss"] - float(cfg.kd_weight * kd + cfg.ce_weight * ce)) <= 1e-5
+    # Against exact fp64 inputs the difference is the bf16 rounding of the logits and gradients only.
     inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs16.items()}
-    got, ref = run_fused(inputs16, cfg), reference_run(inputs64, cfg)
-    for key in ("loss", "kd", "ce"):
-        assert abs(got[key] - ref[key]) <= 1e-5, key
-    # The gradients come back in the inputs' dtype (run_fused checks): bf16 rounding only (8 bits of mantissa).
+    ref = reference_run(inputs64, cfg)
+    assert abs(got["loss"] - ref["loss"]) <= 2e-3 * abs(ref["loss"])
     for key in ("grad_hidden", "grad_weight"):
-        assert np.abs(got[key] - ref[key]).max() <= 4e-3 * np.abs(ref[key]).max(), key
+        assert np.abs(got[key] - ref[key]).max() <= 2e-2 * np.abs(ref[key]).max(), key
 
 
 @pytest.mark.parametrize("name", ["forward_kl_t2", "reverse_kl", "jsd_t2", "top5"])

@@ -371,6 +371,19 @@ def _kd_grad(plan: _Plan, zs: Tensor, zt: Optional[Tensor], st: _TokenStats, sl:
     return g
 
 
+def _matmul_operand(x: Tensor, activation_dtype: torch.dtype) -> Tensor:
+    """``x`` in the precision the projections run in: the activations' own when they are 16-bit (as a bf16
+    model's output layer computes its logits, at the 16-bit GEMM rate), fp32 or fp64 otherwise."""
+    if activation_dtype in (torch.bfloat16, torch.float16):
+        return x.to(activation_dtype)
+    return x.to(torch.promote_types(activation_dtype, torch.float32))
+
+
+def _logits(hidden: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """[n, v] logits of a chunk in ``dtype`` (fp32 or fp64): the softmax statistics never run in 16 bits."""
+    return (_matmul_operand(hidden, weight.dtype) @ weight.T).to(dtype)
+
+
 class _FusedLogitKDFunction(torch.autograd.Function):
     """loss, kd, ce = f(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss_mask, plan).
 
@@ -391,9 +404,8 @@ class _FusedLogitKDFunction(torch.autograd.Function):
         plan: _Plan,
     ) -> tuple[Tensor, Tensor, Tensor]:
         dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-        # Views of the valid rows; a copy only when the weights are below fp32 (one fp32 shard, not O(T)).
-        ws = student_weight[: plan.n_valid].to(dtype)
-        wt = teacher_weight[: plan.n_valid].to(dtype) if plan.with_kd else None
+        ws = _matmul_operand(student_weight[: plan.n_valid], student_hidden.dtype)
+        wt = _matmul_operand(teacher_weight[: plan.n_valid], teacher_hidden.dtype) if plan.with_kd else None
         mask = loss_mask.to(dtype)
         # Normalise by the unmasked tokens of the whole input, so chunking does not change the value.
         count = mask.sum().clamp_min(1.0)
@@ -402,8 +414,8 @@ class _FusedLogitKDFunction(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=dtype, device=student_hidden.device)
         ce_sum = torch.zeros_like(kd_sum)
         for sl in _chunks(n_tok, plan.chunk_tokens):
-            zs = student_hidden[sl].to(dtype) @ ws.T
-            zt = teacher_hidden[sl].to(dtype) @ wt.T if plan.with_kd else None
+            zs = _logits(student_hidden[sl], ws, dtype)
+            zt = _logits(teacher_hidden[sl], wt, dtype) if plan.with_kd else None
             div, ce_tok = _forward_chunk(plan, zs, zt, None if labels is None else labels[sl], st, sl)
             del zs, zt
             kd_sum += (div * mask[sl]).sum()
@@ -426,9 +438,10 @@ class _FusedLogitKDFunction(torch.autograd.Function):
         st = _TokenStats(*saved[7:])
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         dtype = mask.dtype
-        ws = student_weight[: plan.n_valid].to(dtype)
+        ws = _matmul_operand(student_weight[: plan.n_valid], student_hidden.dtype)
         # Top-k needs only the saved q, not the teacher's logits.
-        wt = teacher_weight[: plan.n_valid].to(dtype) if plan.with_kd and plan.top_k is None else None
+        with_zt = plan.with_kd and plan.top_k is None
+        wt = _matmul_operand(teacher_weight[: plan.n_valid], teacher_hidden.dtype) if with_zt else None
         # d loss / d (per-token term): the masked mean's token weight times the incoming gradient.
         token_scale = mask * (grad_loss.to(dtype) / count)
         device = student_hidden.device
@@ -438,17 +451,22 @@ class _FusedLogitKDFunction(torch.autograd.Function):
         # The backward needs no communication, so its chunking is free: half chunks keep its peak (two half-size
         # buffers plus the [V/tp, h] weight gradient it accumulates) near the forward's two full-size buffers.
         for sl in _chunks(student_hidden.shape[0], max(1, plan.chunk_tokens // 2)):
-            hs = student_hidden[sl].to(dtype)
-            zs = hs @ ws.T
-            zt = None if wt is None else teacher_hidden[sl].to(dtype) @ wt.T
+            hs = _matmul_operand(student_hidden[sl], student_hidden.dtype)
+            zs = _logits(hs, ws, dtype)
+            zt = None if wt is None else _logits(teacher_hidden[sl], wt, dtype)
             g = _backward_chunk(plan, zs, zt, None if labels is None else labels[sl], st, sl)
             del zs, zt
             g.mul_(token_scale[sl, None])
-            if need_hidden:
-                grad_hidden[sl] = g @ ws
-            if need_weight:
-                grad_weight[: plan.n_valid].addmm_(g.T, hs)
+            g_mm = g.to(ws.dtype)
             del g
+            if need_hidden:
+                grad_hidden[sl] = g_mm @ ws
+            if need_weight:
+                if g_mm.dtype == dtype:
+                    grad_weight[: plan.n_valid].addmm_(g_mm.T, hs)
+                else:
+                    grad_weight[: plan.n_valid] += g_mm.T @ hs
+            del g_mm
         return (
             None if grad_hidden is None else grad_hidden.to(student_hidden.dtype),
             None if grad_weight is None else grad_weight.to(student_weight.dtype),
@@ -486,7 +504,9 @@ class FusedLogitKD(nn.Module):
 
     Means divide by the number of unmasked tokens of the whole input (an all-masked input gives 0), so the value
     does not depend on ``chunk_tokens``. Rows with id >= ``vocab_size`` are padding: zero probability and zero
-    gradient. Logits are computed in fp32 (fp64 for fp64 inputs); weights below fp32 are upcast once.
+    gradient. The projections run in the hidden states' precision when it is 16-bit (bf16 training: the GEMM
+    rate of bf16, the logits a bf16 output layer would give) and in fp32 (fp64 for fp64 inputs) otherwise; the
+    softmax statistics, divergences and their gradients are always fp32 or wider.
 
     Memory: the forward holds two ``[chunk_tokens, V/tp]`` buffers at a time for forward KL (full or top-k; one
     more for CE at temperature != 1, reverse KL and JSD), freed chunk by chunk. The backward recomputes the
