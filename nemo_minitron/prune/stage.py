@@ -235,8 +235,11 @@ def heatmap_png(report: dict) -> bytes:
     scores = report["importance"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for ax, key, title in ((axes[0, 0], "heads", "attention heads"), (axes[0, 1], "neurons", "MLP neurons")):
-        im = ax.imshow(torch.tensor(scores[key]).numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
-        ax.set(title=f"{title} ({scores['criterion']})", xlabel="index", ylabel="layer")
+        # Units are ranked within their layer: each row is scaled by its maximum.
+        values = torch.tensor(scores[key])
+        values = values / values.amax(dim=1, keepdim=True).clamp_min(1e-30)
+        im = ax.imshow(values.numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set(title=f"{title} ({scores['criterion']}, / layer max)", xlabel="index", ylabel="layer")
         fig.colorbar(im, ax=ax)
     axes[1, 0].plot(sorted(scores["channels"], reverse=True))
     axes[1, 0].set(title="embedding channels (sorted)", xlabel="rank", ylabel="importance", yscale="log")
