@@ -14,7 +14,6 @@ import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass, is_dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_minitron.config import StrictModel, load_config

@@ -14,7 +14,6 @@ import torch
 
 from nemo_minitron.cli import _stages, main
 from nemo_minitron.config import load_config
-from nemo_minitron.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # conf/cluster holds the cluster configs of `launch` (tests/test_launch.py validates them), not a stage's config.

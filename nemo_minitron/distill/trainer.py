@@ -40,7 +40,6 @@ from nemo_minitron.distill.optim import MixedPrecisionAdamW
 from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_weight, pipeline_shapes
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval import DTYPES
-from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import grads, state
 from nemo_minitron.parallel.schedule import forward_backward
 from nemo_minitron.parallel.sharding import check_divisible
@@ -159,11 +158,6 @@ class DistillResult:
     tokens_per_second: float
     output: str
     stopped_early: bool
-
-
-def _layers_of_stage(cfg: ModelConfig, pp_rank: int, pp_size: int) -> range:
-    per = cfg.num_layers // pp_size
-    return range(pp_rank * per, (pp_rank + 1) * per)
 
 
 def validate(cfg: DistillConfig) -> None:
