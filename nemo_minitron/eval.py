@@ -71,33 +71,42 @@ def eval_tokens(cfg: EvalConfig, tokenizer_dir: Path) -> list[torch.Tensor]:
     return list(eval_windows(source, cfg.seq_length, cfg.max_windows))
 
 
-def _megatron_loss_sums(cfg: EvalConfig, model, vocab_size: int, windows: list[torch.Tensor]) -> tuple[float, int]:
-    """(sum of token losses, number of tokens) over all windows, identical on every rank."""
-    mine = windows[state.dp_rank() :: state.dp_size()]
+def token_loss_sums(model, vocab_size: int, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+    """[2] float64: (sum of token losses, token count) over ``micro_batches`` [b, s+1] of this rank's pipeline,
+    on its last stage (zeros elsewhere). No reduction: see :func:`reduce_loss_sums`."""
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor):
         losses = token_cross_entropy(logits, labels, vocab_size)
-        return losses.mean(), {"sum": losses.sum().detach(), "count": torch.tensor(losses.numel())}
+        return losses.mean(), {"sum": losses.sum().detach().double(), "count": torch.tensor(float(losses.numel()))}
 
-    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for out in forward_backward(model, micro_batches, loss_fn, forward_only=True):
+            total += torch.stack([out["sum"], out["count"].double()])
+    return total
+
+
+def reduce_loss_sums(total: torch.Tensor) -> tuple[float, int]:
+    """(sum, count) of :func:`token_loss_sums` from the last stage, summed over data-parallel ranks."""
+    total = state.all_reduce(state.broadcast_from_last_stage(total), state.dp_group())
+    return float(total[0]), int(total[1])
+
+
+def _megatron_loss_sums(cfg: EvalConfig, model, vocab_size: int, windows: list[torch.Tensor]) -> tuple[float, int]:
+    """(sum of token losses, number of tokens) over all windows, identical on every rank."""
+    mine = windows[state.dp_rank() :: state.dp_size()]
     mb = cfg.micro_batch_size
     full = len(mine) // mb * mb
-    # Pipeline schedules need equal micro-batches: the remainder runs as one smaller micro-batch.
+    # Pipeline schedules need equal micro-batches: the remainder runs as one smaller micro-batch. DP ranks
+    # may differ in their remainder, so the reduction over them comes once, after all local sums.
     groups = [[torch.stack(mine[i : i + mb]) for i in range(0, full, mb)]]
     if full < len(mine):
         groups.append([torch.stack(mine[full:])])
-    with torch.no_grad():
-        for micro_batches in groups:
-            if not micro_batches:
-                continue
-            for out in forward_backward(model, micro_batches, loss_fn, forward_only=True):
-                total += out["sum"].double()
-                count += out["count"]
-    total, count = state.broadcast_from_last_stage((total, count))
-    if state.dp_size() > 1:
-        sums = state.all_reduce(torch.stack([total, count.double()]), state.dp_group())
-        total, count = sums[0], sums[1].long()
-    return float(total), int(count)
+    total = torch.zeros(2, dtype=torch.float64)
+    for micro_batches in groups:
+        if micro_batches:
+            total += token_loss_sums(model, vocab_size, micro_batches)
+    return reduce_loss_sums(total)
 
 
 def _hf_loss_sums(cfg: EvalConfig, model, windows: list[torch.Tensor]) -> tuple[float, int]:

@@ -25,8 +25,7 @@ import torch.distributed as dist
 
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
-from nemo_minitron.parallel.schedule import forward_backward
-from nemo_minitron.parallel.vocab import token_cross_entropy
+from nemo_minitron.eval import reduce_loss_sums, token_loss_sums
 
 Agg = Literal["mean", "l2", "var"]
 
@@ -124,18 +123,7 @@ def _gather_layers(local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
 
 def _lm_loss_sums(model, cfg: ModelConfig, batches: list[torch.Tensor]) -> tuple[float, int]:
     """(sum of token losses, token count) over ``batches`` [b, s+1], summed over DP, on every rank."""
-
-    def loss_fn(logits, labels):
-        losses = token_cross_entropy(logits, labels, cfg.vocab_size)
-        return losses.mean(), {"sum": losses.sum().detach().double(), "count": torch.tensor(float(losses.numel()))}
-
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for out in forward_backward(model, batches, loss_fn, forward_only=True):
-            total += torch.stack([out["sum"], out["count"].double()])
-    total = state.broadcast_from_last_stage(total)
-    total = state.all_reduce(total, state.dp_group())
-    return float(total[0]), int(total[1])
+    return reduce_loss_sums(token_loss_sums(model, cfg.vocab_size, batches))
 
 
 def lm_loss(model, cfg: ModelConfig, batches: list[torch.Tensor]) -> float:
