@@ -11,6 +11,7 @@ from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.io import export_hf, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import StrictModel
 from nemo_minitron.eval import DTYPES
+from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.sharding import check_divisible
 
@@ -25,15 +26,16 @@ class ConvertConfig(StrictModel):
     parallel: state.ParallelConfig = state.ParallelConfig()
 
 
-def validate(cfg: ConvertConfig) -> None:
+def validate(cfg: ConvertConfig) -> ModelConfig:
     """Checks that need no compute: the source exists and splits into the requested TP/PP."""
     model_cfg = read_model_config(resolve_model_dir(cfg.source))
     check_divisible(model_cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    return model_cfg
 
 
 def validate_export(cfg: ConvertConfig) -> None:
-    validate(cfg)
-    check_exportable(read_model_config(resolve_model_dir(cfg.source)))
+    """As :func:`validate`, and the architecture must be one transformers can load."""
+    check_exportable(validate(cfg))
 
 
 def import_hf(cfg: ConvertConfig) -> Path:
