@@ -7,8 +7,9 @@ with id >= ``vocab_size`` are padding.
 
 :class:`FusedLogitKD` never materialises the ``[T, V]`` logits: it walks the tokens in chunks, computes each
 chunk's logits from the hidden states and the output-layer weights, reduces the softmax statistics over the TP
-group, and keeps only per-token statistics. The backward recomputes each chunk's logits from those statistics, so
-the extra memory is a few ``[chunk_tokens, V/tp]`` buffers whatever ``T`` is.
+group, and keeps only per-token statistics. In training it also computes each chunk's gradient right away, from the
+logits it has, so no logits are ever recomputed; the extra memory is a few ``[chunk_tokens, V/tp]`` buffers (and
+the fp32 gradients of the hidden states and of the output-weight shard) whatever ``T`` is.
 """
 
 from __future__ import annotations
@@ -387,8 +388,11 @@ def _logits(hidden: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
 class _FusedLogitKDFunction(torch.autograd.Function):
     """loss, kd, ce = f(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, loss_mask, plan).
 
-    The forward stores only per-token statistics (:class:`_TokenStats`); the backward recomputes each chunk's
-    logits and writes the gradients of the hidden states and of the weight shard chunk by chunk. The student
+    When gradients are needed, the forward computes them too, chunk by chunk, from the logits it already has
+    (the loss is a scalar at the end of the graph, so d loss / d inputs is known up to the incoming scalar
+    gradient): the backward only scales them. The chunk's logits are copied before the statistics overwrite
+    them, and the chunks are a quarter as long so that the peak stays below that of two full-size buffers. Without
+    gradients (evaluation) the forward keeps only per-token statistics (:class:`_TokenStats`). The student
     hidden gradient is this rank's share only (its vocabulary rows): the caller all-reduces it over TP.
     """
 
@@ -404,78 +408,89 @@ class _FusedLogitKDFunction(torch.autograd.Function):
         plan: _Plan,
     ) -> tuple[Tensor, Tensor, Tensor]:
         dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+        device = student_hidden.device
         ws = _matmul_operand(student_weight[: plan.n_valid], student_hidden.dtype)
         wt = _matmul_operand(teacher_weight[: plan.n_valid], teacher_hidden.dtype) if plan.with_kd else None
         mask = loss_mask.to(dtype)
         # Normalise by the unmasked tokens of the whole input, so chunking does not change the value.
         count = mask.sum().clamp_min(1.0)
         n_tok = student_hidden.shape[0]
-        st = _TokenStats.allocate(plan, n_tok, dtype, student_hidden.device)
-        kd_sum = torch.zeros((), dtype=dtype, device=student_hidden.device)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grads = _Grads.allocate(student_hidden, student_weight, dtype, need_hidden, need_weight)
+        # With gradients a chunk holds four logits-sized buffers (the logits, their copies, then the gradient's
+        # temporaries) instead of two: quarter chunks keep the peak at or below the statistics-only forward's.
+        chunk = plan.chunk_tokens if grads is None else max(1, plan.chunk_tokens // 4)
+        st = _TokenStats.allocate(plan, n_tok, dtype, device)
+        kd_sum = torch.zeros((), dtype=dtype, device=device)
         ce_sum = torch.zeros_like(kd_sum)
-        for sl in _chunks(n_tok, plan.chunk_tokens):
-            zs = _logits(student_hidden[sl], ws, dtype)
+        for sl in _chunks(n_tok, chunk):
+            hs = _matmul_operand(student_hidden[sl], ws.dtype)
+            zs = _logits(hs, ws, dtype)
             zt = _logits(teacher_hidden[sl], wt, dtype) if plan.with_kd else None
-            div, ce_tok = _forward_chunk(plan, zs, zt, None if labels is None else labels[sl], st, sl)
-            del zs, zt
+            chunk_labels = None if labels is None else labels[sl]
+            if grads is None:
+                div, ce_tok = _forward_chunk(plan, zs, zt, chunk_labels, st, sl)
+            else:
+                div, ce_tok = _forward_chunk(plan, zs.clone(), None if zt is None else zt.clone(), chunk_labels, st, sl)
+                g = _backward_chunk(plan, zs, zt, chunk_labels, st, sl)
+                del zs, zt
+                grads.add_chunk(g.mul_((mask[sl] / count)[:, None]), hs, ws, sl, plan.n_valid)
             kd_sum += (div * mask[sl]).sum()
             if ce_tok is not None:
                 ce_sum += (ce_tok * mask[sl]).sum()
         kd = kd_sum * plan.temperature**2 / count
         ce = ce_sum / count
         loss = plan.kd_weight * kd + plan.ce_weight * ce
-        ctx.plan = plan
-        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, mask, count, *st)
+        ctx.grads = grads
+        ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_kd: Tensor, _grad_ce: Tensor) -> tuple[Optional[Tensor], ...]:
-        plan: _Plan = ctx.plan
-        saved = ctx.saved_tensors
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, mask, count = saved[:7]
-        st = _TokenStats(*saved[7:])
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        dtype = mask.dtype
-        ws = _matmul_operand(student_weight[: plan.n_valid], student_hidden.dtype)
-        # Top-k needs only the saved q, not the teacher's logits.
-        with_zt = plan.with_kd and plan.top_k is None
-        wt = _matmul_operand(teacher_weight[: plan.n_valid], teacher_hidden.dtype) if with_zt else None
-        # d loss / d (per-token term): the masked mean's token weight times the incoming gradient.
-        token_scale = mask * (grad_loss.to(dtype) / count)
+        grads: _Grads = ctx.grads
+        ctx.grads = None
+        hidden_dtype, weight_dtype = ctx.input_dtypes
+        scale = grad_loss.to(grads.dtype)
+        grad_hidden = None if grads.hidden is None else grads.hidden.mul_(scale).to(hidden_dtype)
+        grad_weight = None if grads.weight is None else grads.weight.mul_(scale).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+@dataclass
+class _Grads:
+    """Gradients of the loss (for an incoming gradient of 1) w.r.t. the student hidden states [T, h] and this
+    rank's output-weight shard [V/tp, h], accumulated chunk by chunk in fp32 (fp64 for fp64 inputs)."""
+
+    hidden: Optional[Tensor]
+    weight: Optional[Tensor]
+    dtype: torch.dtype
+
+    @staticmethod
+    def allocate(student_hidden: Tensor, student_weight: Tensor, dtype: torch.dtype, need_hidden: bool,
+                 need_weight: bool) -> Optional["_Grads"]:
+        if not (need_hidden or need_weight):
+            return None
         device = student_hidden.device
-        grad_hidden = torch.empty(student_hidden.shape, dtype=dtype, device=device) if need_hidden else None
-        # Padding rows get exactly zero gradient.
-        grad_weight = torch.zeros(student_weight.shape, dtype=dtype, device=device) if need_weight else None
-        # The backward needs no communication, so its chunking is free: half chunks keep its peak (two half-size
-        # buffers plus the [V/tp, h] weight gradient it accumulates) near the forward's two full-size buffers.
-        for sl in _chunks(student_hidden.shape[0], max(1, plan.chunk_tokens // 2)):
-            hs = _matmul_operand(student_hidden[sl], student_hidden.dtype)
-            zs = _logits(hs, ws, dtype)
-            zt = None if wt is None else _logits(teacher_hidden[sl], wt, dtype)
-            g = _backward_chunk(plan, zs, zt, None if labels is None else labels[sl], st, sl)
-            del zs, zt
-            g.mul_(token_scale[sl, None])
-            g_mm = g.to(ws.dtype)
-            del g
-            if need_hidden:
-                grad_hidden[sl] = g_mm @ ws
-            if need_weight:
-                if g_mm.dtype == dtype:
-                    grad_weight[: plan.n_valid].addmm_(g_mm.T, hs)
-                else:
-                    grad_weight[: plan.n_valid] += g_mm.T @ hs
-            del g_mm
-        return (
-            None if grad_hidden is None else grad_hidden.to(student_hidden.dtype),
-            None if grad_weight is None else grad_weight.to(student_weight.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
+        return _Grads(
+            hidden=torch.empty(student_hidden.shape, dtype=dtype, device=device) if need_hidden else None,
+            # Padding rows get exactly zero gradient.
+            weight=torch.zeros(student_weight.shape, dtype=dtype, device=device) if need_weight else None,
+            dtype=dtype,
         )
+
+    def add_chunk(self, g: Tensor, hs: Tensor, ws: Tensor, sl: slice, n_valid: int) -> None:
+        """Add one chunk's share: ``g`` [n, v] is d loss / d logits of the chunk's tokens, ``hs`` [n, h] their
+        hidden states and ``ws`` [v, h] the weight's valid rows, both as the projection multiplies them."""
+        g_mm = g.to(ws.dtype)
+        if self.hidden is not None:
+            self.hidden[sl] = g_mm @ ws
+        if self.weight is not None:
+            if g_mm.dtype == self.dtype:
+                self.weight[:n_valid].addmm_(g_mm.T, hs)
+            else:
+                self.weight[:n_valid] += g_mm.T @ hs
 
 
 class FusedLogitKD(nn.Module):

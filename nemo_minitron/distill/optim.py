@@ -19,7 +19,9 @@ class MixedPrecisionAdamW:
         for p in params:
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)  # on the parameter's device
             p.register_post_accumulate_grad_hook(self._accumulate)
-        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # The fused kernel (CPU and CUDA) updates all tensors in one pass: several times faster than the loop.
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                           fused=True)
 
     @staticmethod
     def _accumulate(param: torch.nn.Parameter) -> None:

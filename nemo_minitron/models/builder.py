@@ -2,7 +2,8 @@
 ``TransformerConfig``.
 
 The Transformer Engine layer spec is used when TE imports and CUDA is present (BF16, optionally FP8);
-otherwise megatron-core's local spec (``torch.nn.RMSNorm``, plain attention), which runs on CPU.
+otherwise megatron-core's local spec (``torch.nn.RMSNorm``) with PyTorch's fused attention
+(:mod:`nemo_minitron.models.attention`), which runs on CPU.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def layer_spec(use_te: bool):
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    from nemo_minitron.models.attention import SDPACoreAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
 
 
 def build_model(
