@@ -25,7 +25,7 @@ setup: $(STAMP)
 	$(BIN)/nemo-minitron prepare-data conf/prepare_data/shakespeare.yaml
 
 run: setup
-	$(BIN)/nemo-minitron eval conf/eval/teacher.yaml
+	$(BIN)/nemo-minitron run conf/run/smollm2_width_55.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -26,6 +26,8 @@ class Stage:
     run: Callable[[Any], Any]
     help: str
     validate: Optional[Callable[[Any], None]] = None
+    # A driver runs in the calling process and starts the ranks of its own stages (``run``).
+    driver: bool = False
 
 
 def _stages() -> dict[str, Stage]:
@@ -35,6 +37,7 @@ def _stages() -> dict[str, Stage]:
     from nemo_minitron import prune
     from nemo_minitron.distill import trainer
     from nemo_minitron.launch import slurm
+    from nemo_minitron.pipeline import config as pipeline, nas, report, run
 
     return {
         "prepare-data": Stage(PrepareDataConfig, prepare_data, "tokenize text into train/valid indexed datasets"),
@@ -43,6 +46,11 @@ def _stages() -> dict[str, Stage]:
         "eval": Stage(evaluation.EvalConfig, evaluation.evaluate, "held-out loss and perplexity", evaluation.validate),
         "prune": Stage(prune.PruneConfig, prune.run_prune, "importance + width/depth pruning", prune.stage.validate),
         "distill": Stage(trainer.DistillConfig, trainer.run_distill, "knowledge distillation (or CE training)", trainer.validate),
+        "nas": Stage(nas.NASStageConfig, nas.run_nas, "architecture search within a parameter budget", nas.validate),
+        "generation-speed": Stage(report.GenerationConfig, report.generation_speed,
+                                  "greedy generation tokens/s of a teacher and a student (HF)"),
+        "run": Stage(pipeline.RunConfig, run.run_pipeline,
+                     "the whole pipeline: data, prune/NAS, distill, eval, export, report", run.validate, driver=True),
         "launch": Stage(slurm.SlurmLaunch, slurm.launch_slurm, "submit a stage to Slurm (launch slurm JOB.yaml cluster=...)"),
     }
 
@@ -73,7 +81,7 @@ def run_stage(stage_name: str, cfg: StrictModel) -> Any:
     if stage.validate is not None:
         stage.validate(cfg)
     parallel = getattr(cfg, "parallel", None)
-    ranks = parallel.model_parallel_size if parallel is not None else 1
+    ranks = parallel.model_parallel_size if parallel is not None and not stage.driver else 1
     if ranks == 1 or "RANK" in os.environ:
         return stage.run(cfg)
     from nemo_minitron.parallel.state import spawn

@@ -7,7 +7,7 @@ Every stage has one pydantic root class. Unknown keys, wrong types and failed ch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 from omegaconf import OmegaConf
@@ -63,11 +63,32 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def _merge(base: Any, override: Any, where: str = "") -> Any:
+    """``override`` laid over ``base``: mappings merge key by key, and a list takes index keys
+    (``schedule.0.kd_tokens=...``); anything else is replaced."""
+    if not isinstance(override, dict):
+        return override
+    if isinstance(base, list):
+        merged_list = list(base)
+        for key, value in override.items():
+            if not str(key).isdigit() or int(key) >= len(base):
+                raise UserError(f"override {where}{key}: {where.rstrip('.')} is a list of {len(base)} item(s), "
+                                f"index it with 0..{len(base) - 1}")
+            merged_list[int(key)] = _merge(base[int(key)], value, f"{where}{key}.")
+        return merged_list
+    if not isinstance(base, dict):
+        return override
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value, f"{where}{key}.") if key in base else value
+    return merged
+
+
 def build_config(cls: type[C], data: dict, overrides: Sequence[str] = ()) -> C:
     """Merge ``overrides`` into ``data`` and validate it as ``cls``."""
+    merged = _merge(data, parse_overrides(overrides))
     try:
-        merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.create(parse_overrides(overrides)))
-        plain = OmegaConf.to_container(merged, resolve=True)
+        plain = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
     except OmegaConfBaseException as exc:
         raise UserError(f"bad config: {str(exc).splitlines()[0]}") from None
     try:

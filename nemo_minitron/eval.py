@@ -92,10 +92,10 @@ def reduce_loss_sums(total: torch.Tensor) -> tuple[float, int]:
     return float(total[0]), int(total[1])
 
 
-def _megatron_loss_sums(cfg: EvalConfig, model, vocab_size: int, windows: list[torch.Tensor]) -> tuple[float, int]:
-    """(sum of token losses, number of tokens) over all windows, identical on every rank."""
+def windows_loss_sums(model, vocab_size: int, windows: list[torch.Tensor], mb: int) -> tuple[float, int]:
+    """(sum of token losses, number of tokens) of ``model`` over all ``windows`` [s] in micro-batches of
+    ``mb``, split over data-parallel ranks; identical on every rank."""
     mine = windows[state.dp_rank() :: state.dp_size()]
-    mb = cfg.micro_batch_size
     full = len(mine) // mb * mb
     # Pipeline schedules need equal micro-batches: the remainder runs as one smaller micro-batch. DP ranks
     # may differ in their remainder, so the reduction over them comes once, after all local sums.
@@ -156,7 +156,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         state.initialize(cfg.parallel, cfg.seed)
         loaded = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
         start = time.perf_counter()
-        total, count = _megatron_loss_sums(cfg, loaded.model, loaded.cfg.vocab_size, windows)
+        total, count = windows_loss_sums(loaded.model, loaded.cfg.vocab_size, windows, cfg.micro_batch_size)
     seconds = time.perf_counter() - start
     loss = total / count
     result = EvalResult(

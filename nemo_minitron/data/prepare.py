@@ -96,7 +96,7 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _list_files(ref: str) -> list[tuple[str, Path]]:
+def list_input_files(ref: str) -> list[tuple[str, Path]]:
     """``(name, path)`` of every corpus file, sorted; names are relative to the input's fixed prefix.
 
     Folders contribute their ``*.txt``/``*.md``/``*.jsonl`` files; a named or glob-matched file is read
@@ -197,7 +197,7 @@ def prepare_data(cfg: PrepareDataConfig) -> PreparedData:
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and (done := _existing(out, cfg)) is not None:
         return done
-    files = _list_files(cfg.input)
+    files = list_input_files(cfg.input)
     names = [name for name, _ in _iter_documents(files, cfg.jsonl_text_key)]  # validation pass, nothing kept
     if len(names) < 2:
         raise UserError(f"input: '{cfg.input}' has 1 document, too few for a train and a validation split")

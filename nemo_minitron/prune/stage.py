@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -172,23 +173,28 @@ def _layers_to_drop(model, cfg: ModelConfig, target: ModelConfig, spec: PruneTar
     return list(range(start, start + k))
 
 
-def prune(
-    loaded: LoadedModel,
-    target: PruneTarget,
-    calibration: list[torch.Tensor],
-    importance: ImportanceConfig = ImportanceConfig(),
-) -> tuple[LoadedModel, dict]:
-    """Prune ``loaded`` to ``target`` using importance from ``calibration`` micro-batches [b, s+1].
+@dataclass
+class Scores:
+    """Importance of ``loaded``'s units on a calibration set, computed once and usable for any target:
+    the scores, the full (canonical) tensors to slice, and the calibration batches (depth criteria that
+    need forward passes and the pruned model's calibration loss use them)."""
 
-    Returns the pruned model (same TP/PP as ``loaded``) and a report with the scores and the selection.
-    """
+    scores: imp_lib.Importance
+    canonical: dict[str, torch.Tensor]
+    calibration: list[torch.Tensor]
+    importance: ImportanceConfig
+    seconds: float
+
+
+def score(loaded: LoadedModel, calibration: list[torch.Tensor],
+          importance: ImportanceConfig = ImportanceConfig()) -> Scores:
+    """Importance of every head, query group, neuron, channel and layer of ``loaded`` on ``calibration``
+    micro-batches [b, s+1]."""
     cfg, model = loaded.cfg, loaded.model
-    new_cfg = target_config(cfg, target)
-    check_divisible(new_cfg, state.tp_size(), state.pp_size())
     start = time.perf_counter()
     # Block importance and the calibration loss come from the hooked forward pass for every criterion.
     scores = imp_lib.activation_importance(model, cfg, calibration, importance.seq_agg, importance.batch_agg)
-    importance_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     canonical = gather_canonical(model, cfg, everywhere=True)
     if importance.criterion != "activation":
         width = (
@@ -198,10 +204,20 @@ def prune(
         )
         width.layers, width.calibration_loss = scores.layers, scores.calibration_loss
         scores = width
-    drop = _layers_to_drop(model, cfg, new_cfg, target, importance.depth, calibration, scores)
+    return Scores(scores, canonical, calibration, importance, seconds)
+
+
+def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget) -> tuple[LoadedModel, dict]:
+    """``loaded`` pruned to ``target`` by ``scored`` (from :func:`score` on the same model), at the same TP/PP,
+    with a report of the selection and the calibration loss before and after."""
+    cfg, model = loaded.cfg, loaded.model
+    new_cfg = target_config(cfg, target)
+    check_divisible(new_cfg, state.tp_size(), state.pp_size())
+    scores, calibration = scored.scores, scored.calibration
+    drop = _layers_to_drop(model, cfg, new_cfg, target, scored.importance.depth, calibration, scores)
     keep = [i for i in range(cfg.num_layers) if i not in set(drop)]
     selection = select(scores, cfg, new_cfg, keep)
-    pruned_tensors = slice_canonical(canonical, cfg, new_cfg, selection)
+    pruned_tensors = slice_canonical(scored.canonical, cfg, new_cfg, selection)
     pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False)
     load_canonical(pruned_model, new_cfg, pruned_tensors.__getitem__)
     pruned_model.eval()
@@ -213,16 +229,30 @@ def prune(
         "target_params": new_cfg.num_params(),
         "param_ratio": new_cfg.num_params() / cfg.num_params(),
         "criterion": scores.criterion,
-        "depth_criterion": None if target.drop_layers is not None or not drop else importance.depth,
+        "depth_criterion": None if target.drop_layers is not None or not drop else scored.importance.depth,
         "dropped_layers": drop,
         "calibration_loss_before": scores.calibration_loss,
         "calibration_loss_after": pruned_loss,
         "calibration_tokens": sum(b.shape[0] * (b.shape[1] - 1) for b in calibration) * state.dp_size(),
-        "importance_seconds": importance_seconds,
+        "importance_seconds": scored.seconds,
         "importance": scores.to_json(cfg.num_query_groups),
         "selection": selection.to_json(),
     }
     return LoadedModel(cfg=new_cfg, model=pruned_model, tokenizer_dir=loaded.tokenizer_dir), report
+
+
+def prune(
+    loaded: LoadedModel,
+    target: PruneTarget,
+    calibration: list[torch.Tensor],
+    importance: ImportanceConfig = ImportanceConfig(),
+) -> tuple[LoadedModel, dict]:
+    """Prune ``loaded`` to ``target`` using importance from ``calibration`` micro-batches [b, s+1].
+
+    Returns the pruned model (same TP/PP as ``loaded``) and a report with the scores and the selection.
+    """
+    target_config(loaded.cfg, target)  # a bad target fails before the calibration passes
+    return cut(loaded, score(loaded, calibration, importance), target)
 
 
 def heatmap_png(report: dict) -> bytes:

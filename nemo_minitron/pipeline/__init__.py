@@ -1,0 +1,2 @@
+"""The Minitron pipeline (``nemo-minitron run``): stages chained in one resumable run directory, NAS,
+iterative schedules and the report."""

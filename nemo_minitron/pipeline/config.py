@@ -1,0 +1,174 @@
+"""The ``run`` job: one strict config for the whole Minitron pipeline.
+
+    data -> [teacher correction] -> eval teacher -> for each schedule step: prune (a fixed target or NAS) ->
+    eval pruned -> distill -> eval -> export HF -> report
+
+Paths (prepared data, checkpoints, reports) are all derived from ``output``, the run directory.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from nemo_minitron.config import StrictModel
+from nemo_minitron.distill.trainer import (
+    CheckpointConfig,
+    EvalDuringTraining,
+    LogConfig,
+    LossConfig,
+    OptimConfig,
+)
+from nemo_minitron.parallel.state import ParallelConfig
+from nemo_minitron.prune.stage import ImportanceConfig, PruneTarget
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+class RunData(StrictModel):
+    """The corpus, tokenized with the teacher's tokenizer into ``<output>/data``."""
+
+    input: str = Field(min_length=1, description="file, folder, glob or embedded:...")
+    valid_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = 1234
+    jsonl_text_key: str = Field("text", min_length=1)
+
+
+class RunCalibration(StrictModel):
+    """Calibration batches for importance, drawn from the train split."""
+
+    num_samples: int = Field(1024, gt=0)
+    seq_length: int = Field(512, ge=2)
+    micro_batch_size: int = Field(4, gt=0)
+    seed: int = 1234
+
+
+class RunTrain(StrictModel):
+    """Batch shape and precision of every distillation (and teacher correction) in the run; token budgets
+    are given per use (``kd_tokens``, ``teacher_correction.tokens``, ``nas.short_kd_tokens``)."""
+
+    seq_length: int = Field(512, ge=2)
+    micro_batch_size: int = Field(4, gt=0)
+    global_batch_size: int = Field(16, gt=0)
+    dtype: Dtype = "bfloat16"
+    teacher_dtype: Dtype = "bfloat16"
+    seed: int = 1234
+    max_skipped_steps: int = Field(10, ge=0)
+
+    @model_validator(mode="after")
+    def _batches(self) -> "RunTrain":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
+
+
+class RunDistill(StrictModel):
+    """How every distillation of the run trains (its length is the schedule step's ``kd_tokens``)."""
+
+    train: RunTrain = RunTrain()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalDuringTraining = EvalDuringTraining()
+    log: LogConfig = LogConfig()
+
+
+class TeacherCorrection(StrictModel):
+    """Fine-tune the teacher with the LM loss on the distillation data before pruning (Minitron §4)."""
+
+    tokens: int = Field(gt=0)
+    optim: OptimConfig = OptimConfig()
+
+
+class SearchSpace(StrictModel):
+    """Values to try per dimension; an empty list keeps the current model's value."""
+
+    hidden_size: list[int] = []
+    ffn_hidden_size: list[int] = []
+    num_attention_heads: list[int] = []
+    num_query_groups: list[int] = []
+    num_layers: list[int] = []
+
+    @model_validator(mode="after")
+    def _positive(self) -> "SearchSpace":
+        for name, values in self:
+            if any(v <= 0 for v in values):
+                raise ValueError(f"{name}: sizes must be positive")
+        if not any(values for _, values in self):
+            raise ValueError("give at least one dimension to search")
+        return self
+
+
+class NASConfig(StrictModel):
+    """Architecture search for schedule steps that give ``params`` instead of a ``target``.
+
+    Every candidate of ``search`` whose parameter count lies in ``[budget * (1 - tolerance), budget]`` is
+    pruned from the same importance scores; the ``top_k`` lowest held-out losses right after pruning get
+    ``short_kd_tokens`` of distillation each; the lowest held-out loss after it wins.
+    """
+
+    search: SearchSpace
+    tolerance: float = Field(0.05, ge=0, lt=1)
+    top_k: int = Field(3, gt=0)
+    short_kd_tokens: int = Field(16384, ge=0)
+    max_candidates: int = Field(32, gt=0)
+    eval_windows: int = Field(16, gt=0, description="held-out windows (of train.seq_length) that rank candidates")
+
+
+class ScheduleStep(StrictModel):
+    """One prune -> distill round: a fixed ``target``, or ``params`` (a fraction of the original teacher's
+    parameter count, or an absolute count when > 1) searched with ``nas``."""
+
+    target: Optional[PruneTarget] = None
+    params: Optional[float] = Field(None, gt=0)
+    kd_tokens: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "ScheduleStep":
+        if (self.target is None) == (self.params is None):
+            raise ValueError("give exactly one of target and params")
+        return self
+
+
+class RunEval(StrictModel):
+    """Held-out evaluation of the teacher, every pruned and every distilled model (the valid split)."""
+
+    seq_length: int = Field(512, ge=2)
+    micro_batch_size: int = Field(4, gt=0)
+    max_windows: Optional[int] = Field(None, gt=0)
+    dtype: Dtype = "float32"
+
+
+class RunReport(StrictModel):
+    """Generation speed measured for the report: greedy decoding in transformers on this machine."""
+
+    generation_prompts: list[str] = ["To be, or not to be, that is the question:"]
+    generation_tokens: int = Field(64, ge=0, description="0 skips the generation benchmark")
+
+
+class RunConfig(StrictModel):
+    """The whole pipeline. Every stage writes under ``output`` and is skipped when already complete."""
+
+    output: str = Field(min_length=1, description="run directory")
+    teacher: str = Field(min_length=1, description="HF or nemo_minitron model directory, or embedded:...")
+    data: RunData
+    teacher_correction: Optional[TeacherCorrection] = None
+    calibration: RunCalibration = RunCalibration()
+    importance: ImportanceConfig = ImportanceConfig()
+    schedule: list[ScheduleStep] = Field(min_length=1)
+    nas: Optional[NASConfig] = None
+    distill: RunDistill = RunDistill()
+    eval: RunEval = RunEval()
+    report: RunReport = RunReport()
+    prune_dtype: Dtype = Field("float32", description="precision of the importance passes")
+    rerun_from: Optional[str] = Field(None, description="redo this stage and every later one")
+    parallel: ParallelConfig = ParallelConfig()
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _nas_when_searched(self) -> "RunConfig":
+        if any(step.params is not None for step in self.schedule) and self.nas is None:
+            raise ValueError("a schedule step gives params: configure nas (its search space)")
+        return self

@@ -1,0 +1,207 @@
+"""Architecture search (Minitron §NAS): which pruned shape, among those within a parameter budget, recovers best.
+
+Importance is computed once; every candidate is cut from the same scores and ranked by its held-out loss
+right after pruning; the best ``top_k`` get a short distillation each and are ranked again (the ranking can
+change: that is why the paper distils before choosing). The stage entry is :func:`run_nas`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from nemo_minitron.checkpoint.hf import check_exportable
+from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
+from nemo_minitron.config import StrictModel
+from nemo_minitron.data import TokenDataset, eval_windows
+from nemo_minitron.distill.trainer import CheckpointConfig, LogConfig, TrainConfig, distill
+from nemo_minitron.errors import UserError
+from nemo_minitron.eval import DTYPES, windows_loss_sums
+from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.sharding import check_divisible
+from nemo_minitron.pipeline.config import NASConfig, RunDistill
+from nemo_minitron.prune.stage import (
+    WIDTH_KEYS,
+    CalibrationConfig,
+    ImportanceConfig,
+    PruneTarget,
+    calibration_batches,
+    cut,
+    heatmap_png,
+    score,
+    target_config,
+)
+
+SEARCH_KEYS = (*WIDTH_KEYS, "num_layers")
+
+
+class NASStageConfig(StrictModel):
+    """The ``nas`` stage: search ``nas.search`` around ``model`` for ``params`` parameters."""
+
+    model: str = Field(min_length=1)
+    teacher: str = Field(min_length=1, description="distils the short-listed candidates")
+    data: str = Field(min_length=1, description="prepared dataset: calibration (train) and ranking (valid)")
+    output: str = Field(min_length=1)
+    params: float = Field(gt=0, description="a fraction of the model's parameters, or an absolute count if > 1")
+    nas: NASConfig
+    calibration: CalibrationConfig
+    importance: ImportanceConfig = ImportanceConfig()
+    distill: RunDistill = RunDistill()
+    prune_dtype: str = Field("float32", pattern="^(float32|bfloat16)$")
+    overwrite: bool = False
+    parallel: state.ParallelConfig = state.ParallelConfig()
+    seed: int = 1234
+
+
+def budget(params: float, reference: ModelConfig) -> int:
+    """Absolute parameter budget: ``params`` is a fraction of ``reference`` when <= 1, a count otherwise."""
+    return round(params * reference.num_params()) if params <= 1 else int(params)
+
+
+def candidates(src: ModelConfig, cfg: NASConfig, max_params: int, tp: int = 1, pp: int = 1) -> list[PruneTarget]:
+    """Targets from the search space that ``src`` can be cut to, that split into ``tp``/``pp``, that
+    transformers can load, and whose parameter count is in ``[max_params * (1 - tolerance), max_params]``;
+    largest first, at most ``max_candidates``."""
+    axes = [getattr(cfg.search, k) or [getattr(src, k)] for k in SEARCH_KEYS]
+    found: list[tuple[int, PruneTarget]] = []
+    for values in itertools.product(*axes):
+        target = PruneTarget(**dict(zip(SEARCH_KEYS, values)))
+        try:
+            shape = target_config(src, target)
+            check_divisible(shape, tp, pp)
+            check_exportable(shape)
+        except UserError:
+            continue
+        n = shape.num_params()
+        if max_params * (1 - cfg.tolerance) <= n <= max_params:
+            found.append((n, target))
+    found.sort(key=lambda item: -item[0])
+    return [target for _, target in found[: cfg.max_candidates]]
+
+
+def name_of(target: PruneTarget) -> str:
+    short = {"hidden_size": "h", "ffn_hidden_size": "ffn", "num_attention_heads": "heads",
+             "num_query_groups": "groups", "num_layers": "L"}
+    return "-".join(f"{short[k]}{getattr(target, k)}" for k in SEARCH_KEYS)
+
+
+def validate(cfg: NASStageConfig) -> list[PruneTarget]:
+    """The candidates; a one-line error when there are none or the inputs are missing."""
+    src = read_model_config(resolve_model_dir(cfg.model))
+    read_model_config(resolve_model_dir(cfg.teacher))
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    check_divisible(src, tp, pp)
+    limit = budget(cfg.params, src)
+    found = candidates(src, cfg.nas, limit, tp, pp)
+    if not found:
+        raise UserError(f"nas: no candidate of the search space has {limit * (1 - cfg.nas.tolerance):,.0f}.."
+                        f"{limit:,} parameters (the model has {src.num_params():,}); widen nas.search or tolerance")
+    if Path(cfg.output).exists() and not cfg.overwrite:
+        raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
+    return found
+
+
+def _heldout_windows(cfg: NASStageConfig) -> list[torch.Tensor]:
+    valid = TokenDataset(str(Path(cfg.data) / "valid"))
+    return list(eval_windows(valid, cfg.distill.train.seq_length, cfg.nas.eval_windows))
+
+
+def _heldout_loss(loaded: LoadedModel, windows: list[torch.Tensor], micro_batch_size: int) -> float:
+    loaded.model.eval()
+    total, count = windows_loss_sums(loaded.model, loaded.cfg.vocab_size, windows, micro_batch_size)
+    return total / count
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def run_nas(cfg: NASStageConfig) -> dict:
+    """Rank every candidate after pruning, distil the ``top_k`` briefly, rank again; write ``nas.json`` and
+    the short-listed candidates (``candidates/<name>/pruned`` and ``.../short_kd``) under ``output``."""
+    found = validate(cfg)
+    state.initialize(cfg.parallel, cfg.seed)
+    out = Path(cfg.output)
+    if _is_writer() and out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    loaded = load_model(cfg.model, dtype=DTYPES[cfg.prune_dtype], use_te=False)
+    scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance)
+    if _is_writer():
+        out.mkdir(parents=True)
+        heatmap = {"importance": scored.scores.to_json(loaded.cfg.num_query_groups), "dropped_layers": []}
+        (out / "importance.png").write_bytes(heatmap_png(heatmap))
+    windows = _heldout_windows(cfg)
+    mb = cfg.distill.train.micro_batch_size
+    table = []
+    for target in found:
+        pruned, report = cut(loaded, scored, target)
+        table.append({
+            "name": name_of(target),
+            "target": {k: getattr(target, k) for k in SEARCH_KEYS},
+            "params": report["target_params"],
+            "param_ratio": report["param_ratio"],
+            "dropped_layers": report["dropped_layers"],
+            "loss_pruned": _heldout_loss(pruned, windows, mb),
+        })
+        del pruned
+    table.sort(key=lambda row: row["loss_pruned"])
+    for rank, row in enumerate(table, 1):
+        row["rank_pruned"] = rank
+    teacher = load_model(cfg.teacher, dtype=DTYPES[cfg.distill.train.teacher_dtype]) if cfg.nas.short_kd_tokens else None
+    shortlist = table[: cfg.nas.top_k]
+    for row in shortlist:
+        home = out / "candidates" / row["name"]
+        pruned, _ = cut(loaded, scored, PruneTarget(**row["target"]))
+        save_checkpoint(pruned, home / "pruned", overwrite=True)
+        del pruned
+        row["pruned"] = str(home / "pruned")
+        if teacher is None:
+            row["loss_short_kd"], row["student"] = row["loss_pruned"], row["pruned"]
+            continue
+        student = load_model(row["pruned"], dtype=DTYPES[cfg.distill.train.dtype])
+        train = cfg.distill.train
+        result = distill(
+            student, teacher, cfg.data, home / "short_kd",
+            TrainConfig(seq_length=train.seq_length, micro_batch_size=train.micro_batch_size,
+                        global_batch_size=train.global_batch_size, max_tokens=cfg.nas.short_kd_tokens,
+                        dtype=train.dtype, teacher_dtype=train.teacher_dtype, seed=train.seed),
+            cfg.distill.optim, cfg.distill.loss,
+            CheckpointConfig(every_steps=10**9, keep_last=1, resume=False),
+            cfg.distill.eval.model_copy(update={"every_steps": 0}),
+            LogConfig(tensorboard=False, progress=cfg.distill.log.progress),
+        )
+        save_checkpoint(student, home / "short_kd" / "final", overwrite=True)
+        row["loss_short_kd"] = _heldout_loss(student, windows, mb)
+        row["short_kd_tokens"] = result.tokens
+        row["student"] = str(home / "short_kd" / "final")
+        del student
+    ranked = sorted(shortlist, key=lambda row: row["loss_short_kd"])
+    for rank, row in enumerate(ranked, 1):
+        row["rank_short_kd"] = rank
+    best = ranked[0]
+    summary = {
+        "budget_params": budget(cfg.params, loaded.cfg),
+        "source_params": loaded.cfg.num_params(),
+        "candidates": table,
+        "best": best["name"],
+        "best_pruned": best["pruned"],
+        "best_student": best["student"],
+        "ranking_changed": [r["name"] for r in shortlist] != [r["name"] for r in ranked],
+        "short_kd_tokens_total": sum(r.get("short_kd_tokens", 0) for r in shortlist),
+        "heldout_tokens": len(windows) * (cfg.distill.train.seq_length - 1),
+        "seconds": time.perf_counter() - start,
+        "importance_seconds": scored.seconds,
+    }
+    if _is_writer():
+        (out / "nas.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+

@@ -1,0 +1,198 @@
+"""What a run shows: ``report.md`` and ``report.json`` in the run directory, with PNG plots (importance
+heatmaps, loss curves) and the before/after table; plus the ``generation-speed`` stage it quotes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field
+
+from nemo_minitron.config import StrictModel
+from nemo_minitron.pipeline.config import RunConfig
+from nemo_minitron.pipeline.ledger import Ledger
+
+
+class GenerationConfig(StrictModel):
+    """The ``generation-speed`` stage: greedy decoding speed of two HF models on this machine (transformers,
+    fp32, batch 1), measured alternately in one process."""
+
+    teacher: str = Field(min_length=1, description="HF model directory")
+    student: str = Field(min_length=1, description="HF model directory")
+    prompts: list[str] = Field(min_length=1)
+    new_tokens: int = Field(64, gt=0)
+    repeats: int = Field(2, gt=0)
+
+
+def generation_speed(cfg: GenerationConfig) -> dict:
+    """Tokens/s of greedy generation (``new_tokens`` per prompt) for both models; the best of ``repeats``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_minitron.checkpoint.io import resolve_model_dir
+
+    paths = {"teacher": resolve_model_dir(cfg.teacher), "student": resolve_model_dir(cfg.student)}
+    tokenizer = AutoTokenizer.from_pretrained(paths["student"])
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in paths.items()}
+    prompts = [tokenizer(p, return_tensors="pt").input_ids for p in cfg.prompts]
+
+    def one_pass(model) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for ids in prompts:
+                model.generate(ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.eos_token_id)
+        return time.perf_counter() - start
+
+    for model in models.values():  # warm-up
+        model.generate(prompts[0], max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    best = {name: float("inf") for name in models}
+    for _ in range(cfg.repeats):
+        for name, model in models.items():
+            best[name] = min(best[name], one_pass(model))
+    tokens = cfg.new_tokens * len(prompts)
+    speed = {name: tokens / seconds for name, seconds in best.items()}
+    return {"teacher_tokens_per_second": speed["teacher"], "student_tokens_per_second": speed["student"],
+            "speedup": speed["student"] / speed["teacher"], "new_tokens": tokens}
+
+
+def _result(ledger: Ledger, key: str) -> Optional[dict]:
+    entry = ledger.stages.get(key)
+    return None if entry is None else entry["result"]
+
+
+def _loss_curves_png(path: Path, steps: list[dict], teacher_loss: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    offset = 0.0
+    for step in steps:
+        metrics = Path(step["distill_output"]) / "metrics.jsonl" if step.get("distill_output") else None
+        if step.get("pruned_loss") is not None:
+            ax.scatter([offset], [step["pruned_loss"]], color="red", zorder=3,
+                       label="held-out loss after pruning" if step["index"] == 1 else None)
+        if metrics is None or not metrics.is_file():
+            continue
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        train = [(offset + r["tokens"], r.get("kd", r["loss"])) for r in records if "loss" in r and "tokens" in r]
+        held = [(offset + r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r and "tokens" in r]
+        if train:
+            ax.plot(*zip(*train), color="tab:blue", alpha=0.7, label="student KD loss (train)" if step["index"] == 1 else None)
+        if held:
+            ax.plot(*zip(*held), color="tab:orange", marker="o", label="student held-out loss" if step["index"] == 1 else None)
+        offset += step.get("kd_tokens") or 0
+    ax.axhline(teacher_loss, color="black", linestyle="--", label="teacher held-out loss")
+    ax.set(xlabel="distillation tokens", ylabel="loss (nats/token)", title="Distillation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table(rows: list[dict], generation: Optional[dict]) -> str:
+    lines = ["| model | parameters | held-out loss | held-out ppl | generation tok/s |", "|---|---|---|---|---|"]
+    for row in rows:
+        gen = ""
+        if generation and row["name"] in ("teacher", "final student"):
+            key = "teacher" if row["name"] == "teacher" else "student"
+            gen = f"{generation[f'{key}_tokens_per_second']:.1f}"
+        lines.append(f"| {row['name']} | {row['params'] / 1e6:.1f}M ({row['param_ratio']:.1%}) | {row['loss']:.4f} | "
+                     f"{row['perplexity']:.2f} | {gen} |")
+    return "\n".join(lines)
+
+
+def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[dict], student_hf: Path) -> dict:
+    """Write ``report.json``, ``report.md`` and the plots; print the before/after table; return the summary."""
+    from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
+
+    out = Path(cfg.output)
+    files = out / "report_files"
+    files.mkdir(exist_ok=True)
+    teacher_eval = _result(ledger, "eval.teacher")
+    teacher_ref = str(out / "teacher_correction" / "final") if cfg.teacher_correction else cfg.teacher
+    teacher_params = read_model_config(resolve_model_dir(teacher_ref)).num_params()
+    rows = [{"name": "teacher", "params": teacher_params, "param_ratio": 1.0, "loss": teacher_eval["loss"],
+             "perplexity": teacher_eval["perplexity"]}]
+    steps, images = [], []
+    for i, step in enumerate(cfg.schedule, 1):
+        home = out / f"step{i}"
+        nas = _result(ledger, f"step{i}.nas")
+        pruned_dir = Path(nas["best_pruned"]) if nas else home / "pruned"
+        params = read_model_config(pruned_dir).num_params()
+        pruned_eval = _result(ledger, f"step{i}.eval_pruned")
+        distilled = _result(ledger, f"step{i}.distill")
+        distilled_eval = _result(ledger, f"step{i}.eval_distilled")
+        heatmap = (home / "nas" if nas else pruned_dir) / "importance.png"
+        if heatmap.is_file():
+            shutil.copyfile(heatmap, files / f"step{i}_importance.png")
+            images.append((f"Step {i}: importance", f"report_files/step{i}_importance.png"))
+        rows.append({"name": f"step {i} pruned", "params": params, "param_ratio": params / teacher_params,
+                     "loss": pruned_eval["loss"], "perplexity": pruned_eval["perplexity"]})
+        if distilled_eval:
+            rows.append({"name": f"step {i} distilled", "params": params, "param_ratio": params / teacher_params,
+                         "loss": distilled_eval["loss"], "perplexity": distilled_eval["perplexity"]})
+        steps.append({
+            "index": i,
+            "shape": read_model_config(pruned_dir).model_dump(),
+            "params": params,
+            "pruned_loss": pruned_eval["loss"],
+            "distilled_loss": distilled_eval["loss"] if distilled_eval else None,
+            "kd_tokens": distilled["tokens"] if distilled else 0,
+            "nas_short_kd_tokens": nas["short_kd_tokens_total"] if nas else 0,
+            "distill_output": str(home / "distill") if distilled else None,
+            "distill_tokens_per_second": distilled["tokens_per_second"] if distilled else None,
+            "nas": nas,
+        })
+    final = dict(rows[-1], name="final student")
+    rows.append(final)
+    _loss_curves_png(files / "loss_curves.png", steps, teacher_eval["loss"])
+    images.append(("Loss curves", "report_files/loss_curves.png"))
+    kd_tokens = sum(s["kd_tokens"] + s["nas_short_kd_tokens"] for s in steps)
+    stages = [{"stage": key, "seconds": entry["seconds"]} for key, entry in ledger.stages.items()]
+    summary = {
+        "teacher": rows[0],
+        "rows": rows,
+        "steps": steps,
+        "kd_tokens": kd_tokens,
+        "generation": generation,
+        "stages": stages,
+        "wall_seconds": sum(s["seconds"] for s in stages),
+        "this_invocation": log,
+        "exported_hf_student": str(student_hf),
+        "report": str(out / "report.md"),
+    }
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = _table(rows, generation)
+    md = [f"# Minitron run: {out}", "", f"Teacher `{cfg.teacher}`"
+          + (" (after teacher correction)" if cfg.teacher_correction else "")
+          + f"; corpus `{cfg.data.input}`; held-out split of `{out / 'data'}`.", "", "## Before / after", "",
+          table, "", f"Distillation tokens: {kd_tokens:,}."]
+    if generation:
+        md += ["", f"Greedy generation on this machine (transformers, fp32, batch 1, {generation['new_tokens']} tokens): "
+               f"student {generation['speedup']:.2f}x the teacher's tokens/s."]
+    for step in steps:
+        if step["nas"]:
+            md += ["", f"## Step {step['index']}: architecture search", "",
+                   "| candidate | parameters | loss after pruning (rank) | loss after short KD (rank) |", "|---|---|---|---|"]
+            for c in step["nas"]["candidates"]:
+                short = f"{c['loss_short_kd']:.4f} ({c['rank_short_kd']})" if "rank_short_kd" in c else "-"
+                md.append(f"| {c['name']} | {c['params'] / 1e6:.1f}M | {c['loss_pruned']:.4f} ({c['rank_pruned']}) | {short} |")
+            md += ["", f"Best: {step['nas']['best']}; ranking changed by the short distillation: "
+                   f"{'yes' if step['nas']['ranking_changed'] else 'no'}."]
+    md += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {s['stage']} | {s['seconds']:.1f} |" for s in stages]
+    for title, path in images:
+        md += ["", f"## {title}", "", f"![{title}]({path})"]
+    md += ["", f"Exported student (Hugging Face): `{student_hf}`", ""]
+    (out / "report.md").write_text("\n".join(md))
+    print(table)
+    print(f"report: {out / 'report.md'}\nexported HF student: {student_hf}", flush=True)
+    return {"report": str(out / "report.md"), "exported_hf_student": str(student_hf), "kd_tokens": kd_tokens,
+            "teacher_perplexity": rows[0]["perplexity"], "final_perplexity": final["perplexity"]}

@@ -1,0 +1,197 @@
+"""The ``run`` stage: the whole Minitron pipeline in one run directory, resumable stage by stage.
+
+Each step is an ordinary stage (``prepare-data``, ``distill``, ``eval``, ``prune``, ``nas``, ``export-hf``) with
+a config derived from the run config, started through the same path as on the command line (so it spawns
+its TP x PP ranks when it needs them). ``pipeline.json`` (:class:`~nemo_minitron.pipeline.ledger.Ledger`)
+records the finished ones; an interrupted distillation resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from nemo_minitron.checkpoint.hf import check_exportable, is_hf_dir
+from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
+from nemo_minitron.config import StrictModel
+from nemo_minitron.convert import ConvertConfig
+from nemo_minitron.data.prepare import PrepareDataConfig, list_input_files
+from nemo_minitron.distill.trainer import DistillConfig, LossConfig, TrainConfig
+from nemo_minitron.errors import UserError
+from nemo_minitron.eval import EvalConfig
+from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.pipeline import report
+from nemo_minitron.pipeline.config import RunConfig, ScheduleStep
+from nemo_minitron.pipeline.ledger import Ledger
+from nemo_minitron.pipeline.nas import NASStageConfig, budget, candidates
+from nemo_minitron.prune.stage import CalibrationConfig, PruneConfig, target_config
+
+
+def stage_keys(cfg: RunConfig) -> list[str]:
+    """Every stage of ``cfg`` in the order it runs (the names ``rerun_from`` takes)."""
+    keys = ["data"] + (["teacher_correction"] if cfg.teacher_correction else []) + ["eval.teacher"]
+    for i, step in enumerate(cfg.schedule, 1):
+        keys += [f"step{i}.prune" if step.target is not None else f"step{i}.nas", f"step{i}.eval_pruned"]
+        if step.kd_tokens:
+            keys += [f"step{i}.distill", f"step{i}.eval_distilled"]
+    return keys + ["export", "export.teacher", "generation"]
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that needs no compute: the teacher, the corpus, each step's target against the shape the
+    step before leaves (a NAS step must have candidates), and that the final shape can be exported."""
+    teacher = read_model_config(resolve_model_dir(cfg.teacher))
+    list_input_files(cfg.data.input)
+    if cfg.rerun_from is not None and cfg.rerun_from not in stage_keys(cfg):
+        raise UserError(f"rerun_from: no stage {cfg.rerun_from!r}; stages: {', '.join(stage_keys(cfg))}")
+    shape = teacher
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    for i, step in enumerate(cfg.schedule, 1):
+        try:
+            shape = _step_shape(cfg, step, shape, teacher, tp, pp)
+        except UserError as exc:
+            raise UserError(f"schedule[{i - 1}]: {exc}") from None
+    check_exportable(shape)
+
+
+def _step_shape(cfg: RunConfig, step: ScheduleStep, shape: ModelConfig, teacher: ModelConfig, tp: int,
+                pp: int) -> ModelConfig:
+    from nemo_minitron.parallel.sharding import check_divisible
+
+    if step.target is not None:
+        new = target_config(shape, step.target)
+        check_divisible(new, tp, pp)
+        return new
+    found = candidates(shape, cfg.nas, budget(step.params, teacher), tp, pp)
+    if not found:
+        raise UserError(f"nas: no candidate of nas.search within {budget(step.params, teacher):,} parameters "
+                        f"(-{cfg.nas.tolerance:.0%})")
+    # The winner is known only after the search: later steps are checked against the largest candidate.
+    return target_config(shape, found[0])
+
+
+def _jsonable(result: Any) -> Any:
+    if is_dataclass(result):
+        return asdict(result)
+    if isinstance(result, Path):
+        return str(result)
+    return result
+
+
+class _Runner:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.out)
+        self.log: list[dict] = []
+
+    def stage(self, key: str, cli_name: str, config: StrictModel, outputs: list[Path]) -> Any:
+        """Run ``config`` as CLI stage ``cli_name`` unless ``key`` already finished with it."""
+        from nemo_minitron.cli import run_stage
+
+        dumped = config.model_dump(mode="json")
+        done = self.ledger.finished(key, dumped)
+        if done is not None:
+            print(f"[run] {key}: finished before, skipped", flush=True)
+            self.log.append({"stage": key, "seconds": done["seconds"], "skipped": True})
+            return done["result"]
+        print(f"[run] {key} ...", flush=True)
+        start = time.perf_counter()
+        result = _jsonable(run_stage(cli_name, config))
+        seconds = time.perf_counter() - start
+        self.ledger.record(key, dumped, result, seconds, [str(p) for p in outputs])
+        self.log.append({"stage": key, "seconds": seconds, "skipped": False})
+        print(f"[run] {key}: {seconds:.0f} s", flush=True)
+        return result
+
+    def eval(self, key: str, model: str) -> dict:
+        e = self.cfg.eval
+        path = self.out / "eval" / f"{key.replace('.', '_')}.json"
+        config = EvalConfig(model=model, data=str(self.out / "data"), seq_length=e.seq_length,
+                            micro_batch_size=e.micro_batch_size, max_windows=e.max_windows, dtype=e.dtype,
+                            parallel=self.cfg.parallel, output=str(path), seed=self.cfg.seed)
+        return self.stage(key, "eval", config, [path])
+
+    def train(self, tokens: int) -> TrainConfig:
+        t = self.cfg.distill.train
+        return TrainConfig(seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                           global_batch_size=t.global_batch_size, max_tokens=tokens, dtype=t.dtype,
+                           teacher_dtype=t.teacher_dtype, seed=t.seed, max_skipped_steps=t.max_skipped_steps)
+
+    def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
+                optim=None) -> dict:
+        d = self.cfg.distill
+        config = DistillConfig(mode=mode, student=student, teacher=teacher, data=str(self.out / "data"),
+                               output=str(output), train=self.train(tokens), optim=optim or d.optim,
+                               loss=d.loss if mode == "kd" else LossConfig(),
+                               checkpoint=d.checkpoint, eval=d.eval, log=d.log, parallel=self.cfg.parallel)
+        return self.stage(key, "distill", config, [output])
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    """data -> [teacher correction] -> eval teacher -> (prune | NAS -> eval -> distill -> eval) per schedule
+    step -> export HF -> generation speed -> report. Returns the report's summary."""
+    validate(cfg)
+    r = _Runner(cfg)
+    if cfg.rerun_from is not None:
+        dropped = r.ledger.forget_from(cfg.rerun_from)
+        if dropped:
+            print(f"[run] redoing: {', '.join(dropped)}", flush=True)
+    out, data = r.out, str(r.out / "data")
+    c = cfg.calibration
+    calibration = CalibrationConfig(data=data, num_samples=c.num_samples, seq_length=c.seq_length,
+                                    micro_batch_size=c.micro_batch_size, seed=c.seed)
+
+    r.stage("data", "prepare-data", PrepareDataConfig(
+        input=cfg.data.input, tokenizer=cfg.teacher, output_dir=data, valid_fraction=cfg.data.valid_fraction,
+        split_seed=cfg.data.split_seed, jsonl_text_key=cfg.data.jsonl_text_key), [out / "data"])
+    teacher = cfg.teacher
+    if cfg.teacher_correction is not None:
+        tc = cfg.teacher_correction
+        r.distill("teacher_correction", "ce", cfg.teacher, None, tc.tokens, out / "teacher_correction", tc.optim)
+        teacher = str(out / "teacher_correction" / "final")
+    r.eval("eval.teacher", teacher)
+
+    student = teacher
+    for i, step in enumerate(cfg.schedule, 1):
+        home = out / f"step{i}"
+        if step.target is not None:
+            pruned = str(home / "pruned")
+            r.stage(f"step{i}.prune", "prune", PruneConfig(
+                model=student, output=pruned, target=step.target, calibration=calibration,
+                importance=cfg.importance, dtype=cfg.prune_dtype, overwrite=True, parallel=cfg.parallel,
+                seed=cfg.seed), [home / "pruned"])
+            start = pruned
+        else:
+            reference = read_model_config(resolve_model_dir(cfg.teacher))
+            found = r.stage(f"step{i}.nas", "nas", NASStageConfig(
+                model=student, teacher=teacher, data=data, output=str(home / "nas"),
+                params=budget(step.params, reference), nas=cfg.nas, calibration=calibration,
+                importance=cfg.importance, distill=cfg.distill, prune_dtype=cfg.prune_dtype, overwrite=True,
+                parallel=cfg.parallel, seed=cfg.seed), [home / "nas"])
+            pruned, start = found["best_pruned"], found["best_student"]
+        r.eval(f"step{i}.eval_pruned", pruned)
+        student = start
+        if step.kd_tokens:
+            r.distill(f"step{i}.distill", "kd", start, teacher, step.kd_tokens, home / "distill")
+            student = str(home / "distill" / "final")
+            r.eval(f"step{i}.eval_distilled", student)
+
+    student_hf = out / "export" / "hf"
+    r.stage("export", "export-hf", ConvertConfig(source=student, output=str(student_hf), overwrite=True),
+            [student_hf])
+    teacher_hf = resolve_model_dir(teacher)
+    if not is_hf_dir(teacher_hf):
+        teacher_hf = out / "export" / "teacher_hf"
+        r.stage("export.teacher", "export-hf", ConvertConfig(source=teacher, output=str(teacher_hf), overwrite=True),
+                [teacher_hf])
+    generation = None
+    if cfg.report.generation_tokens:
+        generation = r.stage("generation", "generation-speed", report.GenerationConfig(
+            teacher=str(teacher_hf), student=str(student_hf), prompts=cfg.report.generation_prompts,
+            new_tokens=cfg.report.generation_tokens), [])
+    return report.write(cfg, r.ledger, r.log, generation, student_hf)

@@ -1,0 +1,207 @@
+"""``nemo-minitron run`` end to end on a tiny teacher, through the CLI: every stage, the report, skipping finished
+stages, resuming after a kill during distillation (bit for bit), refusing a changed config, NAS with an
+iterative schedule, and the shipped Llama-3.1-8B pipelines with their shapes scaled down.
+
+The tiny teacher (hidden 64, 4 heads in 2 query groups, MLP 96, 4 layers) uses the real SmolLM2 tokenizer, so
+the corpus is prepared from Hamlet as in the default job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    from tiny import write_tiny_hf
+
+    from nemo_minitron import embedded
+
+    root = tmp_path_factory.mktemp("pipeline")
+    teacher = write_tiny_hf(root / "teacher", vocab_size=49152, hidden_size=64, intermediate_size=96, seed=31,
+                            with_tokenizer=True)
+    play = next(embedded.corpus_dir().glob("tragedies/*hamlet*.md")).read_text(encoding="utf-8")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"part{i}.md").write_text(play[i * 3000 : (i + 1) * 3000], encoding="utf-8")
+    return {"root": root, "teacher": teacher, "corpus": corpus}
+
+
+def tiny_run(inputs: dict[str, Path], output: Path, **changes) -> Path:
+    """A run config for the tiny teacher: one width step, 8 KD steps, a checkpoint after every step."""
+    cfg = {
+        "output": str(output),
+        "teacher": str(inputs["teacher"]),
+        "data": {"input": str(inputs["corpus"]), "valid_fraction": 0.25},
+        "calibration": {"num_samples": 4, "seq_length": 16, "micro_batch_size": 2},
+        "schedule": [{"target": {"hidden_size": 48, "ffn_hidden_size": 64}, "kd_tokens": 512}],
+        "distill": {
+            "train": {"seq_length": 16, "micro_batch_size": 2, "global_batch_size": 4, "dtype": "float32",
+                      "teacher_dtype": "float32"},
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
+            "checkpoint": {"every_steps": 1, "keep_last": 1},
+            "eval": {"every_steps": 4, "max_windows": 4},
+            "log": {"progress": False, "tensorboard": False},
+        },
+        "eval": {"seq_length": 32, "micro_batch_size": 2, "max_windows": 8},
+        "report": {"generation_tokens": 4},
+        **changes,
+    }
+    path = output.parent / f"{output.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nemo_minitron.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, **kw)
+
+
+def skipped(stdout: str) -> set[str]:
+    return {line.split()[1].rstrip(":") for line in stdout.splitlines() if line.endswith("finished before, skipped")}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "step1" / "distill" / "final" / "model.safetensors")
+
+
+def test_run_end_to_end_skip_resume_and_changed_config(inputs) -> None:
+    from nemo_minitron.config import load_config
+    from nemo_minitron.pipeline.config import RunConfig
+    from nemo_minitron.pipeline.run import stage_keys
+
+    root = inputs["root"]
+    config = tiny_run(inputs, root / "full")
+    first = cli("run", str(config))
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = root / "full"
+    ledger = json.loads((run / "pipeline.json").read_text())["stages"]
+    expected = [k for k in stage_keys(load_config(RunConfig, config)) if k != "export.teacher"]  # an HF teacher
+    assert list(ledger) == expected
+    report = json.loads((run / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["teacher", "step 1 pruned", "step 1 distilled", "final student"]
+    assert report["kd_tokens"] == 512
+    for name in ("report.md", "report_files/loss_curves.png", "report_files/step1_importance.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert "| teacher |" in first.stdout and str(run / "export" / "hf") in first.stdout
+    records = [json.loads(line) for line in (run / "step1/distill/metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in records if "kd" in r]
+    assert len(kd) == 8 and kd[-1] < kd[0]
+
+    # The exported student is the distilled checkpoint, as transformers computes it.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(run / "export" / "hf", dtype=torch.float32)
+    assert hf.config.hidden_size == 48 and hf.config.intermediate_size == 64
+    exported = {k: v for k, v in hf.state_dict().items()}
+    assert torch.equal(exported["model.embed_tokens.weight"], final_weights(run)["embedding.word_embeddings.weight"])
+
+    # Everything finished: a second run skips every stage and reports the same numbers.
+    again = cli("run", str(config))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert skipped(again.stdout) == set(ledger)
+    assert json.loads((run / "report.json").read_text())["rows"] == report["rows"]
+
+    # A changed stage config is refused, naming the stage and the key, before any compute.
+    changed = cli("run", str(config), "schedule.0.target.hidden_size=40")
+    assert changed.returncode == 2
+    assert changed.stderr.strip().endswith(
+        "stage step1.prune finished with another config (target.hidden_size: 48 -> 40); set "
+        "rerun_from=step1.prune to redo it and the stages after it, or use a new output directory")
+
+    # Killed during distillation, then run again: the finished stages are skipped, the distillation resumes
+    # from its last checkpoint, and the student is the uninterrupted run's bit for bit.
+    killed_run = root / "killed"
+    config2 = tiny_run(inputs, killed_run)
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron.cli", "run", str(config2)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = killed_run / "step1" / "distill" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first distillation checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed_run / "step1" / "distill" / "final").exists()
+    resumed = cli("run", str(config2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {"data", "eval.teacher", "step1.prune", "step1.eval_pruned"} <= skipped(resumed.stdout)
+    assert "step1.distill" not in skipped(resumed.stdout)
+    uninterrupted, after_kill = final_weights(run), final_weights(killed_run)
+    assert uninterrupted.keys() == after_kill.keys()
+    assert all(torch.equal(uninterrupted[k], after_kill[k]) for k in uninterrupted)
+
+
+def test_nas_then_iterative_step(inputs) -> None:
+    """Step 1 searches 60-80% shapes (pruned, ranked, two short-listed get a short distillation); step 2 cuts
+    a layer from the winner and distils again."""
+    root = inputs["root"]
+    config = tiny_run(
+        inputs, root / "nas",
+        schedule=[{"params": 0.8, "kd_tokens": 128}, {"target": {"num_layers": 3}, "kd_tokens": 128}],
+        nas={"search": {"hidden_size": [40, 48, 56], "ffn_hidden_size": [48, 64, 80]}, "tolerance": 0.25,
+             "top_k": 2, "short_kd_tokens": 64, "eval_windows": 4},
+    )
+    done = cli("run", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = root / "nas"
+    nas = json.loads((run / "step1" / "nas" / "nas.json").read_text())
+    table = nas["candidates"]
+    assert len(table) >= 3
+    assert all(0.6 * nas["source_params"] <= c["params"] <= 0.8 * nas["source_params"] for c in table)
+    assert [c["rank_pruned"] for c in table] == list(range(1, len(table) + 1))
+    assert sorted(c["loss_pruned"] for c in table) == [c["loss_pruned"] for c in table]
+    shortlisted = [c for c in table if "rank_short_kd" in c]
+    assert len(shortlisted) == 2 and all(c["short_kd_tokens"] == 64 for c in shortlisted)
+    best = min(shortlisted, key=lambda c: c["loss_short_kd"])
+    assert nas["best"] == best["name"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["kd_tokens"] == 128 + 128 + 2 * 64
+    assert report["steps"][0]["shape"]["hidden_size"] == best["target"]["hidden_size"]
+    assert report["steps"][1]["shape"]["num_layers"] == 3
+    assert "architecture search" in (run / "report.md").read_text()
+    ledger = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert ledger["step2.prune"]["config"]["model"] == str(run / "step1" / "distill" / "final")
+
+
+@pytest.mark.parametrize("name", ["llama31_8b_to_4b_width", "llama31_8b_to_4b_depth"])
+def test_shipped_llama_pipelines_run_scaled_down(inputs, name: str) -> None:
+    """The GPU-scale Llama-3.1-8B -> 4B configs, unchanged but for sizes and paths: a tiny Llama teacher with
+    the same structure (GQA, untied, SwiGLU), the width target scaled by the same ratios (hidden 3/4, MLP 9/14
+    rounded), the depth target dropping the second half of the layers."""
+    root = inputs["root"]
+    run = root / name
+    shape = (["schedule.0.target.hidden_size=48", "schedule.0.target.ffn_hidden_size=64"] if "width" in name
+             else ["schedule.0.target.drop_layers=[2,3]"])
+    done = cli(
+        "run", str(ROOT / "conf" / "run" / f"{name}.yaml"), f"output={run}", f"teacher={inputs['teacher']}",
+        f"data.input={inputs['corpus']}", "data.valid_fraction=0.25", *shape,
+        "teacher_correction.tokens=64", "schedule.0.kd_tokens=64", "calibration.num_samples=4",
+        "calibration.seq_length=16", "distill.train.seq_length=16", "distill.train.global_batch_size=4",
+        "distill.train.micro_batch_size=2", "distill.train.dtype=float32", "distill.train.teacher_dtype=float32",
+        "distill.loss.logits.chunk_tokens=16", "distill.log.progress=false", "distill.log.tensorboard=false",
+        "eval.seq_length=32", "eval.max_windows=4", "eval.dtype=float32", "prune_dtype=float32",
+        "parallel.tensor_model_parallel_size=1", "report.generation_tokens=0",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    shape = report["steps"][0]["shape"]
+    assert (shape["hidden_size"], shape["num_layers"]) == ((48, 4) if "width" in name else (64, 2))
+    assert report["kd_tokens"] == 64
+    assert (run / "teacher_correction" / "final").is_dir()
