@@ -48,7 +48,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
             raise UserError(f"override '{item}' is not of the form key=value")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:  # YAML: e.g. a !!python tag, which safe loading refuses
         raise UserError(f"bad override: {str(exc).splitlines()[0]}") from None
 
 

@@ -4,6 +4,7 @@ A checkpoint is the directory ``<root>/step_<N>`` with one ``rank<R>.pt`` per ra
 shard, optimizer and RNG states, data position) and ``meta.json``. All ranks write into a hidden
 temporary directory; only when every rank has finished does rank 0 write ``meta.json`` and rename the
 directory into place, so a crash at any moment leaves either the previous checkpoints or a complete new one.
+Checkpoints beyond ``keep_last`` are renamed to a hidden name before they are deleted, for the same reason.
 Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only.
 """
 
@@ -112,12 +113,12 @@ def save(root: Path, step: int, payload: dict[str, Any], meta: dict[str, Any], k
         try:
             (tmp / META).write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=2) + "\n")
             _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # the same step saved again: out of the way in one step, then deleted
+                _delete(final)
             os.replace(tmp, final)
             _fsync_dir(root)
             for _, old in step_dirs(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _delete(old)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             error = f"cannot write checkpoint {final}: {exc.strerror or exc}"
@@ -130,10 +131,19 @@ def save(root: Path, step: int, payload: dict[str, Any], meta: dict[str, Any], k
     return final
 
 
+def _delete(step_dir: Path) -> None:
+    """Delete a checkpoint directory so that a crash midway cannot leave a ``step_N`` with files missing:
+    renamed to a hidden name first (one atomic step), then removed."""
+    doomed = step_dir.with_name(f".{step_dir.name}.old")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(step_dir, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def remove_partial(root: Path) -> None:
-    """Remove the temporary directories of checkpoints whose writing was cut short (rank 0, before training)."""
+    """Remove what a run killed while saving or deleting a checkpoint left (rank 0, before training)."""
     if root.is_dir():
-        for stale in root.glob(".step_*.tmp"):
+        for stale in [*root.glob(".step_*.tmp"), *root.glob(".step_*.old")]:
             shutil.rmtree(stale, ignore_errors=True)
 
 
