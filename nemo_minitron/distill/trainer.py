@@ -177,7 +177,8 @@ def run_meta(student: ModelConfig, train: TrainConfig, tp: int, pp: int) -> dict
 def validate(cfg: DistillConfig) -> None:
     """Every check that needs no compute."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    check_can_create(cfg.output, "output", directory=True)
+    for path in (cfg.output, Path(cfg.output) / "checkpoints", Path(cfg.output) / "final"):
+        check_can_create(path, "output", directory=True)
     student = read_model_config(resolve_model_dir(cfg.student))
     check_divisible(student, tp, pp)
     if cfg.mode == "kd":

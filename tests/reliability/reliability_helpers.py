@@ -1,7 +1,6 @@
 """Shared pieces of the reliability tests: a tiny teacher and student on a prepared corpus, the ``distill``
 command line for them, and one finished, uninterrupted run that tests compare with or start from.
 
-(Plain functions, not a conftest.py: the test modules of ``tests/`` import the top-level conftest by name.)
 
 Teacher (hidden 64) and student (hidden 32) have 4 layers and the real SmolLM2 tokenizer (vocabulary 49152),
 so a training step takes a fraction of a second and a checkpoint shard is about 38 MB.

@@ -14,12 +14,7 @@ import pytest
 import torch.distributed as dist
 
 from conftest import destroy_state
-from reliability_helpers import distill_args, make_models
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return make_models(tmp_path_factory.mktemp("bad_inputs"))
+from .reliability_helpers import distill_args
 
 
 # ------------------------------------------------------------------------------------------ broken inputs
@@ -91,6 +86,12 @@ def a_file(path: Path) -> Path:
     return path
 
 
+def a_file_in(folder: Path, name: str) -> Path:
+    folder.mkdir()
+    a_file(folder / name)
+    return folder
+
+
 def student_meta(models: dict[str, Path], **changes) -> dict:
     from nemo_minitron.checkpoint.io import read_model_config
 
@@ -159,6 +160,8 @@ CASES = [
     Case("missing_student", distill(student="/nonexistent/student"), "model directory not found: /nonexistent/student"),
     Case("output_under_a_file", lambda m, tmp: distill_args(m, a_file(tmp / "out") / "run"),
          "is not a directory", output_exists_before=True),
+    Case("checkpoints_folder_is_a_file", lambda m, tmp: distill_args(m, a_file_in(tmp / "out", "checkpoints")),
+         "checkpoints exists and is not a directory", output_exists_before=True),
     # ---- data
     Case("empty_text", prepare(b"  \n\n"), "file is empty"),
     Case("binary_text", prepare(b"PK\x03\x04\x00\x00binary"), "binary file (NUL byte at byte offset 4)"),

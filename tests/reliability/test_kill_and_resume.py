@@ -21,21 +21,18 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
 
-from reliability_helpers import (
+from .reliability_helpers import (
     STEPS,
     checkpoint_dirs,
     cli_command,
     cli_env,
     distill_args,
-    finished_run,
     leftovers,
     load_shard,
-    make_models,
     metrics,
 )
 
@@ -194,11 +191,9 @@ def check_complete(output: Path, want: object) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """The uninterrupted reference run and the interrupted one, with what every interruption left."""
+def runs(models, reference, tmp_path_factory) -> dict:
+    """The interrupted run, with what every interruption left, next to the uninterrupted ``reference``."""
     root = tmp_path_factory.mktemp("kill_and_resume")
-    models = make_models(root / "models")
-    reference = finished_run(models, root / "reference")
     want = layout(load_shard(checkpoint_dirs(reference)[STEPS]))
 
     output = root / "interrupted"

@@ -13,15 +13,10 @@ import pytest
 import torch
 
 from conftest import destroy_state
-from reliability_helpers import distill_args, make_models
+from .reliability_helpers import distill_args
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nemo_minitron"
 ROOT = PACKAGE.parent
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    return make_models(tmp_path_factory.mktemp("untrusted"))
 
 
 def run_main(args: list[str]) -> int:
