@@ -133,10 +133,13 @@ def save(root: Path, step: int, payload: dict[str, Any], meta: dict[str, Any], k
 
 def _delete(step_dir: Path) -> None:
     """Delete a checkpoint directory so that a crash midway cannot leave a ``step_N`` with files missing:
-    renamed to a hidden name first (one atomic step), then removed."""
+    renamed to a hidden name first (one atomic step), then removed. A failure leaves it whole, as it was."""
     doomed = step_dir.with_name(f".{step_dir.name}.old")
     shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(step_dir, doomed)
+    try:
+        os.replace(step_dir, doomed)
+    except OSError:
+        return
     shutil.rmtree(doomed, ignore_errors=True)
 
 
