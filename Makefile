@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install setup run test test-all test-slurm clean-runs
+.PHONY: install setup run test test-all test-reliability test-slurm clean-runs
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ run: setup
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Kill and resume, bad inputs, untrusted files, non-finite steps, a full disk (also part of `make test`).
+test-reliability: $(STAMP)
+	$(BIN)/python -m pytest -q tests/reliability
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_minitron.config import StrictModel, load_config
-from nemo_minitron.errors import UserError
+from nemo_minitron.errors import UserError, storage_error
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,10 @@ def _on_rank(stage_name: str, cfg: StrictModel) -> tuple[str, Any]:
         return "ok", _stages()[stage_name].run(cfg)
     except UserError as exc:
         return "error", str(exc)
+    except OSError as exc:
+        if (error := storage_error(exc)) is None:
+            raise
+        return "error", str(error)
 
 
 def run_stage(stage_name: str, cfg: StrictModel) -> Any:
@@ -128,6 +132,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_stage(ns.stage, cfg)
     except UserError as exc:
         print(f"nemo-minitron {ns.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A full disk or an unwritable file system met while writing outside the stages' own checks.
+        if (error := storage_error(exc)) is None:
+            raise
+        print(f"nemo-minitron {ns.stage}: error: {error}", file=sys.stderr)
         return 2
     _print_result(result)
     return 0

@@ -18,9 +18,10 @@ from nemo_minitron.errors import UserError
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, and no float is
+    NaN or infinite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 C = TypeVar("C", bound=StrictModel)
@@ -33,6 +34,9 @@ def format_validation_error(err: ValidationError) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+        if loc.rsplit(".", 1)[-1] == "_target_":
+            # Hydra-style instantiation: no config here names code to run, so such a key is always a mistake.
+            msg += " (configs never name a class or function to instantiate)"
     more = len(err.errors()) - 1
     return f"{loc}: {msg}" + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
@@ -44,7 +48,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
             raise UserError(f"override '{item}' is not of the form key=value")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:  # YAML: e.g. a !!python tag, which safe loading refuses
         raise UserError(f"bad override: {str(exc).splitlines()[0]}") from None
 
 

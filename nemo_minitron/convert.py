@@ -8,9 +8,11 @@ from typing import Literal
 from pydantic import Field
 
 from nemo_minitron.checkpoint.hf import check_exportable
+from nemo_minitron.checkpoint.integrity import check_model
 from nemo_minitron.checkpoint.io import export_hf, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import StrictModel
 from nemo_minitron.eval import DTYPES
+from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.sharding import check_divisible
@@ -30,6 +32,8 @@ def validate(cfg: ConvertConfig) -> ModelConfig:
     """Checks that need no compute: the source exists and splits into the requested TP/PP."""
     model_cfg = read_model_config(resolve_model_dir(cfg.source))
     check_divisible(model_cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    check_can_create(cfg.output, "output", directory=True)
+    check_model(cfg.source)
     return model_cfg
 
 

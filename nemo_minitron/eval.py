@@ -125,7 +125,9 @@ def _hf_loss_sums(cfg: EvalConfig, model, windows: list[torch.Tensor]) -> tuple[
 
 def validate(cfg: EvalConfig) -> None:
     """Checks that need no compute: model and data exist, the model splits into the requested TP/PP."""
+    from nemo_minitron.checkpoint.integrity import check_model
     from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
+    from nemo_minitron.fsutil import check_can_create
     from nemo_minitron.parallel.sharding import check_divisible
 
     model_cfg = read_model_config(resolve_model_dir(cfg.model))
@@ -135,6 +137,9 @@ def validate(cfg: EvalConfig) -> None:
         raise UserError(f"eval data not found: {data}")
     if data.is_dir() and not (data / META_FILE).is_file():
         raise UserError(f"{data}: not a prepared dataset (no {META_FILE}); run prepare-data first")
+    if cfg.output is not None:
+        check_can_create(cfg.output, "output", directory=False)
+    check_model(cfg.model)
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:

@@ -1,4 +1,4 @@
-"""Atomic output directories: a result is either complete or absent, never half-written."""
+"""Atomic outputs: a result is either complete or absent, never half-written."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from nemo_minitron.errors import UserError
 
 
 @contextlib.contextmanager
@@ -33,3 +35,38 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(target: Path) -> None:
+    """Remove what a process killed inside :func:`atomic_directory` for ``target`` left beside it."""
+    target = Path(target)
+    if target.parent.is_dir():
+        for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+            for stale in target.parent.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a crash leaves the old content or the new, never a part."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.part")
+    with open(part, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def check_can_create(path: str | Path, key: str, directory: bool) -> None:
+    """One-line error, before any work, when the output ``path`` (a ``directory`` or a file) cannot be
+    written: it exists as the other kind, something on its way is a file, or that folder is not writable."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and path.is_dir() != directory:
+        raise UserError(f"{key}: {path} exists and is {'not ' if directory else ''}a directory")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{key}: cannot create {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{key}: cannot create {path}: {folder} is not writable")

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
+from safetensors import SafetensorError
 
 from nemo_minitron import embedded
 from nemo_minitron.checkpoint.hf import (
@@ -93,6 +94,8 @@ def _write(out_dir: Path, overwrite: bool, fill: Callable[[Path], None]) -> None
             error = f"output directory already exists: {out_dir} (set overwrite=true to replace it)"
         except OSError as exc:
             error = f"cannot write {out_dir}: {exc.strerror or exc}"
+        except SafetensorError as exc:  # safetensors reports a failed write (a full disk) as its own type
+            error = f"cannot write {out_dir}: {exc}"
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)

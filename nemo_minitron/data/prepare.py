@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from nemo_minitron.config import StrictModel
 from nemo_minitron.embedded import resolve_path
 from nemo_minitron.errors import UserError
-from nemo_minitron.fsutil import atomic_directory
+from nemo_minitron.fsutil import atomic_directory, check_can_create
 
 SUFFIXES = (".txt", ".md", ".jsonl")
 SPLITS = ("train", "valid")
@@ -197,6 +197,7 @@ def prepare_data(cfg: PrepareDataConfig) -> PreparedData:
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and (done := _existing(out, cfg)) is not None:
         return done
+    check_can_create(out, "output_dir", directory=True)
     files = list_input_files(cfg.input)
     names = [name for name, _ in _iter_documents(files, cfg.jsonl_text_key)]  # validation pass, nothing kept
     if len(names) < 2:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
+from nemo_minitron.fsutil import atomic_write_text
+
 if TYPE_CHECKING:
     from nemo_minitron.distill.trainer import LogConfig
 
@@ -36,7 +38,8 @@ class RunLogger:
                 except json.JSONDecodeError:  # a line cut short by a crash mid-write
                     continue
             kept = [line for line, r in records if r["step"] < start_step or (r["step"] == start_step and "loss" in r)]
-            path.write_text("".join(line + "\n" for line in kept))
+            # In one step: a run killed now must not lose the records it keeps.
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

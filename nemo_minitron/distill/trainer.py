@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
 
+from nemo_minitron.checkpoint.integrity import check_model
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data import SequenceSampler, TokenDataset, eval_windows
@@ -40,6 +41,8 @@ from nemo_minitron.distill.optim import MixedPrecisionAdamW
 from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_weight, pipeline_shapes
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval import DTYPES
+from nemo_minitron.fsutil import atomic_write_text, check_can_create, remove_leftovers
+from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import grads, state
 from nemo_minitron.parallel.schedule import forward_backward
 from nemo_minitron.parallel.sharding import check_divisible
@@ -160,9 +163,22 @@ class DistillResult:
     stopped_early: bool
 
 
+def run_meta(student: ModelConfig, train: TrainConfig, tp: int, pp: int) -> dict:
+    """What a checkpoint shares with the run that resumes it: parallel layout, architecture, batch shape."""
+    return {
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "student": student.model_dump(),
+        "global_batch_size": train.global_batch_size,
+        "seq_length": train.seq_length,
+    }
+
+
 def validate(cfg: DistillConfig) -> None:
     """Every check that needs no compute."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    for path in (cfg.output, Path(cfg.output) / "checkpoints", Path(cfg.output) / "final"):
+        check_can_create(path, "output", directory=True)
     student = read_model_config(resolve_model_dir(cfg.student))
     check_divisible(student, tp, pp)
     if cfg.mode == "kd":
@@ -199,6 +215,15 @@ def validate(cfg: DistillConfig) -> None:
         if tokens is not None and tokens < cfg.train.seq_length + 1:
             raise UserError(f"data: the {split} split of {data} has {tokens} tokens, fewer than one sequence of "
                             f"train.seq_length + 1 = {cfg.train.seq_length + 1}")
+    checkpointing.check_resumable(Path(cfg.output) / "checkpoints", run_meta(student, cfg.train, tp, pp),
+                                  cfg.checkpoint.resume)
+    # Last, as the slowest: every weight file is complete and has the shapes of its config.
+    check_model(cfg.student)
+    if cfg.mode == "kd":
+        try:
+            check_model(cfg.teacher)
+        except UserError as exc:
+            raise UserError(f"teacher: {exc}") from None
 
 
 class _Intermediate:
@@ -448,13 +473,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _meta(self) -> dict:
-        return {
-            "tensor_model_parallel_size": state.tp_size(),
-            "pipeline_model_parallel_size": state.pp_size(),
-            "student": self.student.cfg.model_dump(),
-            "global_batch_size": self.train_cfg.global_batch_size,
-            "seq_length": self.train_cfg.seq_length,
-        }
+        return run_meta(self.student.cfg, self.train_cfg, state.tp_size(), state.pp_size())
 
     def _payload(self) -> dict:
         from megatron.core.tensor_parallel import random as mrandom
@@ -501,12 +520,11 @@ class Trainer:
     def run(self) -> DistillResult:
         from nemo_minitron.distill.logging import RunLogger
 
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            checkpointing.remove_partial(self.output / "checkpoints")  # left by a run killed while saving
+        checkpointing.check_resumable(self.output / "checkpoints", self._meta(), self.ckpt_cfg.resume)
         if self.ckpt_cfg.resume:
             self.resume()
-        elif checkpointing.step_dirs(self.output / "checkpoints"):
-            # Training from scratch among another run's checkpoints would mix the two (keep_last deletes by step).
-            raise UserError(f"{self.output / 'checkpoints'} holds checkpoints of an earlier run and checkpoint.resume "
-                            "is false: remove them or choose another output")
         logger = RunLogger(self.output, self.log_cfg, self.total_steps, start_step=self.step)
         tokens_per_step = self.train_cfg.global_batch_size * self.train_cfg.seq_length
         batches = self.sampler.batches(start_sample=self.step * self.train_cfg.global_batch_size)
@@ -522,8 +540,10 @@ class Trainer:
                 if self.eval_cfg.every_steps and self.step % self.eval_cfg.every_steps == 0 and self.step < self.total_steps:
                     metrics["eval_loss"], metrics["eval_ppl"] = self.evaluate()
                 logger.log(self.step, metrics)
-                # The last step too: running a finished run again then resumes there and trains nothing.
-                if self.step % self.ckpt_cfg.every_steps == 0 or self.step == self.total_steps:
+                # Not amid non-finite steps: the newest checkpoints stay the last good ones. The last step
+                # always: running a finished run again then resumes there and trains nothing.
+                periodic = self.step % self.ckpt_cfg.every_steps == 0 and self.skipped_in_a_row == 0
+                if periodic or self.step == self.total_steps:
                     self.save()
             stopped_early = self.step < self.total_steps
             if stopped_early:
@@ -581,9 +601,12 @@ def run_distill(cfg: DistillConfig) -> dict:
     teacher = load_model(cfg.teacher, dtype=DTYPES[cfg.train.teacher_dtype]) if cfg.mode == "kd" else None
     result = distill(student, teacher, cfg.data, cfg.output, cfg.train, cfg.optim, cfg.loss, cfg.checkpoint,
                      cfg.eval, cfg.log)
+    final = Path(cfg.output) / "final"
     if not result.stopped_early:
-        save_checkpoint(student, Path(cfg.output) / "final", overwrite=True)
-    summary = {**result.__dict__, "final": str(Path(cfg.output) / "final")}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            remove_leftovers(final)  # of an earlier run killed while saving it
+        save_checkpoint(student, final, overwrite=True)
+    summary = {**result.__dict__, "final": str(final)}
     if not dist.is_initialized() or dist.get_rank() == 0:
-        (Path(cfg.output) / "result.json").write_text(json.dumps({**summary, "config": cfg.model_dump()}, indent=2))
+        atomic_write_text(Path(cfg.output) / "result.json", json.dumps({**summary, "config": cfg.model_dump()}, indent=2))
     return summary

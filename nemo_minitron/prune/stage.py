@@ -17,12 +17,14 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from nemo_minitron.checkpoint.integrity import check_model
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data import SequenceSampler, TokenDataset
 from nemo_minitron.data.prepare import META_FILE
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval import DTYPES
+from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.models.builder import build_model
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
@@ -135,9 +137,11 @@ def validate(cfg: PruneConfig) -> None:
         raise UserError(f"target: {exc}") from None
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
+    check_can_create(cfg.output, "output", directory=True)
     data = Path(cfg.calibration.data)
     if not (data / META_FILE).is_file():
         raise UserError(f"calibration.data: {data} is not a prepared dataset (run prepare-data first)")
+    check_model(cfg.model)
 
 
 def calibration_batches(cal: CalibrationConfig) -> list[torch.Tensor]:
