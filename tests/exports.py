@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from nemo_minitron import embedded
+from nemo_minitron.checkpoint import io
 from nemo_minitron.cli import run_stage
 from nemo_minitron.config import build_config
 from nemo_minitron.convert import ExportConfig
+from nemo_minitron.parallel import state
 from tiny import write_tiny_hf
 
 TEACHER_VOCAB = 49152
@@ -27,8 +29,20 @@ GGUF_MODELS = {
 }
 
 
-def write_gguf_models(root: Path) -> dict[str, Path]:
-    return {name: write_tiny_hf(root / name, with_tokenizer=True, **kw) for name, kw in GGUF_MODELS.items()}
+def write_gguf_checkpoints(root: Path) -> dict[str, Path]:
+    """The GGUF_MODELS as nemo_minitron checkpoints under ``root`` (initializes and tears down megatron)."""
+    from conftest import destroy_state
+
+    out = {}
+    state.initialize(state.ParallelConfig())
+    try:
+        for name, kw in GGUF_MODELS.items():
+            hf_dir = write_tiny_hf(root / "hf" / name, with_tokenizer=True, **kw)
+            out[name] = root / "ckpt" / name
+            io.save_checkpoint(io.load_model(str(hf_dir)), out[name])
+    finally:
+        destroy_state()
+    return out
 
 
 def run_export(source: Path | str, output: Path, fmt: str, dtype: str, **extra: str) -> Path:
@@ -58,3 +72,11 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def hf_window_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """transformers logits [L, V] of one window ``ids`` [L]."""
     return model(ids.unsqueeze(0)).logits[0].float()
+
+
+@torch.no_grad()
+def megatron_window_logits(source: Path | str | io.LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    """Our model's logits [L, V] (true vocabulary) for one window ``ids`` [L] (needs megatron initialized)."""
+    loaded = source if isinstance(source, io.LoadedModel) else io.load_model(str(source))
+    positions = torch.arange(ids.numel()).unsqueeze(0)
+    return loaded.model(ids.unsqueeze(0), positions, None)[0, :, : loaded.cfg.vocab_size].float()

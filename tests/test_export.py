@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from exports import TEACHER_VOCAB, held_out_ids, hf_window_logits, perplexity, run_export, write_gguf_models
+from exports import TEACHER_VOCAB, held_out_ids, hf_window_logits, megatron_window_logits, perplexity, run_export
 from nemo_minitron import embedded
 from nemo_minitron.checkpoint import io
 from nemo_minitron.checkpoint.gguf_export import llama3_rope_factors, tensor_type, to_rotary_layout
 from nemo_minitron.cli import main
 from nemo_minitron.models.config import ModelConfig
-from nemo_minitron.parallel import state
 
 Q = gguf.GGMLQuantizationType
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,31 +28,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # the relative rounding of the storage type (fp16 keeps 11 significant bits, bf16 8) with margin for its
 # growth over the layers.
 SOURCE_TOL = {"float32": 0.0, "float16": 2e-2, "bfloat16": 1.5e-1}
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """The tiny GGUF test models (tests/exports.py) as nemo_minitron checkpoints."""
-    root = tmp_path_factory.mktemp("gguf_models")
-    out = {}
-    state.initialize(state.ParallelConfig())
-    try:
-        for name, hf_dir in write_gguf_models(root / "hf").items():
-            out[name] = root / "ckpt" / name
-            io.save_checkpoint(io.load_model(str(hf_dir)), out[name])
-    finally:
-        from conftest import destroy_state
-
-        destroy_state()
-    return out
-
-
-@torch.no_grad()
-def megatron_window_logits(source: Path | io.LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    """Our model's logits [L, V] (true vocabulary) for one window ``ids`` [L] (needs megatron initialized)."""
-    loaded = source if isinstance(source, io.LoadedModel) else io.load_model(str(source))
-    positions = torch.arange(ids.numel()).unsqueeze(0)
-    return loaded.model(ids.unsqueeze(0), positions, None)[0, :, : loaded.cfg.vocab_size].float()
 
 
 def gguf_model(path: Path):
@@ -119,13 +93,13 @@ def test_tensor_types_per_dtype() -> None:
     "name, dtype",
     [("untied", "float32"), ("untied", "float16"), ("tied_padded", "float16"), ("tied_padded", "bfloat16")],
 )
-def test_gguf_logits_match_the_source(checkpoints, destroy_after, tmp_path, name, dtype) -> None:
+def test_gguf_logits_match_the_source(gguf_checkpoints, destroy_after, tmp_path, name, dtype) -> None:
     """Exact up to the storage type: the GGUF model equals our model with its matrices rounded to ``dtype``
     (norms stay fp32 in both), and stays close to the fp32 source."""
-    out = run_export(checkpoints[name], tmp_path / f"{name}.gguf", "gguf", dtype)
+    out = run_export(gguf_checkpoints[name], tmp_path / f"{name}.gguf", "gguf", dtype)
     ids = held_out_ids(96)
     theirs = hf_window_logits(gguf_model(out), ids)
-    loaded = io.load_model(str(checkpoints[name]))
+    loaded = io.load_model(str(gguf_checkpoints[name]))
     source = megatron_window_logits(loaded, ids)
     with torch.no_grad():
         for p in loaded.model.parameters():
@@ -143,24 +117,24 @@ def test_gguf_logits_match_the_source(checkpoints, destroy_after, tmp_path, name
     assert scale > 1.0
 
 
-def test_gguf_q8_0_perplexity_within_2_percent(checkpoints, destroy_after, tmp_path) -> None:
-    out = run_export(checkpoints["untied"], tmp_path / "q8.gguf", "gguf", "q8_0")
+def test_gguf_q8_0_perplexity_within_2_percent(gguf_checkpoints, destroy_after, tmp_path) -> None:
+    out = run_export(gguf_checkpoints["untied"], tmp_path / "q8.gguf", "gguf", "q8_0")
     ids = held_out_ids(256)
-    source_ppl = perplexity(megatron_window_logits(checkpoints["untied"], ids), ids)
+    source_ppl = perplexity(megatron_window_logits(gguf_checkpoints["untied"], ids), ids)
     q8_logits = hf_window_logits(gguf_model(out), ids)
     q8_ppl = perplexity(q8_logits, ids)
     assert abs(q8_ppl / source_ppl - 1) <= 0.02, f"Q8_0 ppl {q8_ppl:.2f} vs source {source_ppl:.2f}"
     # Quantized for real: the logits moved.
-    assert (q8_logits - megatron_window_logits(checkpoints["untied"], ids)).abs().max() > 1e-4
+    assert (q8_logits - megatron_window_logits(gguf_checkpoints["untied"], ids)).abs().max() > 1e-4
 
 
-def test_gguf_metadata_and_tokenizer(checkpoints, destroy_after, tmp_path) -> None:
+def test_gguf_metadata_and_tokenizer(gguf_checkpoints, destroy_after, tmp_path) -> None:
     from transformers import AutoTokenizer
 
-    out = run_export(checkpoints["tied_padded"], tmp_path / "m.gguf", "gguf", "q8_0")
+    out = run_export(gguf_checkpoints["tied_padded"], tmp_path / "m.gguf", "gguf", "q8_0")
     reader = gguf.GGUFReader(out)
     field = lambda key: reader.fields[key].contents()  # noqa: E731
-    cfg = io.read_model_config(checkpoints["tied_padded"])
+    cfg = io.read_model_config(gguf_checkpoints["tied_padded"])
     assert field("general.architecture") == "llama"
     assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
     expected = {
@@ -207,25 +181,25 @@ def test_gguf_metadata_and_tokenizer(checkpoints, destroy_after, tmp_path) -> No
     assert gguf_tok(text)["input_ids"] == hf_tok(text)["input_ids"]
 
 
-def test_untied_gguf_has_output_and_rope_model_has_rope_freqs(checkpoints, destroy_after, tmp_path) -> None:
-    untied = gguf.GGUFReader(run_export(checkpoints["untied"], tmp_path / "u.gguf", "gguf", "float32"))
+def test_untied_gguf_has_output_and_rope_model_has_rope_freqs(gguf_checkpoints, destroy_after, tmp_path) -> None:
+    untied = gguf.GGUFReader(run_export(gguf_checkpoints["untied"], tmp_path / "u.gguf", "gguf", "float32"))
     assert "output.weight" in {t.name for t in untied.tensors}
-    rope_file = run_export(checkpoints["rope"], tmp_path / "r.gguf", "gguf", "float32")
+    rope_file = run_export(gguf_checkpoints["rope"], tmp_path / "r.gguf", "gguf", "float32")
     rope = {t.name: t for t in gguf.GGUFReader(rope_file).tensors}
-    cfg = io.read_model_config(checkpoints["rope"])
+    cfg = io.read_model_config(gguf_checkpoints["rope"])
     np.testing.assert_array_equal(rope["rope_freqs.weight"].data, llama3_rope_factors(cfg).numpy())
 
 
 # ------------------------------------------------------------------------------------------ HF export
 
 
-def test_hf_export_stage_reloads_with_the_same_logits(checkpoints, destroy_after, tmp_path) -> None:
+def test_hf_export_stage_reloads_with_the_same_logits(gguf_checkpoints, destroy_after, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    out = run_export(checkpoints["untied"], tmp_path / "hf", "hf", "float32")
+    out = run_export(gguf_checkpoints["untied"], tmp_path / "hf", "hf", "float32")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = held_out_ids(64)
-    diff = (hf_window_logits(model, ids) - megatron_window_logits(checkpoints["untied"], ids)).abs().max().item()
+    diff = (hf_window_logits(model, ids) - megatron_window_logits(gguf_checkpoints["untied"], ids)).abs().max().item()
     assert diff <= 1e-4
     assert (out / "tokenizer.json").is_file()
 
@@ -233,8 +207,8 @@ def test_hf_export_stage_reloads_with_the_same_logits(checkpoints, destroy_after
 # ---------------------------------------------------------------------------------------- user errors
 
 
-def test_export_configs_are_checked_before_any_work(checkpoints, tmp_path, capsys) -> None:
-    ckpt = checkpoints["untied"]
+def test_export_configs_are_checked_before_any_work(gguf_checkpoints, tmp_path, capsys) -> None:
+    ckpt = gguf_checkpoints["untied"]
     existing = tmp_path / "there.gguf"
     existing.write_bytes(b"keep me")
     no_tokenizer = tmp_path / "no_tok"
@@ -260,14 +234,14 @@ def test_export_configs_are_checked_before_any_work(checkpoints, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_tok", "there.gguf"]
 
 
-def test_unsupported_tokenizers_are_one_line_errors(checkpoints, tmp_path, capsys) -> None:
+def test_unsupported_tokenizers_are_one_line_errors(gguf_checkpoints, tmp_path, capsys) -> None:
     """A pre-tokenizer llama.cpp cannot reproduce is refused rather than exported with a wrong split."""
     src = tmp_path / "ckpt"
     src.mkdir()
-    for f in checkpoints["untied"].iterdir():
+    for f in gguf_checkpoints["untied"].iterdir():
         if f.name != "tokenizer.json":
             (src / f.name).symlink_to(f)
-    data = json.loads((checkpoints["untied"] / "tokenizer.json").read_text())
+    data = json.loads((gguf_checkpoints["untied"] / "tokenizer.json").read_text())
     data["pre_tokenizer"] = {"type": "Whitespace"}
     (src / "tokenizer.json").write_text(json.dumps(data))
     assert main(["export", f"source={src}", "format=gguf", f"output={tmp_path / 'x.gguf'}"]) == 2
