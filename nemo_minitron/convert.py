@@ -87,7 +87,8 @@ def validate_export_any(cfg: ExportConfig) -> None:
     out = Path(cfg.output)
     if cfg.format == "hf":
         if cfg.weight_dtype not in _HF_DTYPES:
-            raise UserError(f"dtype: {cfg.weight_dtype} is a GGUF type (use format=gguf, or one of {', '.join(_HF_DTYPES)})")
+            choices = ", ".join(_HF_DTYPES)
+            raise UserError(f"dtype: {cfg.weight_dtype} is a GGUF type (use format=gguf, or one of {choices})")
         check_exportable(model_cfg)
     else:
         if out.suffix != ".gguf":

@@ -80,7 +80,8 @@ def test_llama3_rope_factors_match_transformers() -> None:
 
 def test_tensor_types_per_dtype() -> None:
     matrix, odd, norm = torch.zeros(8, 64), torch.zeros(8, 450), torch.zeros(64)
-    assert [tensor_type(matrix, d) for d in ("float32", "float16", "bfloat16", "q8_0")] == [Q.F32, Q.F16, Q.BF16, Q.Q8_0]
+    types = [tensor_type(matrix, d) for d in ("float32", "float16", "bfloat16", "q8_0")]
+    assert types == [Q.F32, Q.F16, Q.BF16, Q.Q8_0]
     assert tensor_type(norm, "q8_0") == Q.F32 and tensor_type(norm, "float16") == Q.F32
     # Q8_0 blocks are 32 values of a row: a 450-long row cannot be cut into them.
     assert tensor_type(odd, "q8_0") == Q.F16 and tensor_type(odd, "bfloat16") == Q.BF16
@@ -219,7 +220,8 @@ def test_export_configs_are_checked_before_any_work(gguf_checkpoints, tmp_path, 
     cases = [
         ([f"source={ckpt}", "format=onnx", f"output={tmp_path / 'a'}"], "format: Input should be 'hf' or 'gguf'"),
         ([f"source={ckpt}", f"output={tmp_path / 'a.gguf'}"], "format: Field required"),
-        ([f"source={tmp_path / 'missing'}", "format=gguf", f"output={tmp_path / 'a.gguf'}"], "model directory not found"),
+        ([f"source={tmp_path / 'missing'}", "format=gguf", f"output={tmp_path / 'a.gguf'}"],
+         "model directory not found"),
         ([f"source={ckpt}", "format=gguf", "dtype=int4", f"output={tmp_path / 'a.gguf'}"], "dtype: Input should be"),
         ([f"source={ckpt}", "format=hf", "dtype=q8_0", f"output={tmp_path / 'a'}"], "dtype: q8_0 is a GGUF type"),
         ([f"source={ckpt}", "format=gguf", f"output={tmp_path / 'a.bin'}"], "named *.gguf"),

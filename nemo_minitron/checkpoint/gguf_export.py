@@ -40,7 +40,8 @@ GGUF_DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
 
 # The Split regex of Llama-3's tokenizer.json; llama.cpp implements it as pre-tokenizer "llama-bpe".
 LLAMA3_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
@@ -91,11 +92,13 @@ def read_tokenizer(tokenizer_dir: Path, vocab_size: int) -> GGUFTokenizer:
     except (OSError, ValueError) as exc:
         raise UserError(f"{file}: cannot read ({exc})") from None
     model = data.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (data.get("decoder") or {}).get("type") != "ByteLevel":
+    byte_level = (data.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
         raise UserError(f"{file}: GGUF export supports byte-level BPE tokenizers only (GPT-2 / Llama-3 style)")
     pre = _pre_tokenizer_name(data.get("pre_tokenizer"))
     if pre is None:
-        raise UserError(f"{file}: pre-tokenizer {json.dumps(data.get('pre_tokenizer'))[:120]} has no llama.cpp equivalent")
+        described = json.dumps(data.get("pre_tokenizer"))[:120]
+        raise UserError(f"{file}: pre-tokenizer {described} has no llama.cpp equivalent")
 
     id_to_token: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = {i: gguf.TokenType.NORMAL for i in id_to_token}
