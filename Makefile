@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install setup run test test-all test-reliability test-slurm clean-runs
+.PHONY: install setup run test test-all test-reliability test-slurm install-llama-cpp test-gguf clean-runs
 
 install: $(STAMP)
 
@@ -43,6 +43,24 @@ test-slurm: $(STAMP)
 	command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge; }
 	NEMO_MINITRON_REQUIRE_SLURM=1 $(BIN)/python -m pytest -q tests/test_launch.py -k real_slurm
+
+# llama.cpp reads the `export format=gguf` files in tests/test_llamacpp.py and benchmarks/generation.py.
+# llama-cpp-python compiles it from source (cmake + gcc, CPU only, no server, tools or multimodal library):
+# 26 minutes measured on 2 busy cores with the multimodal library, which is off now; pip caches the built
+# wheel, so later installs take seconds.
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
+LLAMA_CPP_CMAKE := -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+install-llama-cpp: $(LLAMA_CPP_STAMP)
+
+$(LLAMA_CPP_STAMP): $(STAMP) requirements/llamacpp.txt
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install -c requirements/constraints.txt -r requirements/llamacpp.txt
+	touch $(LLAMA_CPP_STAMP)
+
+test-gguf: $(LLAMA_CPP_STAMP)
+	$(BIN)/python -m pytest -q -m llamacpp tests
 
 clean-runs:
 	rm -rf runs

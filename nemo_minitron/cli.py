@@ -43,6 +43,7 @@ def _stages() -> dict[str, Stage]:
         "prepare-data": Stage(PrepareDataConfig, prepare_data, "tokenize text into train/valid indexed datasets"),
         "import-hf": Stage(convert.ConvertConfig, convert.import_hf, "HF model -> nemo_minitron checkpoint", convert.validate),
         "export-hf": Stage(convert.ConvertConfig, convert.export_hf_dir, "checkpoint -> HF directory", convert.validate_export),
+        "export": Stage(convert.ExportConfig, convert.export, "checkpoint -> HF directory or GGUF file", convert.validate_export_any),
         "eval": Stage(evaluation.EvalConfig, evaluation.evaluate, "held-out loss and perplexity", evaluation.validate),
         "prune": Stage(prune.PruneConfig, prune.run_prune, "importance + width/depth pruning", prune.stage.validate),
         "distill": Stage(trainer.DistillConfig, trainer.run_distill, "knowledge distillation (or CE training)", trainer.validate),

@@ -1,16 +1,27 @@
-"""The ``import-hf`` and ``export-hf`` stages: Hugging Face directories <-> nemo_minitron checkpoints."""
+"""The ``import-hf``, ``export-hf`` and ``export`` stages: Hugging Face directories and GGUF files <->
+nemo_minitron checkpoints."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
+import torch
 from pydantic import Field
 
+from nemo_minitron.checkpoint.gguf_export import read_tokenizer
 from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.integrity import check_model
-from nemo_minitron.checkpoint.io import export_hf, load_model, read_model_config, resolve_model_dir, save_checkpoint
+from nemo_minitron.checkpoint.io import (
+    export_gguf,
+    export_hf,
+    load_model,
+    read_model_config,
+    resolve_model_dir,
+    save_checkpoint,
+)
 from nemo_minitron.config import StrictModel
+from nemo_minitron.errors import UserError
 from nemo_minitron.eval import DTYPES
 from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.models.config import ModelConfig
@@ -28,11 +39,12 @@ class ConvertConfig(StrictModel):
     parallel: state.ParallelConfig = state.ParallelConfig()
 
 
-def validate(cfg: ConvertConfig) -> ModelConfig:
-    """Checks that need no compute: the source exists and splits into the requested TP/PP."""
+def validate(cfg: ConvertConfig, output_is_directory: bool = True) -> ModelConfig:
+    """Checks that need no compute: the source exists, is intact and splits into the requested TP/PP, and the
+    output can be created."""
     model_cfg = read_model_config(resolve_model_dir(cfg.source))
     check_divisible(model_cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
-    check_can_create(cfg.output, "output", directory=True)
+    check_can_create(cfg.output, "output", directory=output_is_directory)
     check_model(cfg.source)
     return model_cfg
 
@@ -54,4 +66,51 @@ def export_hf_dir(cfg: ConvertConfig) -> Path:
     state.initialize(cfg.parallel)
     loaded = load_model(cfg.source, dtype=DTYPES[cfg.dtype])
     export_hf(loaded, Path(cfg.output), cfg.overwrite, dtype=DTYPES[cfg.dtype])
+    return Path(cfg.output)
+
+
+class ExportConfig(ConvertConfig):
+    """Export ``source`` (a checkpoint, or any supported model) for deployment: an HF directory or a GGUF file."""
+
+    format: Literal["hf", "gguf"]
+    dtype: Optional[Literal["float32", "float16", "bfloat16", "q8_0"]] = Field(
+        None, description="weights' type; default float32 for hf, float16 for gguf (q8_0: gguf only)"
+    )
+
+    @property
+    def weight_dtype(self) -> str:
+        return self.dtype or {"hf": "float32", "gguf": "float16"}[self.format]
+
+
+_HF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def validate_export_any(cfg: ExportConfig) -> None:
+    """Every check of ``export`` that needs no compute: source, parallel split, format x dtype, output
+    path, and what the target format needs (a transformers-loadable shape, a llama.cpp tokenizer)."""
+    model_cfg = validate(cfg, output_is_directory=cfg.format == "hf")
+    out = Path(cfg.output)
+    if cfg.format == "hf":
+        if cfg.weight_dtype not in _HF_DTYPES:
+            choices = ", ".join(_HF_DTYPES)
+            raise UserError(f"dtype: {cfg.weight_dtype} is a GGUF type (use format=gguf, or one of {choices})")
+        check_exportable(model_cfg)
+    else:
+        if out.suffix != ".gguf":
+            raise UserError(f"output: a GGUF export is one file named *.gguf, got {cfg.output}")
+        if out.is_dir():
+            raise UserError(f"output: {cfg.output} is a directory")
+        read_tokenizer(resolve_model_dir(cfg.source), model_cfg.vocab_size)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"output already exists: {cfg.output} (set overwrite=true to replace it)")
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Load ``source`` in fp32 and write it in ``format`` with weights of ``dtype``."""
+    state.initialize(cfg.parallel)
+    loaded = load_model(cfg.source)
+    if cfg.format == "hf":
+        export_hf(loaded, Path(cfg.output), cfg.overwrite, dtype=_HF_DTYPES[cfg.weight_dtype])
+    else:
+        export_gguf(loaded, Path(cfg.output), cfg.overwrite, dtype=cfg.weight_dtype)
     return Path(cfg.output)

@@ -70,3 +70,24 @@ def check_can_create(path: str | Path, key: str, directory: bool) -> None:
         raise UserError(f"{key}: cannot create {path}: {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{key}: cannot create {path}: {folder} is not writable")
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path of the file ``target`` to write; on success it is renamed to ``target``.
+
+    On any exception the temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ TINY_MODELS = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs longer than a minute (make test-all)")
+    config.addinivalue_line("markers", "llamacpp: reads exports with llama.cpp (make test-gguf)")
 
 
 def clean_dist_env() -> None:
@@ -57,6 +58,14 @@ def tiny_hf_dirs(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny_hf")
     return {name: write_tiny_hf(root / name, **kw) for name, kw in TINY_MODELS.items()}
+
+
+@pytest.fixture(scope="session")
+def gguf_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints with the teacher's tokenizer for the GGUF export tests, by tests/exports.py's names."""
+    from exports import write_gguf_checkpoints
+
+    return write_gguf_checkpoints(tmp_path_factory.mktemp("gguf_models"))
 
 
 @pytest.fixture()

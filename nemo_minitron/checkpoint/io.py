@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,8 +27,9 @@ from nemo_minitron.checkpoint.hf import (
     is_hf_dir,
     read_hf_config,
 )
+from nemo_minitron.checkpoint.gguf_export import read_tokenizer, write_gguf
 from nemo_minitron.errors import UserError
-from nemo_minitron.fsutil import atomic_directory
+from nemo_minitron.fsutil import atomic_directory, atomic_file
 from nemo_minitron.models.builder import build_model
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
@@ -83,19 +84,26 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bo
     return LoadedModel(cfg=cfg, model=model, tokenizer_dir=path)
 
 
-def _write(out_dir: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
-    """Rank 0 writes ``out_dir`` atomically; every rank waits for it and sees the same outcome."""
+def _write(
+    out: Path,
+    overwrite: bool,
+    fill: Callable[[Path], None],
+    atomic: Callable[[Path, bool], ContextManager[Path]] = atomic_directory,
+    what: str = "output directory",
+) -> None:
+    """Rank 0 writes ``out`` (a directory, or a file with ``atomic=atomic_file``) atomically; every rank
+    waits for it and sees the same outcome."""
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            with atomic(out, overwrite) as tmp:
                 fill(tmp)
         except FileExistsError:
-            error = f"output directory already exists: {out_dir} (set overwrite=true to replace it)"
+            error = f"{what} already exists: {out} (set overwrite=true to replace it)"
         except OSError as exc:
-            error = f"cannot write {out_dir}: {exc.strerror or exc}"
+            error = f"cannot write {out}: {exc.strerror or exc}"
         except SafetensorError as exc:  # safetensors reports a failed write (a full disk) as its own type
-            error = f"cannot write {out_dir}: {exc}"
+            error = f"cannot write {out}: {exc}"
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
@@ -137,3 +145,15 @@ def export_hf(loaded: LoadedModel, out_dir: Path, overwrite: bool = False, dtype
         copy_tokenizer_files(loaded.tokenizer_dir, tmp)
 
     _write(Path(out_dir), overwrite, fill)
+
+
+def export_gguf(loaded: LoadedModel, out_file: Path, overwrite: bool = False, dtype: str = "float16") -> None:
+    """Write one GGUF file for llama.cpp (``dtype``: a key of ``gguf_export.GGUF_DTYPES``)."""
+    tokenizer = read_tokenizer(loaded.tokenizer_dir, loaded.cfg.vocab_size)
+    canonical = gather_canonical(loaded.model, loaded.cfg)
+    out_file = Path(out_file)
+
+    def fill(tmp: Path) -> None:
+        write_gguf(canonical, loaded.cfg, tokenizer, tmp, dtype, name=out_file.name.removesuffix(".gguf"))
+
+    _write(out_file, overwrite, fill, atomic=atomic_file, what="output file")
