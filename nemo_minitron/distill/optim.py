@@ -29,13 +29,12 @@ class MixedPrecisionAdamW:
         param.grad = None
 
     def zero_grad(self) -> None:
+        torch._foreach_zero_([p.main_grad for p in self.params])
         for p in self.params:
-            p.main_grad.zero_()
             p.grad = None
 
     def scale_grads(self, factor: float) -> None:
-        for p in self.params:
-            p.main_grad.mul_(factor)
+        torch._foreach_mul_([p.main_grad for p in self.params], factor)
 
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -43,11 +42,12 @@ class MixedPrecisionAdamW:
         for p, master in zip(self.params, self.masters):
             master.grad = p.main_grad
         self.optimizer.step()
+        low_precision = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
         with torch.no_grad():
-            for p, master in zip(self.params, self.masters):
-                if master is not p:
-                    p.copy_(master)
-                master.grad = None
+            if low_precision:
+                torch._foreach_copy_([p for p, _ in low_precision], [m for _, m in low_precision])
+        for master in self.masters:
+            master.grad = None
 
     def state_dict(self) -> dict:
         return {

@@ -49,12 +49,12 @@ def grad_norm(model, params: list[torch.nn.Parameter]) -> torch.Tensor:
     if state.pp_size() > 1 and model.share_embeddings_and_output_weights and state.is_last_stage() and not state.is_first_stage():
         skip = model.shared_embedding_or_output_weight()  # the first stage counts the tied weight
     # On the gradients' device: a CUDA scalar cannot be added into a CPU one, and NCCL reduces CUDA tensors only.
+    mine = [p.main_grad for p in params if p is not skip and (_sharded(p) or state.tp_rank() == 0)]
     total = torch.zeros((), dtype=torch.float64, device=params[0].main_grad.device if params else None)
-    for p in params:
-        if p is skip:
-            continue
-        if _sharded(p) or state.tp_rank() == 0:
-            total += p.main_grad.double().pow(2).sum()
+    if mine:
+        # One fused pass over all gradients, accumulated in float64 (an fp32 norm of a large tensor is off by
+        # ~1e-4 on CPU), without a float64 copy of each gradient.
+        total += torch.stack(torch._foreach_norm(mine, dtype=torch.float64)).pow(2).sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return total.sqrt()
