@@ -118,31 +118,46 @@ def test_local_and_cached_standard_lambada_on_a_prepared_dataset_match_transform
         assert ours["tasks"][task]["perplexity"] == pytest.approx(ppl, rel=1e-4), task
 
 
-def test_teacher_local_lambada_on_a_text_file_matches_transformers(tmp_path: Path) -> None:
-    """The embedded teacher (which, unlike a random model, gets some last words right) on passages of a play."""
+def test_teacher_local_lambada_on_a_text_file_matches_transformers(tmp_path: Path, capsys) -> None:
+    """The embedded teacher (which, unlike a random model, gets some last words right) on passages of a play;
+    in this process, as lambada_local needs no datasets cache."""
     play = next(embedded.corpus_dir().glob("tragedies/*hamlet*.md"))
     text = tmp_path / "hamlet.txt"
     text.write_text(play.read_text(encoding="utf-8"), encoding="utf-8")
-    limit = 8
-    proc = _cli("conf/eval/teacher_lambada.yaml", f"data={text}", f"harness.limit={limit}",
-                "harness.bootstrap_iters=0", datasets_cache=tmp_path / "hf")
-    assert proc.returncode == 0, proc.stderr
-    ours = json.loads(proc.stdout)["tasks"]["lambada_local"]
-    acc, ppl = reference_lambada(embedded.teacher_dir(), lambada_passages(text.read_text(encoding="utf-8"), 48)[:limit])
+    limit, words = 6, 24
+    config = str(ROOT / "conf/eval/teacher_lambada.yaml")
+    assert main(["eval", config, f"data={text}", f"harness.limit={limit}", f"harness.context_words={words}",
+                 "harness.bootstrap_iters=0"]) == 0
+    ours = json.loads(capsys.readouterr().out)["tasks"]["lambada_local"]
+    passages = lambada_passages(text.read_text(encoding="utf-8"), words)[:limit]
+    acc, ppl = reference_lambada(embedded.teacher_dir(), passages)
     assert acc > 0
     assert ours["acc"] == pytest.approx(acc, abs=1e-9)
     assert ours["perplexity"] == pytest.approx(ppl, rel=1e-4)
 
 
-def test_standard_task_without_its_dataset_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    model = tmp_path / "tiny"
+def test_standard_task_without_its_dataset_is_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    import datasets
+
     from tiny import write_tiny_hf
 
-    write_tiny_hf(model, vocab_size=49152, with_tokenizer=True)
-    proc = _cli(f"model={model}", "backend=lm-eval", "harness.tasks=[hellaswag]", datasets_cache=tmp_path / "empty")
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("nemo-minitron eval: error: lm-eval task hellaswag: dataset not available locally")
-    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty")
+    model = write_tiny_hf(tmp_path / "tiny", vocab_size=49152, with_tokenizer=True)
+    capsys.readouterr()
+    assert main(["eval", f"model={model}", "backend=lm-eval", "harness.tasks=[hellaswag]"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("nemo-minitron eval: error: lm-eval task hellaswag: dataset not available locally")
+    assert captured.err.count("\n") == 1 and captured.out == ""
+
+
+def test_other_backends_dump_their_config_as_before() -> None:
+    """Finished `run` stages are recognised by the digest of their eval config: it must not gain a key."""
+    from nemo_minitron.eval import EvalConfig
+
+    keys = {"model", "data", "split", "seq_length", "micro_batch_size", "max_windows", "dtype", "backend",
+            "parallel", "output", "seed"}
+    assert set(EvalConfig(model="m", data="d").model_dump(mode="json")) == keys
+    assert set(EvalConfig(model="m", backend="lm-eval").model_dump(mode="json")) == keys | {"harness"}
 
 
 @pytest.mark.parametrize(
