@@ -153,6 +153,10 @@ def run_nas(cfg: NASStageConfig) -> dict:
             "loss_pruned": _heldout_loss(pruned, windows, mb),
         })
         del pruned
+        if _is_writer():
+            row = table[-1]
+            print(f"[nas] {row['name']}: {row['params'] / 1e6:.1f}M parameters, held-out loss after pruning "
+                  f"{row['loss_pruned']:.4f}", flush=True)
     table.sort(key=lambda row: row["loss_pruned"])
     for rank, row in enumerate(table, 1):
         row["rank_pruned"] = rank
@@ -184,6 +188,9 @@ def run_nas(cfg: NASStageConfig) -> dict:
         row["short_kd_tokens"] = result.tokens
         row["student"] = str(home / "short_kd" / "final")
         del student
+        if _is_writer():
+            print(f"[nas] {row['name']}: held-out loss after {result.tokens:,} distillation tokens "
+                  f"{row['loss_short_kd']:.4f}", flush=True)
     ranked = sorted(shortlist, key=lambda row: row["loss_short_kd"])
     for rank, row in enumerate(ranked, 1):
         row["rank_short_kd"] = rank
