@@ -42,6 +42,7 @@ from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_w
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval import DTYPES
 from nemo_minitron.fsutil import atomic_write_text, check_can_create, remove_leftovers
+from nemo_minitron.models.builder import compile_layers
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import grads, state
 from nemo_minitron.parallel.schedule import forward_backward
@@ -60,6 +61,9 @@ class TrainConfig(StrictModel):
     teacher_dtype: Dtype = "bfloat16"
     seed: int = 1234
     max_skipped_steps: int = Field(10, ge=0, description="non-finite steps skipped in a row before stopping")
+    compile: bool = Field(False, description="torch.compile each transformer layer (TP = PP = 1, no "
+                                             "intermediate losses): fused element-wise work, compiled in the "
+                                             "first steps")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -203,6 +207,8 @@ def validate(cfg: DistillConfig) -> None:
                                 f"layer {pair.teacher_layer} (stage {t_stage}) are on different pipeline stages")
     elif cfg.loss.intermediate.pairs:
         raise UserError("loss.intermediate needs a teacher (mode kd)")
+    if cfg.train.compile and (tp > 1 or pp > 1 or cfg.loss.intermediate.pairs):
+        raise UserError("train.compile needs tensor and pipeline parallel sizes 1 and no loss.intermediate pairs")
     data = Path(cfg.data)
     if not (data / META_FILE).is_file():
         raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
@@ -285,6 +291,10 @@ class Trainer:
         self.output, self.train_cfg, self.optim_cfg = output, train, optim
         self.loss_cfg, self.ckpt_cfg, self.eval_cfg, self.log_cfg = loss, checkpoint, evaluation, log
         self.pair = DistillationPair(student.model, teacher.model if teacher else None)
+        if train.compile:
+            for model in (student, teacher):
+                if model is not None:
+                    compile_layers(model.model)
         dp = state.dp_size()
         if train.global_batch_size % (train.micro_batch_size * dp):
             raise UserError(f"train.global_batch_size {train.global_batch_size} is not divisible by "

@@ -118,3 +118,12 @@ def build_model(
     if cuda_available():
         model.cuda()
     return model
+
+
+def compile_layers(model) -> None:
+    """``torch.compile`` each transformer layer of ``model`` in place: the element-wise work around the GEMMs
+    (norms, rotary embeddings, SwiGLU, residuals) is fused into a few generated kernels
+    (``benchmarks/kd_throughput.py`` measures the effect). Layers of one shape share one compiled graph; the
+    first calls compile it."""
+    for layer in model.decoder.layers:
+        layer.compile()

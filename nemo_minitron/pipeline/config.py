@@ -55,6 +55,7 @@ class RunTrain(StrictModel):
     teacher_dtype: Dtype = "bfloat16"
     seed: int = 1234
     max_skipped_steps: int = Field(10, ge=0)
+    compile: bool = Field(False, description="torch.compile the layers (see distill's train.compile)")
 
     @model_validator(mode="after")
     def _batches(self) -> "RunTrain":

@@ -143,7 +143,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
     mb = cfg.distill.train.micro_batch_size
     table = []
     for target in found:
-        pruned, report = cut(loaded, scored, target)
+        pruned, report = cut(loaded, scored, target, calibration_loss=False)
         table.append({
             "name": name_of(target),
             "target": {k: getattr(target, k) for k in SEARCH_KEYS},
@@ -164,7 +164,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
     shortlist = table[: cfg.nas.top_k]
     for row in shortlist:
         home = out / "candidates" / row["name"]
-        pruned, _ = cut(loaded, scored, PruneTarget(**row["target"]))
+        pruned, _ = cut(loaded, scored, PruneTarget(**row["target"]), calibration_loss=False)
         save_checkpoint(pruned, home / "pruned", overwrite=True)
         del pruned
         row["pruned"] = str(home / "pruned")
@@ -177,7 +177,8 @@ def run_nas(cfg: NASStageConfig) -> dict:
             student, teacher, cfg.data, home / "short_kd",
             TrainConfig(seq_length=train.seq_length, micro_batch_size=train.micro_batch_size,
                         global_batch_size=train.global_batch_size, max_tokens=cfg.nas.short_kd_tokens,
-                        dtype=train.dtype, teacher_dtype=train.teacher_dtype, seed=train.seed),
+                        dtype=train.dtype, teacher_dtype=train.teacher_dtype, seed=train.seed,
+                        compile=train.compile),
             cfg.distill.optim, cfg.distill.loss,
             CheckpointConfig(every_steps=10**9, keep_last=1, resume=False),
             cfg.distill.eval.model_copy(update={"every_steps": 0}),

@@ -120,7 +120,8 @@ class _Runner:
         t = self.cfg.distill.train
         return TrainConfig(seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                            global_batch_size=t.global_batch_size, max_tokens=tokens, dtype=t.dtype,
-                           teacher_dtype=t.teacher_dtype, seed=t.seed, max_skipped_steps=t.max_skipped_steps)
+                           teacher_dtype=t.teacher_dtype, seed=t.seed, max_skipped_steps=t.max_skipped_steps,
+                           compile=t.compile)
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
                 optim=None) -> dict:

@@ -211,9 +211,11 @@ def score(loaded: LoadedModel, calibration: list[torch.Tensor],
     return Scores(scores, canonical, calibration, importance, seconds)
 
 
-def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget) -> tuple[LoadedModel, dict]:
+def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget,
+        calibration_loss: bool = True) -> tuple[LoadedModel, dict]:
     """``loaded`` pruned to ``target`` by ``scored`` (from :func:`score` on the same model), at the same TP/PP,
-    with a report of the selection and the calibration loss before and after."""
+    with a report of the selection and the calibration loss before and (unless not ``calibration_loss``,
+    which saves a pass over the calibration set) after."""
     cfg, model = loaded.cfg, loaded.model
     new_cfg = target_config(cfg, target)
     check_divisible(new_cfg, state.tp_size(), state.pp_size())
@@ -225,7 +227,7 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget) -> tuple[Loade
     pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False)
     load_canonical(pruned_model, new_cfg, pruned_tensors.__getitem__)
     pruned_model.eval()
-    pruned_loss = imp_lib.lm_loss(pruned_model, new_cfg, calibration)
+    pruned_loss = imp_lib.lm_loss(pruned_model, new_cfg, calibration) if calibration_loss else None
     report = {
         "source": cfg.model_dump(),
         "target": new_cfg.model_dump(),
