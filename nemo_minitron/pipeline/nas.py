@@ -136,7 +136,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
     loaded = load_model(cfg.model, dtype=DTYPES[cfg.prune_dtype], use_te=False)
     scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance)
     if _is_writer():
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         heatmap = {"importance": scored.scores.to_json(loaded.cfg.num_query_groups), "dropped_layers": []}
         (out / "importance.png").write_bytes(heatmap_png(heatmap))
     windows = _heldout_windows(cfg)
