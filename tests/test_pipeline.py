@@ -171,6 +171,8 @@ def test_nas_then_iterative_step(inputs) -> None:
     assert len(shortlisted) == 2 and all(c["short_kd_tokens"] == 64 for c in shortlisted)
     best = min(shortlisted, key=lambda c: c["loss_short_kd"])
     assert nas["best"] == best["name"]
+    # The short distillation lowers each short-listed candidate's held-out loss (same windows, same precision).
+    assert all(c["loss_short_kd"] < c["loss_pruned"] for c in shortlisted), shortlisted
     report = json.loads((run / "report.json").read_text())
     assert report["kd_tokens"] == 128 + 128 + 2 * 64
     assert report["steps"][0]["shape"]["hidden_size"] == best["target"]["hidden_size"]

@@ -185,10 +185,14 @@ def run_nas(cfg: NASStageConfig) -> dict:
             LogConfig(tensorboard=False, progress=cfg.distill.log.progress),
         )
         save_checkpoint(student, home / "short_kd" / "final", overwrite=True)
-        row["loss_short_kd"] = _heldout_loss(student, windows, mb)
-        row["short_kd_tokens"] = result.tokens
-        row["student"] = str(home / "short_kd" / "final")
         del student
+        row["student"] = str(home / "short_kd" / "final")
+        # Scored like the pruned candidates: a plain model (the trainer's student computes the loss from hidden
+        # states) in the same precision, on the same windows.
+        distilled = load_model(row["student"], dtype=DTYPES[cfg.prune_dtype], use_te=False)
+        row["loss_short_kd"] = _heldout_loss(distilled, windows, mb)
+        row["short_kd_tokens"] = result.tokens
+        del distilled
         if _is_writer():
             print(f"[nas] {row['name']}: held-out loss after {result.tokens:,} distillation tokens "
                   f"{row['loss_short_kd']:.4f}", flush=True)
