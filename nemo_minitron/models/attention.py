@@ -38,7 +38,8 @@ class SDPACoreAttention(DotProductAttention):
         packed_seq_params=None,
     ) -> torch.Tensor:
         if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("packed sequences and attention bias need the Transformer Engine spec")
+            # The GPT models built here pass neither (megatron's own local attention refuses them too).
+            raise ValueError("packed sequences and attention bias need the Transformer Engine spec")
         s_q, batch = query.shape[0], query.shape[1]
         s_k = key.shape[0]
         # [s, b, heads, d] -> [b, heads, s, d]

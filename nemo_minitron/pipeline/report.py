@@ -125,7 +125,8 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
         home = out / f"step{i}"
         nas = _result(ledger, f"step{i}.nas")
         pruned_dir = Path(nas["best_pruned"]) if nas else home / "pruned"
-        params = read_model_config(pruned_dir).num_params()
+        shape = read_model_config(pruned_dir)
+        params = shape.num_params()
         pruned_eval = _result(ledger, f"step{i}.eval_pruned")
         distilled = _result(ledger, f"step{i}.distill")
         distilled_eval = _result(ledger, f"step{i}.eval_distilled")
@@ -140,7 +141,7 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
                          "loss": distilled_eval["loss"], "perplexity": distilled_eval["perplexity"]})
         steps.append({
             "index": i,
-            "shape": read_model_config(pruned_dir).model_dump(),
+            "shape": shape.model_dump(),
             "params": params,
             "pruned_loss": pruned_eval["loss"],
             "distilled_loss": distilled_eval["loss"] if distilled_eval else None,
