@@ -10,7 +10,9 @@ Target: ratio <= 1.15.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from nemo_minitron import embedded
 from nemo_minitron.checkpoint.io import load_model
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", default="runs/data/shakespeare-smollm2")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
     prepare_data(PrepareDataConfig(input=embedded.CORPUS, tokenizer=embedded.TEACHER, output_dir=args.data))
@@ -50,6 +53,9 @@ def main() -> None:
     print(f"plain forward       best {best_plain:7.2f} s  ({tokens / best_plain:7.1f} tok/s)  runs {['%.2f' % x for x in plain]}")
     print(f"importance (hooks)  best {best_hooked:7.2f} s  ({tokens / best_hooked:7.1f} tok/s)  runs {['%.2f' % x for x in hooked]}")
     print(f"ratio importance / plain = {best_hooked / best_plain:.3f}  (target <= 1.15)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tokens": tokens, "plain_s": best_plain, "importance_s": best_hooked,
+                                               "ratio": best_hooked / best_plain}, indent=2))
 
 
 if __name__ == "__main__":

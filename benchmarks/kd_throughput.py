@@ -15,6 +15,7 @@ the vocabulary projections). Target: ours / HF >= 1.3.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if not Path(args.student).is_dir():
         raise SystemExit(f"{args.student}: run `nemo-minitron prune conf/prune/smollm2_width_55.yaml` first")
@@ -124,6 +126,12 @@ def main() -> None:
         ours = best[variant]
         print(f"{variant}: ratio to the HF loop (tokens/s) = {best['HF loop, AdamW'] / ours:.2f} (target >= 1.3), "
               f"to the HF loop with fused AdamW = {best['HF loop, fused AdamW'] / ours:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "batch": args.batch, "seq": args.seq, "steps": args.steps, "gemm_flops": peak,
+            "loops": {name: {"best_step_s": sec, "tokens_per_second": n_tok / sec,
+                             "fraction_of_gemm_peak": flops_per_tok * n_tok / sec / peak} for name, sec in best.items()},
+        }, indent=2))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.side:
         print(json.dumps(run_side(args.side, args)))
@@ -102,6 +103,11 @@ def main() -> None:
     naive, fused = results["naive"], results["fused"]
     print(f"relative loss difference = {abs(fused['loss'] - naive['loss']) / abs(naive['loss']):.2e}")
     print(f"ratio fused/naive = {fused['extra_bytes'] / naive['extra_bytes']:.3f} (target <= 0.125)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tokens": args.tokens, "vocab": args.vocab, **results,
+                       "ratio": fused["extra_bytes"] / naive["extra_bytes"],
+                       "relative_loss_difference": abs(fused["loss"] - naive["loss"]) / abs(naive["loss"])}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,15 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bo
     return LoadedModel(cfg=cfg, model=model, tokenizer_dir=path)
 
 
+def new_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None) -> LoadedModel:
+    """The architecture of the model at ``ref`` with freshly initialised weights (megatron's initialisation,
+    seeded by :func:`state.initialize`); its weights are never read."""
+    path = resolve_model_dir(ref)
+    cfg = read_model_config(path)
+    check_divisible(cfg, state.tp_size(), state.pp_size())
+    return LoadedModel(cfg=cfg, model=build_model(cfg, dtype=dtype, use_te=use_te), tokenizer_dir=path)
+
+
 def _write(
     out: Path,
     overwrite: bool,

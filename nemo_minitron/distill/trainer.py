@@ -25,7 +25,14 @@ import torch.distributed as dist
 from pydantic import Field, model_validator
 
 from nemo_minitron.checkpoint.integrity import check_model
-from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
+from nemo_minitron.checkpoint.io import (
+    LoadedModel,
+    load_model,
+    new_model,
+    read_model_config,
+    resolve_model_dir,
+    save_checkpoint,
+)
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data import SequenceSampler, TokenDataset, eval_windows
 from nemo_minitron.data.prepare import META_FILE
@@ -133,6 +140,9 @@ class DistillConfig(StrictModel):
 
     mode: Literal["kd", "ce"] = "kd"
     student: str = Field(min_length=1)
+    student_init: Literal["checkpoint", "random"] = Field(
+        "checkpoint", description="random: the student's architecture from freshly initialised weights (a "
+                                  "from-scratch baseline)")
     teacher: Optional[str] = None
     data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
     output: str = Field(min_length=1)
@@ -606,7 +616,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     """CLI stage: load teacher and student, train, save the student as ``<output>/final``."""
     validate(cfg)
     state.initialize(cfg.parallel, cfg.train.seed)
-    student = load_model(cfg.student, dtype=DTYPES[cfg.train.dtype])
+    student = (load_model if cfg.student_init == "checkpoint" else new_model)(cfg.student, dtype=DTYPES[cfg.train.dtype])
     student.model.train()
     teacher = load_model(cfg.teacher, dtype=DTYPES[cfg.train.teacher_dtype]) if cfg.mode == "kd" else None
     result = distill(student, teacher, cfg.data, cfg.output, cfg.train, cfg.optim, cfg.loss, cfg.checkpoint,
