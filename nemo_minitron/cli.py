@@ -32,6 +32,7 @@ class Stage:
 
 def _stages() -> dict[str, Stage]:
     from nemo_minitron import convert
+    from nemo_minitron.bench import config as bench_config, run as bench
     from nemo_minitron.data import PrepareDataConfig, prepare_data
     from nemo_minitron import eval as evaluation
     from nemo_minitron import prune
@@ -52,6 +53,9 @@ def _stages() -> dict[str, Stage]:
                                   "greedy generation tokens/s of a teacher and a student (HF)"),
         "run": Stage(pipeline.RunConfig, run.run_pipeline,
                      "the whole pipeline: data, prune/NAS, distill, eval, export, report", run.validate, driver=True),
+        "bench": Stage(bench_config.BenchConfig, bench.run_bench,
+                       "recovery, baselines, peers, the paper's claims and speed, in one report (--quick: short "
+                       "budgets)", bench.validate, driver=True),
         "launch": Stage(slurm.SlurmLaunch, slurm.launch_slurm, "submit a stage to Slurm (launch slurm JOB.yaml cluster=...)"),
     }
 
@@ -117,9 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("stage", choices=sorted(stages), metavar="STAGE")
     parser.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
-    ns = parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="bench only: the config's quick_budgets")
+    ns = parser.parse_intermixed_args(argv)
+    if ns.quick and ns.stage != "bench":
+        print(f"nemo-minitron {ns.stage}: error: --quick is an option of the bench stage", file=sys.stderr)
+        return 2
     config_path = None
-    overrides = list(ns.args)
+    overrides = list(ns.args) + (["quick=true"] if ns.quick else [])
     if overrides and "=" not in overrides[0]:
         config_path = overrides.pop(0)
     try:

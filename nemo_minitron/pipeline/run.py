@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from nemo_minitron.checkpoint.hf import check_exportable, is_hf_dir
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
@@ -81,7 +81,10 @@ def _jsonable(result: Any) -> Any:
     return result
 
 
-class _Runner:
+class Runner:
+    """Runs the stages of one run directory in order, recording each finished one in its ledger
+    (``pipeline.json``): a stage already recorded with the same config is skipped and its result reused."""
+
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output)
@@ -93,17 +96,20 @@ class _Runner:
         """Run ``config`` as CLI stage ``cli_name`` unless ``key`` already finished with it."""
         from nemo_minitron.cli import run_stage
 
-        dumped = config.model_dump(mode="json")
-        done = self.ledger.finished(key, dumped)
+        return self.task(key, config.model_dump(mode="json"), lambda: run_stage(cli_name, config), outputs)
+
+    def task(self, key: str, config: dict, work: Callable[[], Any], outputs: list[Path]) -> Any:
+        """Call ``work`` unless ``key`` already finished with ``config``; its JSON-able result."""
+        done = self.ledger.finished(key, config)
         if done is not None:
             print(f"[run] {key}: finished before, skipped", flush=True)
             self.log.append({"stage": key, "seconds": done["seconds"], "skipped": True})
             return done["result"]
         print(f"[run] {key} ...", flush=True)
         start = time.perf_counter()
-        result = _jsonable(run_stage(cli_name, config))
+        result = _jsonable(work())
         seconds = time.perf_counter() - start
-        self.ledger.record(key, dumped, result, seconds, [str(p) for p in outputs])
+        self.ledger.record(key, config, result, seconds, [str(p) for p in outputs])
         self.log.append({"stage": key, "seconds": seconds, "skipped": False})
         print(f"[run] {key}: {seconds:.0f} s", flush=True)
         return result
@@ -124,11 +130,11 @@ class _Runner:
                            compile=t.compile)
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
-                optim=None) -> dict:
+                optim=None, student_init: str = "checkpoint") -> dict:
         d = self.cfg.distill
-        config = DistillConfig(mode=mode, student=student, teacher=teacher, data=str(self.out / "data"),
-                               output=str(output), train=self.train(tokens), optim=optim or d.optim,
-                               loss=d.loss if mode == "kd" else LossConfig(),
+        config = DistillConfig(mode=mode, student=student, student_init=student_init, teacher=teacher,
+                               data=str(self.out / "data"), output=str(output), train=self.train(tokens),
+                               optim=optim or d.optim, loss=d.loss if mode == "kd" else LossConfig(),
                                checkpoint=d.checkpoint, eval=d.eval, log=d.log, parallel=self.cfg.parallel)
         return self.stage(key, "distill", config, [output])
 
@@ -137,7 +143,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     """data -> [teacher correction] -> eval teacher -> (prune | NAS -> eval -> distill -> eval) per schedule
     step -> export HF -> generation speed -> report. Returns the report's summary."""
     validate(cfg)
-    r = _Runner(cfg)
+    r = Runner(cfg)
     if cfg.rerun_from is not None:
         dropped = r.ledger.forget_from(cfg.rerun_from)
         if dropped:

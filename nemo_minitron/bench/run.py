@@ -1,0 +1,223 @@
+"""The ``bench`` stage: every arm of the benchmark in one directory, resumable stage by stage.
+
+Arms (each: prune -> held-out loss -> train -> held-out loss, from the same teacher and data):
+
+- ``ours``: our importance (the config's ``importance``) and logit KD, ``compare_tokens``;
+  ``recovery``: the same pruned student distilled for ``recovery_tokens``;
+- baselines: ``random`` and ``magnitude`` importance; ``ce`` (the pruned student trained with the LM loss,
+  no teacher); ``scratch`` (the student's architecture from random weights, LM loss, ``scratch_tokens``);
+- claims: ``depth`` (layers dropped to the parameter count nearest the width target), ``corrected`` (the
+  teacher fine-tuned on the corpus first), ``agg.<seq>_<batch>`` (other aggregations, pruned only),
+  ``iterative`` (importance re-estimated between intermediate cuts, pruned only);
+- peer: ``modelopt`` (NVIDIA ModelOpt's Minitron pruning, then our distillation);
+- ``speed.*``: the scripts of ``benchmarks/`` with their own side-by-side measurements.
+
+``pipeline.json`` in the bench directory records finished stages (see :mod:`nemo_minitron.pipeline.ledger`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from nemo_minitron.bench.config import BenchConfig
+from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
+from nemo_minitron.data.prepare import PrepareDataConfig, list_input_files
+from nemo_minitron.errors import UserError
+from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.pipeline.config import RunConfig, RunReport, ScheduleStep
+from nemo_minitron.pipeline.run import Runner
+from nemo_minitron.prune.stage import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget, target_config
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def depth_target(teacher: ModelConfig, width: ModelConfig) -> PruneTarget:
+    """The layer count whose parameter count is nearest to ``width``'s (at the teacher's width)."""
+    best = min(range(1, teacher.num_layers),
+               key=lambda n: abs(teacher.model_copy(update={"num_layers": n}).num_params() - width.num_params()))
+    return PruneTarget(num_layers=best)
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Checks that need no compute: teacher, corpus, targets, and the scripts and peers the bench runs."""
+    teacher = read_model_config(resolve_model_dir(cfg.teacher))
+    list_input_files(cfg.data.input)
+    shape = teacher
+    for i, step in enumerate(cfg.iterative_steps):
+        try:
+            shape = target_config(shape, step)
+        except UserError as exc:
+            raise UserError(f"iterative_steps[{i}]: {exc}") from None
+    shape = target_config(shape, cfg.target)
+    if shape != target_config(teacher, cfg.target):
+        raise UserError("iterative_steps: the steps must end at target")
+    if (cfg.speed or cfg.peers.modelopt) and not BENCHMARKS.is_dir():
+        raise UserError(f"{BENCHMARKS}: the benchmark scripts are missing (install from a source checkout)")
+    if cfg.peers.modelopt and importlib.util.find_spec("modelopt") is None:
+        raise UserError("peers.modelopt: NVIDIA ModelOpt is not installed (run `make install-modelopt`, "
+                        "or set peers.modelopt=false)")
+    if cfg.rerun_from is not None and not cfg.rerun_from.strip():
+        raise UserError("rerun_from: give a stage name")
+
+
+def _script(name: str, args: list[str], out: Path) -> dict:
+    """Run ``benchmarks/<name>`` with ``--json out``; its results."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args, "--json", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"benchmarks/{name} failed (exit {proc.returncode}): "
+                        f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    sys.stdout.write(proc.stdout)
+    return json.loads(out.read_text())
+
+
+class _Bench:
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        b = cfg.active
+        run_cfg = RunConfig(
+            output=cfg.out_dir, teacher=cfg.teacher, data=cfg.data,
+            calibration=cfg.calibration.model_copy(update={"num_samples": b.calibration_samples}),
+            importance=cfg.importance, schedule=[ScheduleStep(target=cfg.target, kd_tokens=b.compare_tokens)],
+            distill=cfg.distill, eval=cfg.eval.model_copy(update={"max_windows": b.eval_windows}),
+            report=RunReport(generation_tokens=0), prune_dtype=cfg.prune_dtype, parallel=cfg.parallel,
+            seed=cfg.seed)
+        self.r = Runner(run_cfg)
+        self.out = self.r.out
+        self.data = str(self.out / "data")
+        c = run_cfg.calibration
+        self.calibration = CalibrationConfig(data=self.data, num_samples=c.num_samples, seq_length=c.seq_length,
+                                             micro_batch_size=c.micro_batch_size, seed=c.seed)
+
+    def prune(self, key: str, model: str, target: PruneTarget, importance: ImportanceConfig) -> str:
+        pruned = self.out / key / "pruned"
+        self.r.stage(f"{key}.prune", "prune", PruneConfig(
+            model=model, output=str(pruned), target=target, calibration=self.calibration, importance=importance,
+            dtype=self.cfg.prune_dtype, overwrite=True, parallel=self.cfg.parallel, seed=self.cfg.seed), [pruned])
+        return str(pruned)
+
+    def arm(self, key: str, model: str, target: PruneTarget, importance: ImportanceConfig, teacher: str,
+            tokens: int) -> dict:
+        """Prune, evaluate, distill from ``teacher`` for ``tokens``, evaluate."""
+        pruned = self.prune(key, model, target, importance)
+        return {"pruned": pruned, "pruned_loss": self.r.eval(f"{key}.eval_pruned", pruned)["loss"],
+                **self.train(key, "kd", pruned, teacher, tokens)}
+
+    def train(self, key: str, mode: str, student: str, teacher, tokens: int, student_init: str = "checkpoint") -> dict:
+        out = self.out / key / "train"
+        result = self.r.distill(f"{key}.train", mode, student, teacher, tokens, out, student_init=student_init)
+        return {"tokens": result["tokens"], "loss": self.r.eval(f"{key}.eval_trained", result["final"])["loss"],
+                "curve": _curve(out / "metrics.jsonl"), "train_dir": str(out)}
+
+
+def _curve(metrics: Path) -> dict:
+    """Training loss and periodic held-out loss against tokens, from a run's ``metrics.jsonl``."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {
+        "train": [(r["tokens"], r["loss"]) for r in rows if "loss" in r],
+        "eval": [(r["tokens"], r["eval_loss"]) for r in rows if "eval_loss" in r],
+    }
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Every arm, then ``report.md`` / ``report.json`` / plots in the bench directory; the report's summary."""
+    from nemo_minitron.bench import report
+
+    validate(cfg)
+    bench = _Bench(cfg)
+    r, b, out = bench.r, cfg.active, bench.out
+    if cfg.rerun_from is not None:
+        dropped = r.ledger.forget_from(cfg.rerun_from)
+        if dropped:
+            print(f"[bench] redoing: {', '.join(dropped)}", flush=True)
+    teacher_cfg = read_model_config(resolve_model_dir(cfg.teacher))
+    width_cfg = target_config(teacher_cfg, cfg.target)
+    results: dict = {"budgets": b.model_dump(), "quick": cfg.quick, "teacher_params": teacher_cfg.num_params(),
+                     "student_params": width_cfg.num_params()}
+
+    r.stage("data", "prepare-data", PrepareDataConfig(
+        input=cfg.data.input, tokenizer=cfg.teacher, output_dir=bench.data, valid_fraction=cfg.data.valid_fraction,
+        split_seed=cfg.data.split_seed, jsonl_text_key=cfg.data.jsonl_text_key), [out / "data"])
+    results["teacher_loss"] = r.eval("eval.teacher", cfg.teacher)["loss"]
+
+    # Ours, at the comparison budget and at the recovery budget (the same pruned student).
+    ours = results["ours"] = bench.arm("ours", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens)
+    results["recovery"] = bench.train("recovery", "kd", ours["pruned"], cfg.teacher, b.recovery_tokens)
+
+    # Baselines.
+    for criterion in ("random", "magnitude"):
+        results[criterion] = bench.arm(criterion, cfg.teacher, cfg.target,
+                                       cfg.importance.model_copy(update={"criterion": criterion}), cfg.teacher,
+                                       b.compare_tokens)
+    results["ce"] = bench.train("ce", "ce", ours["pruned"], None, b.compare_tokens)
+    results["scratch"] = bench.train("scratch", "ce", ours["pruned"], None, b.scratch_tokens, student_init="random")
+
+    # The paper's claims.
+    depth = depth_target(teacher_cfg, width_cfg)
+    results["depth"] = {**bench.arm("depth", cfg.teacher, depth, cfg.importance, cfg.teacher, b.compare_tokens),
+                        "num_layers": depth.num_layers,
+                        "params": teacher_cfg.model_copy(update={"num_layers": depth.num_layers}).num_params()}
+    corrected = r.distill("corrected.teacher_correction", "ce", cfg.teacher, None, b.correction_tokens,
+                          out / "corrected" / "teacher")["final"]
+    results["corrected"] = {"teacher_loss": r.eval("corrected.eval_teacher", corrected)["loss"],
+                            **bench.arm("corrected", corrected, cfg.target, cfg.importance, corrected,
+                                        b.compare_tokens)}
+    results["aggregation"] = []
+    for seq_agg, batch_agg in cfg.aggregations:
+        if (seq_agg, batch_agg) == (cfg.importance.seq_agg, cfg.importance.batch_agg):
+            loss = ours["pruned_loss"]
+        else:
+            key = f"agg.{seq_agg}_{batch_agg}"
+            pruned = bench.prune(key, cfg.teacher, cfg.target,
+                                 cfg.importance.model_copy(update={"seq_agg": seq_agg, "batch_agg": batch_agg}))
+            loss = r.eval(f"{key}.eval_pruned", pruned)["loss"]
+        results["aggregation"].append({"seq_agg": seq_agg, "batch_agg": batch_agg, "pruned_loss": loss})
+    model = cfg.teacher
+    for i, step in enumerate([*cfg.iterative_steps, cfg.target], 1):
+        model = bench.prune(f"iterative.step{i}", model, step, cfg.importance)
+    results["iterative"] = {"steps": len(cfg.iterative_steps) + 1,
+                            "pruned_loss": r.eval("iterative.eval_pruned", model)["loss"]}
+
+    if cfg.peers.modelopt:
+        results["modelopt"] = _modelopt_arm(bench, cfg)
+    if cfg.speed:
+        results["speed"] = _speed(bench, cfg, ours["pruned"])
+    return report.write(out, results, r.log)
+
+
+def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
+    b, r = cfg.active, bench.r
+    pruned = bench.out / "modelopt" / "pruned"
+    t = cfg.target
+    args = ["--teacher", cfg.teacher, "--data", bench.data, "--output", str(pruned),
+            "--samples", str(bench.calibration.num_samples), "--seq", str(bench.calibration.seq_length),
+            "--micro-batch", str(bench.calibration.micro_batch_size), "--seed", str(bench.calibration.seed)]
+    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
+        if getattr(t, key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(getattr(t, key))]
+    config = {"script": "modelopt_peer.py", "args": args}
+    peer = r.task("modelopt.prune", config, lambda: _script("modelopt_peer.py", args, bench.out / "modelopt" / "prune.json"),
+                  [pruned])
+    return {**peer, "pruned_loss": r.eval("modelopt.eval_pruned", str(pruned))["loss"],
+            **bench.train("modelopt", "kd", str(pruned), cfg.teacher, b.compare_tokens)}
+
+
+def _speed(bench: _Bench, cfg: BenchConfig, student: str) -> dict:
+    b, r, speed = cfg.active, bench.r, bench.out / "speed"
+    runs = {
+        "kd_throughput": ("kd_throughput.py", ["--student", student, "--data", bench.data, "--steps", str(b.speed_steps),
+                                               "--seq", str(b.speed_seq)]),
+        "importance_overhead": ("importance_overhead.py", ["--data", bench.data, "--seq", str(b.speed_seq),
+                                                           "--samples", str(min(b.calibration_samples, 64))]),
+        "kl_memory": ("kl_memory.py", ["--tokens", str(b.kl_tokens), "--vocab", str(b.kl_vocab)]),
+        "tp_step_time": ("tp_step_time.py", ["--data", bench.data, "--steps", str(b.speed_steps),
+                                             "--seq", str(b.speed_seq)]),
+    }
+    return {key: r.task(f"speed.{key}", {"script": script, "args": args},
+                        lambda script=script, args=args, key=key: _script(script, args, speed / f"{key}.json"), [])
+            for key, (script, args) in runs.items()}

@@ -1,0 +1,114 @@
+"""``nemo-minitron bench`` on a tiny teacher through the CLI: every arm, the report's numbers against the
+stages' own outputs, skipping finished stages on a rerun, and bad configs refused before compute.
+
+The speed scripts and the ModelOpt peer run on the embedded teacher; they are off here (``make bench-quick``
+runs them, in CI).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_pipeline import cli, inputs, skipped  # noqa: F401  (the tiny teacher and corpus fixture)
+
+from nemo_minitron.bench.run import depth_target
+from nemo_minitron.models.config import ModelConfig
+
+
+def tiny_bench(inputs: dict[str, Path], output: Path, **changes) -> Path:
+    budgets = {"recovery_tokens": 256, "compare_tokens": 128, "scratch_tokens": 256, "correction_tokens": 64,
+               "calibration_samples": 4, "eval_windows": 4, "speed_steps": 1, "speed_seq": 16, "kl_tokens": 64,
+               "kl_vocab": 512}
+    cfg = {
+        "output": str(output),
+        "teacher": str(inputs["teacher"]),
+        "data": {"input": str(inputs["corpus"]), "valid_fraction": 0.25},
+        "target": {"hidden_size": 48, "ffn_hidden_size": 64},
+        "iterative_steps": [{"hidden_size": 56, "ffn_hidden_size": 80}],
+        "aggregations": [["mean", "l2"], ["l2", "mean"]],
+        "calibration": {"seq_length": 16, "micro_batch_size": 2},
+        "distill": {
+            "train": {"seq_length": 16, "micro_batch_size": 2, "global_batch_size": 4, "dtype": "float32",
+                      "teacher_dtype": "float32"},
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
+            "checkpoint": {"every_steps": 4, "keep_last": 1},
+            "eval": {"every_steps": 2, "max_windows": 2},
+            "log": {"progress": False, "tensorboard": False},
+        },
+        "eval": {"seq_length": 32, "micro_batch_size": 2},
+        "budgets": budgets,
+        "quick_budgets": {**budgets, "recovery_tokens": 128},
+        "peers": {"modelopt": False},
+        "speed": False,
+        **changes,
+    }
+    path = output.parent / f"{output.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_depth_target_is_the_nearest_parameter_count():
+    teacher = ModelConfig(vocab_size=1000, hidden_size=64, ffn_hidden_size=128, num_layers=10, num_attention_heads=4,
+                          num_query_groups=2)
+    width = teacher.model_copy(update={"hidden_size": 48, "ffn_hidden_size": 64})
+    n = depth_target(teacher, width).num_layers
+    params = lambda k: teacher.model_copy(update={"num_layers": k}).num_params()  # noqa: E731
+    assert all(abs(params(n) - width.num_params()) <= abs(params(k) - width.num_params()) for k in range(1, 10))
+
+
+def test_bench_end_to_end(inputs, tmp_path):  # noqa: F811
+    out = tmp_path / "bench"
+    proc = cli("bench", str(tiny_bench(inputs, out)), "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(f"{out}-quick")
+    report = json.loads((out / "report.json").read_text())
+    results, derived = report["results"], report["derived"]
+
+    def loss(name: str) -> float:
+        return json.loads((out / "eval" / f"{name}.json").read_text())["loss"]
+
+    # The report's numbers are the stages' own.
+    assert results["teacher_loss"] == loss("eval_teacher")
+    pruned, distilled = loss("ours_eval_pruned"), loss("recovery_eval_trained")
+    assert derived["recovery"] == pytest.approx((pruned - distilled) / (pruned - loss("eval_teacher")))
+    assert results["recovery"]["tokens"] == 128  # quick_budgets
+    for arm in ("random", "magnitude", "ce", "scratch", "depth", "corrected"):
+        assert derived["vs_ours"][arm] == pytest.approx(loss(f"{arm}_eval_trained") - loss("ours_eval_trained"))
+    assert results["depth"]["num_layers"] < 4
+    assert [a["pruned_loss"] for a in results["aggregation"]] == [pruned, loss("agg_l2_mean_eval_pruned")]
+    assert results["iterative"]["pruned_loss"] == loss("iterative_eval_pruned")
+    assert json.loads((out / "iterative.step2" / "pruned" / "model_config.json").read_text())["hidden_size"] == 48
+    # The from-scratch student starts from random weights: far worse than the pruned one before training.
+    scratch_first = results["scratch"]["curve"]["train"][0][1]
+    assert scratch_first > results["ce"]["curve"]["train"][0][1] + 1.0
+    text = (out / "report.md").read_text()
+    assert f"{derived['recovery']:.3f}" in text and "| width beats depth after KD |" in text
+    assert (out / "recovery.png").stat().st_size > 0 and (out / "arms.png").stat().st_size > 0
+    assert (out / "results.md").read_text().strip()
+
+    again = cli("bench", str(tiny_bench(inputs, tmp_path / "bench")), "--quick")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {"data", "ours.train", "scratch.train", "iterative.eval_pruned"} <= skipped(again.stdout)
+    assert json.loads((out / "report.json").read_text())["derived"]["recovery"] == derived["recovery"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"iterative_steps": [{"num_attention_heads": 2}]}, "iterative_steps: the steps must end at target"),
+    ({"iterative_steps": [{"hidden_size": 40}]}, "target.hidden_size 48 is larger than the source's 40"),
+    ({"target": {"hidden_size": 4096}}, "target.hidden_size 4096 is larger than the source's 64"),
+    ({"aggregations": [["l2", "l2"]]}, "aggregations: include importance's own (mean, l2)"),
+])
+def test_bad_bench_config_is_one_line(inputs, tmp_path, changes, message):  # noqa: F811
+    proc = cli("bench", str(tiny_bench(inputs, tmp_path / "bench", **changes)))
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "bench").exists()
+
+
+def test_quick_is_a_bench_option():
+    proc = cli("eval", "--quick")
+    assert proc.returncode == 2 and "--quick is an option of the bench stage" in proc.stderr
