@@ -46,6 +46,7 @@ def validate(cfg: BenchConfig) -> None:
     """Checks that need no compute: teacher, corpus, targets, and the scripts and peers the bench runs."""
     teacher = read_model_config(resolve_model_dir(cfg.teacher))
     list_input_files(cfg.data.input)
+    target = target_config(teacher, cfg.target)
     shape = teacher
     for i, step in enumerate(cfg.iterative_steps):
         try:
@@ -53,7 +54,7 @@ def validate(cfg: BenchConfig) -> None:
         except UserError as exc:
             raise UserError(f"iterative_steps[{i}]: {exc}") from None
     shape = target_config(shape, cfg.target)
-    if shape != target_config(teacher, cfg.target):
+    if shape != target:
         raise UserError("iterative_steps: the steps must end at target")
     if (cfg.speed or cfg.peers.modelopt) and not BENCHMARKS.is_dir():
         raise UserError(f"{BENCHMARKS}: the benchmark scripts are missing (install from a source checkout)")
