@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 H200_PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
 SKIPPED_WITHOUT_TE = "skipped: needs CUDA and Transformer Engine"
@@ -280,24 +280,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
+    """The sizes of the flags, defaults from FULL or TINY; one-line error for impossible ones."""
     base = TINY if args.tiny else FULL
+
+    def pick(value: Optional[int], default: int) -> int:
+        return default if value is None else value
+
     sizes = Sizes(
-        seq_length=args.seq_length or base.seq_length,
-        micro_batch_size=args.micro_batch_size or base.micro_batch_size,
-        global_batch_size=args.global_batch_size or base.global_batch_size,
-        warmup_steps=base.warmup_steps if args.warmup_steps is None else args.warmup_steps,
-        timed_steps=args.steps or base.timed_steps,
+        seq_length=pick(args.seq_length, base.seq_length),
+        micro_batch_size=pick(args.micro_batch_size, base.micro_batch_size),
+        global_batch_size=pick(args.global_batch_size, base.global_batch_size),
+        warmup_steps=pick(args.warmup_steps, base.warmup_steps),
+        timed_steps=pick(args.steps, base.timed_steps),
     )
     if min(sizes.seq_length, sizes.micro_batch_size, sizes.global_batch_size, sizes.timed_steps) < 1 \
             or sizes.warmup_steps < 0:
-        fail("sizes and step counts must be positive")
+        fail("sizes and timed steps must be at least 1, warm-up steps at least 0")
     if sizes.global_batch_size % sizes.micro_batch_size:
         fail(f"--global-batch-size {sizes.global_batch_size} is not divisible by --micro-batch-size "
              f"{sizes.micro_batch_size}")
+    if min(args.peak_bf16_tflops, args.peak_fp8_tflops) <= 0:
+        fail("peak TFLOP/s must be positive")
     return sizes
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"gpu_check: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -312,17 +319,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
-    from nemo_minitron.models.builder import FP8_MULTIPLE, te_available
+    from nemo_minitron.distill.trainer import check_fp8_train
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.models.builder import te_available
     from nemo_minitron.parallel import state
 
-    if args.device == "cuda":
+    with_te = args.device == "cuda"
+    if with_te:
         if not torch.cuda.is_available():
             fail("no CUDA device: run on a GPU, or use --device cpu --tiny")
         if not te_available():
             fail("Transformer Engine is not importable: pip install -e .[gpu] (or use the NGC PyTorch image)")
-    with_te = args.device == "cuda"
-    if with_te and sizes.seq_length * sizes.micro_batch_size % FP8_MULTIPLE:
-        fail(f"FP8 needs --seq-length x --micro-batch-size to be a multiple of {FP8_MULTIPLE}")
+        try:
+            check_fp8_train(args.fp8, sizes.seq_length, compiled=False)
+        except UserError as exc:
+            fail(f"{exc} (--seq-length)")
 
     import megatron.core
 

@@ -11,7 +11,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"
 limit="${GPU_CHECK_TIMEOUT_S:-480}"
 status=0
-timeout "$limit" "${PYTHON:-python}" benchmarks/gpu_check.py "$@" || status=$?
+timeout "$limit" "${PYTHON:-python3}" benchmarks/gpu_check.py "$@" || status=$?
 if [ "$status" -eq 124 ]; then
   echo "gpu_check: error: did not finish within $limit s" >&2
 fi
