@@ -51,20 +51,30 @@ def test_a_distillation_step_on_the_te_spec_is_finite(fp8, single_rank, tmp_path
 # ------------------------------------------------------------------------------------------ anywhere
 
 
-def test_fp8_on_a_machine_without_cuda_and_te_is_refused_before_compute(tiny_hf_dirs, tmp_path, capsys):
+@pytest.mark.parametrize("stage", ["distill", "run"])
+def test_fp8_on_a_machine_without_cuda_and_te_is_refused_before_compute(stage, tiny_hf_dirs, tmp_path, capsys):
     if te_available():
         pytest.skip("this machine has CUDA and Transformer Engine")
     from nemo_minitron.cli import main
 
-    model = tiny_hf_dirs["untied"]
-    args = [f"student={model}", f"teacher={model}", f"data={tmp_path / 'data'}", f"output={tmp_path / 'out'}",
-            "train.seq_length=16", "train.micro_batch_size=2", "train.global_batch_size=2", "train.max_steps=1",
-            "train.fp8=hybrid"]
-    assert main(["distill"] + args) == 2
+    model, out = tiny_hf_dirs["untied"], tmp_path / "out"
+    if stage == "distill":
+        args = [f"student={model}", f"teacher={model}", f"data={tmp_path / 'data'}", f"output={out}",
+                "train.seq_length=16", "train.micro_batch_size=2", "train.global_batch_size=2", "train.max_steps=1",
+                "train.fp8=hybrid"]
+    else:
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        for name in ("a", "b"):
+            (corpus / f"{name}.txt").write_text("To be, or not to be.\n", encoding="utf-8")
+        args = [f"output={out}", f"teacher={model}", f"data.input={corpus}",
+                "schedule=[{target: {hidden_size: 48}, kd_tokens: 64}]", "distill.train.seq_length=16",
+                "distill.train.fp8=hybrid"]
+    assert main([stage] + args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("nemo-minitron distill: error: train.fp8 hybrid needs CUDA and Transformer Engine "
+    assert err == (f"nemo-minitron {stage}: error: train.fp8 hybrid needs CUDA and Transformer Engine "
                    "(pip install -e .[gpu]); leave it unset to train in bf16"), err
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 def test_fp8_needs_gemm_dimensions_that_are_multiples_of_16():
