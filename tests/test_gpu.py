@@ -89,7 +89,8 @@ def test_fp8_needs_gemm_dimensions_that_are_multiples_of_16():
     for change, message in [
         ({"hidden_size": 2056, "head_dim": 64}, "hidden_size is 2056"),
         ({"ffn_hidden_size": 8200}, "ffn_hidden_size / TP is 8200"),
-        ({"num_attention_heads": 10, "num_query_groups": 2, "head_dim": 60}, "num_attention_heads x head_dim / TP is 600"),
+        ({"num_attention_heads": 10, "num_query_groups": 2, "head_dim": 60},
+         "num_attention_heads x head_dim / TP is 600"),
         ({"num_query_groups": 4, "head_dim": 62}, "num_query_groups x head_dim / TP is 248"),
     ]:
         with pytest.raises(UserError, match="fp8 needs GEMM dimensions that are multiples of 16: " + message):
