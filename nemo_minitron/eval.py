@@ -95,7 +95,7 @@ def token_loss_sums(model, vocab_size: int, micro_batches: list[torch.Tensor]) -
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for out in forward_backward(model, micro_batches, loss_fn, forward_only=True):
-            total += torch.stack([out["sum"], out["count"].double()])
+            total += torch.stack([out["sum"].cpu(), out["count"].double()])
     return total
 
 

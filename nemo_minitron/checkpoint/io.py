@@ -30,7 +30,7 @@ from nemo_minitron.checkpoint.hf import (
 from nemo_minitron.checkpoint.gguf_export import read_tokenizer, write_gguf
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_directory, atomic_file
-from nemo_minitron.models.builder import build_model
+from nemo_minitron.models.builder import Fp8, build_model
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
@@ -73,24 +73,27 @@ def _tensor_getter(path: Path, cfg: ModelConfig) -> Callable[[str], torch.Tensor
     return canonical_getter(tensors, cfg)
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None) -> LoadedModel:
-    """Build this rank's shard of the model at ``ref`` and fill it (needs :func:`state.initialize`)."""
+def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
+               fp8: Optional[Fp8] = None) -> LoadedModel:
+    """Build this rank's shard of the model at ``ref`` and fill it (needs :func:`state.initialize`).
+    ``use_te`` and ``fp8`` as in :func:`build_model`."""
     path = resolve_model_dir(ref)
     cfg = read_model_config(path)
     check_divisible(cfg, state.tp_size(), state.pp_size())
-    model = build_model(cfg, dtype=dtype, use_te=use_te)
+    model = build_model(cfg, dtype=dtype, use_te=use_te, fp8=fp8)
     load_canonical(model, cfg, _tensor_getter(path, cfg))
     model.eval()
     return LoadedModel(cfg=cfg, model=model, tokenizer_dir=path)
 
 
-def new_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None) -> LoadedModel:
+def new_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
+              fp8: Optional[Fp8] = None) -> LoadedModel:
     """The architecture of the model at ``ref`` with freshly initialised weights (megatron's initialisation,
     seeded by :func:`state.initialize`); its weights are never read."""
     path = resolve_model_dir(ref)
     cfg = read_model_config(path)
     check_divisible(cfg, state.tp_size(), state.pp_size())
-    return LoadedModel(cfg=cfg, model=build_model(cfg, dtype=dtype, use_te=use_te), tokenizer_dir=path)
+    return LoadedModel(cfg=cfg, model=build_model(cfg, dtype=dtype, use_te=use_te, fp8=fp8), tokenizer_dir=path)
 
 
 def _write(

@@ -49,7 +49,7 @@ from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_w
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval import DTYPES
 from nemo_minitron.fsutil import atomic_write_text, check_can_create, remove_leftovers
-from nemo_minitron.models.builder import compile_layers
+from nemo_minitron.models.builder import FP8_MULTIPLE, Fp8, check_fp8_shapes, compile_layers, te_available
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import grads, state
 from nemo_minitron.parallel.schedule import forward_backward
@@ -71,6 +71,9 @@ class TrainConfig(StrictModel):
     compile: bool = Field(False, description="torch.compile each transformer layer (TP = PP = 1, no "
                                              "intermediate losses): fused element-wise work, compiled in the "
                                              "first steps")
+    fp8: Optional[Fp8] = Field(None, description="FP8 GEMMs in the transformer layers of student and teacher "
+                                                 "(Transformer Engine, delayed scaling; needs CUDA and TE): "
+                                                 "hybrid (E4M3 forward, E5M2 gradients) or e4m3")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -188,6 +191,18 @@ def run_meta(student: ModelConfig, train: TrainConfig, tp: int, pp: int) -> dict
     }
 
 
+def check_fp8_train(fp8: Fp8, seq_length: int, compiled: bool) -> None:
+    """What ``train.fp8`` needs besides the models' shapes: CUDA, Transformer Engine, and token counts per
+    micro-batch that FP8 GEMMs accept."""
+    if not te_available():
+        raise UserError(f"train.fp8 {fp8} needs CUDA and Transformer Engine (pip install -e .[gpu]); "
+                        "leave it unset to train in bf16")
+    if seq_length % FP8_MULTIPLE:
+        raise UserError(f"train.fp8 needs train.seq_length to be a multiple of {FP8_MULTIPLE}, not {seq_length}")
+    if compiled:
+        raise UserError("train.compile and train.fp8 cannot be combined")
+
+
 def validate(cfg: DistillConfig) -> None:
     """Every check that needs no compute."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -219,6 +234,14 @@ def validate(cfg: DistillConfig) -> None:
         raise UserError("loss.intermediate needs a teacher (mode kd)")
     if cfg.train.compile and (tp > 1 or pp > 1 or cfg.loss.intermediate.pairs):
         raise UserError("train.compile needs tensor and pipeline parallel sizes 1 and no loss.intermediate pairs")
+    if cfg.train.fp8:
+        check_fp8_train(cfg.train.fp8, cfg.train.seq_length, cfg.train.compile)
+        check_fp8_shapes(student, tp)
+        if cfg.mode == "kd":
+            try:
+                check_fp8_shapes(teacher, tp)
+            except UserError as exc:
+                raise UserError(f"teacher: {exc}") from None
     data = Path(cfg.data)
     if not (data / META_FILE).is_file():
         raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
@@ -300,6 +323,11 @@ class Trainer:
         self.student, self.teacher = student, teacher
         self.output, self.train_cfg, self.optim_cfg = output, train, optim
         self.loss_cfg, self.ckpt_cfg, self.eval_cfg, self.log_cfg = loss, checkpoint, evaluation, log
+        for name, model in (("student", student), ("teacher", teacher)):
+            built = None if model is None else model.model.config.fp8
+            if model is not None and built != train.fp8:
+                raise UserError(f"train.fp8 is {train.fp8} but the {name} was built with fp8={built} "
+                                "(load it with load_model(..., fp8=train.fp8))")
         self.pair = DistillationPair(student.model, teacher.model if teacher else None)
         if train.compile:
             for model in (student, teacher):
@@ -616,9 +644,11 @@ def run_distill(cfg: DistillConfig) -> dict:
     """CLI stage: load teacher and student, train, save the student as ``<output>/final``."""
     validate(cfg)
     state.initialize(cfg.parallel, cfg.train.seed)
-    student = (load_model if cfg.student_init == "checkpoint" else new_model)(cfg.student, dtype=DTYPES[cfg.train.dtype])
+    fp8 = cfg.train.fp8
+    make_student = load_model if cfg.student_init == "checkpoint" else new_model
+    student = make_student(cfg.student, dtype=DTYPES[cfg.train.dtype], fp8=fp8)
     student.model.train()
-    teacher = load_model(cfg.teacher, dtype=DTYPES[cfg.train.teacher_dtype]) if cfg.mode == "kd" else None
+    teacher = load_model(cfg.teacher, dtype=DTYPES[cfg.train.teacher_dtype], fp8=fp8) if cfg.mode == "kd" else None
     result = distill(student, teacher, cfg.data, cfg.output, cfg.train, cfg.optim, cfg.loss, cfg.checkpoint,
                      cfg.eval, cfg.log)
     final = Path(cfg.output) / "final"

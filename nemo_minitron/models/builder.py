@@ -4,6 +4,10 @@
 The Transformer Engine layer spec is used when TE imports and CUDA is present (BF16, optionally FP8);
 otherwise megatron-core's local spec (``torch.nn.RMSNorm``) with PyTorch's fused attention
 (:mod:`nemo_minitron.models.attention`), which runs on CPU.
+
+FP8 (``fp8="hybrid"``: E4M3 forward, E5M2 gradients; ``"e4m3"``: E4M3 both ways) uses TE's delayed scaling.
+megatron-core's ``TransformerBlock`` enters TE's ``fp8_autocast`` around its layers itself when the config
+sets ``fp8``, so the forward needs no wrapping here; the embedding and the output projection keep the model dtype.
 """
 
 from __future__ import annotations
@@ -13,9 +17,14 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.cpu import cuda_available
+
+Fp8 = Literal["hybrid", "e4m3"]
+# Transformer Engine's FP8 GEMMs need every matrix dimension to be a multiple of 16.
+FP8_MULTIPLE = 16
 
 
 def te_available() -> bool:
@@ -31,7 +40,7 @@ def te_available() -> bool:
 def transformer_config(
     cfg: ModelConfig,
     dtype: torch.dtype = torch.float32,
-    fp8: Optional[Literal["hybrid", "e4m3"]] = None,
+    fp8: Optional[Fp8] = None,
 ):
     """megatron's ``TransformerConfig`` for ``cfg`` at the current TP/PP sizes."""
     from megatron.core.transformer import TransformerConfig
@@ -79,6 +88,20 @@ def transformer_config(
     )
 
 
+def check_fp8_shapes(cfg: ModelConfig, tp: int) -> None:
+    """One-line error unless every GEMM dimension of a layer of ``cfg`` on one of ``tp`` tensor-parallel ranks
+    is a multiple of 16."""
+    d = cfg.kv_channels
+    for name, value in (
+        ("hidden_size", cfg.hidden_size),
+        ("ffn_hidden_size / TP", cfg.ffn_hidden_size // tp),
+        ("num_attention_heads x head_dim / TP", cfg.num_attention_heads * d // tp),
+        ("num_query_groups x head_dim / TP", cfg.num_query_groups * d // tp),
+    ):
+        if value % FP8_MULTIPLE:
+            raise UserError(f"fp8 needs GEMM dimensions that are multiples of {FP8_MULTIPLE}: {name} is {value}")
+
+
 def layer_spec(use_te: bool):
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -95,12 +118,18 @@ def build_model(
     cfg: ModelConfig,
     dtype: torch.dtype = torch.float32,
     use_te: Optional[bool] = None,
-    fp8: Optional[Literal["hybrid", "e4m3"]] = None,
+    fp8: Optional[Fp8] = None,
 ):
-    """This rank's part (its pipeline stage, its tensor shard) of the model. Needs :func:`state.initialize`."""
+    """This rank's part (its pipeline stage, its tensor shard) of the model. Needs :func:`state.initialize`.
+
+    ``use_te`` None picks the TE spec when TE and CUDA are present; ``fp8`` needs the TE spec."""
     from megatron.core.models.gpt import GPTModel
 
     use_te = te_available() if use_te is None else use_te
+    if fp8 is not None:
+        if not use_te:
+            raise UserError("fp8 needs the Transformer Engine layer spec (CUDA and transformer_engine)")
+        check_fp8_shapes(cfg, state.tp_size())
     model = GPTModel(
         config=transformer_config(cfg, dtype, fp8),
         transformer_layer_spec=layer_spec(use_te),

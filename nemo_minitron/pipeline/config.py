@@ -20,6 +20,7 @@ from nemo_minitron.distill.trainer import (
     LossConfig,
     OptimConfig,
 )
+from nemo_minitron.models.builder import Fp8
 from nemo_minitron.parallel.state import ParallelConfig
 from nemo_minitron.prune.stage import ImportanceConfig, PruneTarget
 
@@ -56,6 +57,7 @@ class RunTrain(StrictModel):
     seed: int = 1234
     max_skipped_steps: int = Field(10, ge=0)
     compile: bool = Field(False, description="torch.compile the layers (see distill's train.compile)")
+    fp8: Optional[Fp8] = Field(None, description="FP8 transformer layers (see distill's train.fp8)")
 
     @model_validator(mode="after")
     def _batches(self) -> "RunTrain":

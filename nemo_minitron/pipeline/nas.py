@@ -21,9 +21,10 @@ from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data import TokenDataset, eval_windows
-from nemo_minitron.distill.trainer import CheckpointConfig, LogConfig, TrainConfig, distill
+from nemo_minitron.distill.trainer import CheckpointConfig, LogConfig, TrainConfig, check_fp8_train, distill
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval import DTYPES, windows_loss_sums
+from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.sharding import check_divisible
@@ -66,10 +67,11 @@ def budget(params: float, reference: ModelConfig) -> int:
     return round(params * reference.num_params()) if params <= 1 else int(params)
 
 
-def candidates(src: ModelConfig, cfg: NASConfig, max_params: int, tp: int = 1, pp: int = 1) -> list[PruneTarget]:
+def candidates(src: ModelConfig, cfg: NASConfig, max_params: int, tp: int = 1, pp: int = 1,
+               fp8: bool = False) -> list[PruneTarget]:
     """Targets from the search space that ``src`` can be cut to, that split into ``tp``/``pp``, that
-    transformers can load, and whose parameter count is in ``[max_params * (1 - tolerance), max_params]``;
-    largest first, at most ``max_candidates``."""
+    transformers can load (with ``fp8``: that FP8 GEMMs accept), and whose parameter count is in
+    ``[max_params * (1 - tolerance), max_params]``; largest first, at most ``max_candidates``."""
     axes = [getattr(cfg.search, k) or [getattr(src, k)] for k in SEARCH_KEYS]
     found: list[tuple[int, PruneTarget]] = []
     for values in itertools.product(*axes):
@@ -78,6 +80,8 @@ def candidates(src: ModelConfig, cfg: NASConfig, max_params: int, tp: int = 1, p
             shape = target_config(src, target)
             check_divisible(shape, tp, pp)
             check_exportable(shape)
+            if fp8:
+                check_fp8_shapes(shape, tp)
         except UserError:
             continue
         n = shape.num_params()
@@ -100,7 +104,11 @@ def validate(cfg: NASStageConfig) -> list[PruneTarget]:
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     check_divisible(src, tp, pp)
     limit = budget(cfg.params, src)
-    found = candidates(src, cfg.nas, limit, tp, pp)
+    train = cfg.distill.train
+    if train.fp8:
+        # Candidates are distilled in FP8 here or, the winner, later in the run: only FP8-able shapes qualify.
+        check_fp8_train(train.fp8, train.seq_length, train.compile)
+    found = candidates(src, cfg.nas, limit, tp, pp, fp8=bool(train.fp8))
     if not found:
         raise UserError(f"nas: no candidate of the search space has {limit * (1 - cfg.nas.tolerance):,.0f}.."
                         f"{limit:,} parameters (the model has {src.num_params():,}); widen nas.search or tolerance")
@@ -160,7 +168,9 @@ def run_nas(cfg: NASStageConfig) -> dict:
     table.sort(key=lambda row: row["loss_pruned"])
     for rank, row in enumerate(table, 1):
         row["rank_pruned"] = rank
-    teacher = load_model(cfg.teacher, dtype=DTYPES[cfg.distill.train.teacher_dtype]) if cfg.nas.short_kd_tokens else None
+    fp8 = cfg.distill.train.fp8
+    teacher = (load_model(cfg.teacher, dtype=DTYPES[cfg.distill.train.teacher_dtype], fp8=fp8)
+               if cfg.nas.short_kd_tokens else None)
     shortlist = table[: cfg.nas.top_k]
     for row in shortlist:
         home = out / "candidates" / row["name"]
@@ -171,14 +181,14 @@ def run_nas(cfg: NASStageConfig) -> dict:
         if teacher is None:
             row["loss_short_kd"], row["student"] = row["loss_pruned"], row["pruned"]
             continue
-        student = load_model(row["pruned"], dtype=DTYPES[cfg.distill.train.dtype])
+        student = load_model(row["pruned"], dtype=DTYPES[cfg.distill.train.dtype], fp8=fp8)
         train = cfg.distill.train
         result = distill(
             student, teacher, cfg.data, home / "short_kd",
             TrainConfig(seq_length=train.seq_length, micro_batch_size=train.micro_batch_size,
                         global_batch_size=train.global_batch_size, max_tokens=cfg.nas.short_kd_tokens,
                         dtype=train.dtype, teacher_dtype=train.teacher_dtype, seed=train.seed,
-                        compile=train.compile),
+                        compile=train.compile, fp8=train.fp8),
             cfg.distill.optim, cfg.distill.loss,
             CheckpointConfig(every_steps=10**9, keep_last=1, resume=False),
             cfg.distill.eval.model_copy(update={"every_steps": 0}),

@@ -19,9 +19,10 @@ from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 from nemo_minitron.config import StrictModel
 from nemo_minitron.convert import ConvertConfig
 from nemo_minitron.data.prepare import PrepareDataConfig, list_input_files
-from nemo_minitron.distill.trainer import DistillConfig, LossConfig, TrainConfig
+from nemo_minitron.distill.trainer import DistillConfig, LossConfig, TrainConfig, check_fp8_train
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval import EvalConfig
+from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline import report
 from nemo_minitron.pipeline.config import RunConfig, ScheduleStep
@@ -49,6 +50,13 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"rerun_from: no stage {cfg.rerun_from!r}; stages: {', '.join(stage_keys(cfg))}")
     shape = teacher
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    train = cfg.distill.train
+    if train.fp8:
+        check_fp8_train(train.fp8, train.seq_length, train.compile)
+        try:
+            check_fp8_shapes(teacher, tp)
+        except UserError as exc:
+            raise UserError(f"teacher: {exc}") from None
     for i, step in enumerate(cfg.schedule, 1):
         try:
             shape = _step_shape(cfg, step, shape, teacher, tp, pp)
@@ -64,8 +72,10 @@ def _step_shape(cfg: RunConfig, step: ScheduleStep, shape: ModelConfig, teacher:
     if step.target is not None:
         new = target_config(shape, step.target)
         check_divisible(new, tp, pp)
+        if cfg.distill.train.fp8:
+            check_fp8_shapes(new, tp)
         return new
-    found = candidates(shape, cfg.nas, budget(step.params, teacher), tp, pp)
+    found = candidates(shape, cfg.nas, budget(step.params, teacher), tp, pp, fp8=bool(cfg.distill.train.fp8))
     if not found:
         raise UserError(f"nas: no candidate of nas.search within {budget(step.params, teacher):,} parameters "
                         f"(-{cfg.nas.tolerance:.0%})")
@@ -127,7 +137,7 @@ class Runner:
         return TrainConfig(seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                            global_batch_size=t.global_batch_size, max_tokens=tokens, dtype=t.dtype,
                            teacher_dtype=t.teacher_dtype, seed=t.seed, max_skipped_steps=t.max_skipped_steps,
-                           compile=t.compile)
+                           compile=t.compile, fp8=t.fp8)
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
                 optim=None, student_init: str = "checkpoint") -> dict:

@@ -172,7 +172,7 @@ def activation_importance(
             x_in, x_out = kwargs["hidden_states"].float(), output[0].float()
             one_minus_cos = (1 - torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)).double()
             acc = block.setdefault(idx, torch.zeros(2, dtype=torch.float64))
-            acc += torch.stack([one_minus_cos.sum(), torch.tensor(float(one_minus_cos.numel()))])
+            acc += torch.stack([one_minus_cos.sum().cpu(), torch.tensor(float(one_minus_cos.numel()))])
 
         return hook
 
