@@ -137,13 +137,14 @@ def test_cli_compares_both_pruners(teacher_with_data, tmp_path):
         [sys.executable, str(ROOT / "benchmarks/modelopt_peer.py"), str(ROOT / "conf/prune/smollm2_width_55.yaml"),
          f"model={model}", f"calibration.data={data}", "calibration.num_samples=8", "calibration.seq_length=32",
          "calibration.micro_batch_size=4", "target.hidden_size=48", "target.ffn_hidden_size=64",
-         "--workdir", str(tmp_path / "bench")],
+         "--workdir", str(tmp_path / "bench"), "--repeats", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["params"]["ours"] == result["params"]["modelopt"] < result["params"]["teacher"]
     assert set(result["overlap"]) == {"layers", "channels", "heads", "neurons"}
+    assert all(len(runs) == 2 for runs in result["seconds"]["runs"].values())
     assert json.loads((tmp_path / "bench/comparison.json").read_text()) == result
     assert (tmp_path / "bench/ours/model_config.json").is_file()
     assert (tmp_path / "bench/modelopt/model_config.json").is_file()
