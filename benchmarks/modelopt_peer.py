@@ -234,6 +234,7 @@ def prune_with_modelopt(teacher: str, target: PruneTarget, calibration: Calibrat
     its ``params``, the largest logit difference after reloading and the kept units (``selection``).
     """
     require_modelopt()
+    output = Path(output)
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     export_config(read_model_config(resolve_model_dir(teacher)), target)
