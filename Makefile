@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install setup run test test-all test-reliability test-slurm install-llama-cpp test-gguf clean-runs
+.PHONY: install setup run test test-all test-reliability test-slurm install-llama-cpp test-gguf install-modelopt \
+	test-modelopt clean-runs
 
 install: $(STAMP)
 
@@ -28,7 +29,7 @@ run: setup
 	$(BIN)/nemo-minitron run conf/run/smollm2_width_55.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not modelopt" tests
 
 # Kill and resume, bad inputs, untrusted files, non-finite steps, a full disk (also part of `make test`).
 test-reliability: $(STAMP)
@@ -61,6 +62,19 @@ $(LLAMA_CPP_STAMP): $(STAMP) requirements/llamacpp.txt
 
 test-gguf: $(LLAMA_CPP_STAMP)
 	$(BIN)/python -m pytest -q -m llamacpp tests
+
+# NVIDIA ModelOpt, the peer of benchmarks/modelopt_peer.py and tests/test_modelopt_peer.py (pinned in
+# requirements/modelopt.txt; the CPU torch of constraints.txt stays).
+MODELOPT_STAMP := $(VENV)/.modelopt-installed
+
+install-modelopt: $(MODELOPT_STAMP)
+
+$(MODELOPT_STAMP): $(STAMP) requirements/modelopt.txt
+	$(PIP) install -c requirements/constraints.txt -r requirements/modelopt.txt
+	touch $(MODELOPT_STAMP)
+
+test-modelopt: $(MODELOPT_STAMP)
+	$(BIN)/python -m pytest -q -m modelopt tests
 
 clean-runs:
 	rm -rf runs

@@ -36,6 +36,7 @@ TINY_MODELS = {
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs longer than a minute (make test-all)")
     config.addinivalue_line("markers", "llamacpp: reads exports with llama.cpp (make test-gguf)")
+    config.addinivalue_line("markers", "modelopt: compares with NVIDIA ModelOpt's pruning (make test-modelopt)")
 
 
 def clean_dist_env() -> None:
