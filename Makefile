@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: install setup run test test-all test-reliability test-slurm install-llama-cpp test-gguf install-modelopt \
-	test-modelopt clean-runs
+	test-modelopt bench bench-quick clean-runs
 
 install: $(STAMP)
 
@@ -75,6 +75,14 @@ $(MODELOPT_STAMP): $(STAMP) requirements/modelopt.txt
 
 test-modelopt: $(MODELOPT_STAMP)
 	$(BIN)/python -m pytest -q -m modelopt tests
+
+# The benchmark of conf/bench/smollm2.yaml (README "Benchmarks"): bench/report.md, report.json and plots.
+# Resumable: a rerun skips the stages that finished. --quick: the same arms on tiny budgets, in bench-quick/.
+bench: setup $(MODELOPT_STAMP)
+	$(BIN)/nemo-minitron bench conf/bench/smollm2.yaml
+
+bench-quick: setup $(MODELOPT_STAMP)
+	$(BIN)/nemo-minitron bench conf/bench/smollm2.yaml --quick
 
 clean-runs:
 	rm -rf runs

@@ -114,3 +114,22 @@ def test_bad_bench_config_is_one_line(inputs, tmp_path, changes, message):  # no
 def test_quick_is_a_bench_option():
     proc = cli("eval", "--quick")
     assert proc.returncode == 2 and "--quick is an option of the bench stage" in proc.stderr
+
+
+@pytest.mark.modelopt
+def test_bench_with_the_modelopt_peer(inputs, tmp_path):  # noqa: F811
+    pytest.importorskip("modelopt", reason="NVIDIA ModelOpt is not installed (make install-modelopt)")
+    out = tmp_path / "bench"
+    proc = cli("bench", str(tiny_bench(inputs, out, peers={"modelopt": True})))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    peer, derived = report["results"]["modelopt"], report["derived"]["modelopt"]
+    comparison = json.loads((out / "modelopt" / "comparison.json").read_text())
+    assert peer["modelopt_importance_s"] == comparison["seconds"]["modelopt_prune"]
+    pruned = json.loads((out / "eval" / "modelopt_eval_pruned.json").read_text())["loss"]
+    trained = json.loads((out / "eval" / "modelopt_eval_trained.json").read_text())["loss"]
+    ours = report["results"]["ours"]
+    assert derived["pruned"] == pytest.approx(pruned - ours["pruned_loss"])
+    assert derived["trained"] == pytest.approx(trained - ours["loss"])
+    assert json.loads((out / "modelopt" / "modelopt" / "model_config.json").read_text())["hidden_size"] == 48
+    assert "| NVIDIA ModelOpt 0.43.0 vs ours |" in (out / "report.md").read_text()

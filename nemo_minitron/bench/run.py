@@ -65,10 +65,10 @@ def validate(cfg: BenchConfig) -> None:
         raise UserError("rerun_from: give a stage name")
 
 
-def _script(name: str, args: list[str], out: Path) -> dict:
-    """Run ``benchmarks/<name>`` with ``--json out``; its results."""
+def _script(name: str, args: list[str], out: Path, json_flag: bool = True) -> dict:
+    """Run ``benchmarks/<name>`` (with ``--json out`` unless it writes ``out`` itself); its results."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args, "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args, *(["--json", str(out)] if json_flag else [])],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"benchmarks/{name} failed (exit {proc.returncode}): "
@@ -192,20 +192,25 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
-    b, r = cfg.active, bench.r
-    pruned = bench.out / "modelopt" / "pruned"
-    t = cfg.target
-    args = ["--teacher", cfg.teacher, "--data", bench.data, "--output", str(pruned),
-            "--samples", str(bench.calibration.num_samples), "--seq", str(bench.calibration.seq_length),
-            "--micro-batch", str(bench.calibration.micro_batch_size), "--seed", str(bench.calibration.seed)]
-    for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"):
-        if getattr(t, key) is not None:
-            args += [f"--{key.replace('_', '-')}", str(getattr(t, key))]
-    config = {"script": "modelopt_peer.py", "args": args}
-    peer = r.task("modelopt.prune", config, lambda: _script("modelopt_peer.py", args, bench.out / "modelopt" / "prune.json"),
-                  [pruned])
-    return {**peer, "pruned_loss": r.eval("modelopt.eval_pruned", str(pruned))["loss"],
-            **bench.train("modelopt", "kd", str(pruned), cfg.teacher, b.compare_tokens)}
+    """ModelOpt prunes the teacher to the target on our calibration batches (benchmarks/modelopt_peer.py, which
+    also times our importance estimation in the same process), then our eval and distillation as for ours."""
+    peer = bench.out / "modelopt"
+    prune_cfg = PruneConfig(model=cfg.teacher, output=str(peer / "ours"), target=cfg.target,
+                            calibration=bench.calibration, importance=cfg.importance, dtype=cfg.prune_dtype,
+                            overwrite=True, seed=cfg.seed)
+
+    def work() -> dict:
+        peer.mkdir(parents=True, exist_ok=True)
+        (peer / "prune.json").write_text(prune_cfg.model_dump_json(indent=2))
+        return _script("modelopt_peer.py", [str(peer / "prune.json"), "--workdir", str(peer), "--overwrite"],
+                       peer / "comparison.json", json_flag=False)
+
+    found = bench.r.task("modelopt.prune", prune_cfg.model_dump(mode="json"), work, [peer])
+    pruned = found["students"]["modelopt"]
+    return {"ours_importance_s": found["seconds"]["ours_importance"],
+            "modelopt_importance_s": found["seconds"]["modelopt_prune"], "overlap": found["overlap"],
+            "pruned_loss": bench.r.eval("modelopt.eval_pruned", pruned)["loss"],
+            **bench.train("modelopt", "kd", pruned, cfg.teacher, cfg.active.compare_tokens)}
 
 
 def _speed(bench: _Bench, cfg: BenchConfig, student: str) -> dict:
