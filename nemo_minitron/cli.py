@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_minitron.config import StrictModel, load_config
-from nemo_minitron.errors import UserError, storage_error
+from nemo_minitron.errors import StoppedEarly, UserError, storage_error
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             cfg = load_config(stages[ns.stage].config, config_path, overrides)
         result = run_stage(ns.stage, cfg)
+    except StoppedEarly as exc:
+        print(f"nemo-minitron {ns.stage}: {exc}", file=sys.stderr)
+        _print_result({"stopped_early": True})
+        return 0
     except UserError as exc:
         print(f"nemo-minitron {ns.stage}: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,12 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
+class StoppedEarly(Exception):
+    """A driver stage (``run``, ``bench``) whose distillation was stopped by SIGTERM: its checkpoint is kept and
+    the stage is not recorded as finished. The CLI prints the message and exits with status 0, as ``distill``
+    does after a SIGTERM; the same command resumes."""
+
+
 # Storage problems the user fixes outside the program: full disk or quota, a file size limit, a read-only or
 # unwritable file system, a path through a regular file.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,

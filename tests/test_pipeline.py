@@ -147,6 +147,29 @@ def test_run_end_to_end_skip_resume_and_changed_config(inputs) -> None:
     assert uninterrupted.keys() == after_kill.keys()
     assert all(torch.equal(uninterrupted[k], after_kill[k]) for k in uninterrupted)
 
+    # SIGTERM (pre-emption) during distillation: the run stops cleanly (status 0, "stopped_early", as distill
+    # does), the stage is not recorded as finished, and the next run resumes it to the same student.
+    termed_run = root / "termed"
+    config3 = tiny_run(inputs, termed_run)
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron.cli", "run", str(config3)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = termed_run / "step1" / "distill" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first distillation checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "stage step1.distill was stopped by SIGTERM" in stderr, stderr[-2000:]
+    assert json.loads(stdout[stdout.index("{"):]) == {"stopped_early": True}
+    assert "step1.distill" not in json.loads((termed_run / "pipeline.json").read_text())["stages"]
+    resumed = cli("run", str(config3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after_term = final_weights(termed_run)
+    assert all(torch.equal(uninterrupted[k], after_term[k]) for k in uninterrupted)
+
 
 def test_nas_then_iterative_step(inputs) -> None:
     """Step 1 searches 60-80% shapes (pruned, ranked, two short-listed get a short distillation); step 2 cuts

@@ -20,7 +20,7 @@ from nemo_minitron.config import StrictModel
 from nemo_minitron.convert import ConvertConfig
 from nemo_minitron.data.prepare import PrepareDataConfig, list_input_files
 from nemo_minitron.distill.trainer import DistillConfig, LossConfig, TrainConfig, check_fp8_train
-from nemo_minitron.errors import UserError
+from nemo_minitron.errors import StoppedEarly, UserError
 from nemo_minitron.eval import EvalConfig
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
@@ -119,6 +119,10 @@ class Runner:
         start = time.perf_counter()
         result = _jsonable(work())
         seconds = time.perf_counter() - start
+        if isinstance(result, dict) and result.get("stopped_early"):
+            # A distillation stopped by SIGTERM (pre-emption) kept its checkpoint but did not finish.
+            raise StoppedEarly(f"stage {key} was stopped by SIGTERM after step {result['steps']} (its checkpoint is "
+                               "kept): run the same command again to resume")
         self.ledger.record(key, config, result, seconds, [str(p) for p in outputs])
         self.log.append({"stage": key, "seconds": seconds, "skipped": False})
         print(f"[run] {key}: {seconds:.0f} s", flush=True)
