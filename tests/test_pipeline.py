@@ -75,6 +75,20 @@ def skipped(stdout: str) -> set[str]:
     return {line.split()[1].rstrip(":") for line in stdout.splitlines() if line.endswith("finished before, skipped")}
 
 
+def run_until_first_checkpoint(config: Path, run: Path, **popen) -> subprocess.Popen:
+    """Start ``nemo-minitron run config`` and return it, still running, once step 1's distillation has written
+    its first checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron.cli", "run", str(config)], cwd=ROOT, **popen)
+    checkpoints = run / "step1" / "distill" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first distillation checkpoint"
+    return proc
+
+
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "step1" / "distill" / "final" / "model.safetensors")
 
@@ -127,15 +141,8 @@ def test_run_end_to_end_skip_resume_and_changed_config(inputs) -> None:
     # from its last checkpoint, and the student is the uninterrupted run's bit for bit.
     killed_run = root / "killed"
     config2 = tiny_run(inputs, killed_run)
-    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron.cli", "run", str(config2)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoints = killed_run / "step1" / "distill" / "checkpoints"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before its first distillation checkpoint"
+    proc = run_until_first_checkpoint(config2, killed_run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed_run / "step1" / "distill" / "final").exists()
@@ -151,15 +158,8 @@ def test_run_end_to_end_skip_resume_and_changed_config(inputs) -> None:
     # does), the stage is not recorded as finished, and the next run resumes it to the same student.
     termed_run = root / "termed"
     config3 = tiny_run(inputs, termed_run)
-    proc = subprocess.Popen([sys.executable, "-m", "nemo_minitron.cli", "run", str(config3)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoints = termed_run / "step1" / "distill" / "checkpoints"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before its first distillation checkpoint"
+    proc = run_until_first_checkpoint(config3, termed_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "stage step1.distill was stopped by SIGTERM" in stderr, stderr[-2000:]

@@ -7,7 +7,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
-from nemo_minitron.pipeline.config import RunCalibration, RunData, RunDistill, RunEval
+from nemo_minitron.pipeline.config import Dtype, RunCalibration, RunData, RunDistill, RunEval
 from nemo_minitron.prune import importance as imp_lib
 from nemo_minitron.prune.stage import ImportanceConfig, PruneTarget
 from nemo_minitron.parallel.state import ParallelConfig
@@ -55,7 +55,7 @@ class BenchConfig(StrictModel):
     quick: bool = Field(False, description="use quick_budgets (the CLI's --quick)")
     peers: Peers = Peers()
     speed: bool = Field(True, description="run the speed benchmarks of benchmarks/")
-    prune_dtype: str = Field("float32", pattern="^(float32|bfloat16)$")
+    prune_dtype: Dtype = Field("float32", description="precision of the importance passes")
     rerun_from: Optional[str] = Field(None, description="redo this stage and every later one")
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234

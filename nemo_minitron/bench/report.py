@@ -136,11 +136,11 @@ def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tupl
               f"{'agrees (|difference| < 0.05)' if abs(c['iterative_minus_one_shot']) < 0.05 else 'differs (|difference| >= 0.05)'} |",
               f"| mean over sequence, L2 over batch is best | best: {c['best_aggregation']['seq_agg']} / "
               f"{c['best_aggregation']['batch_agg']} | "
-              f"{'agrees' if (c['best_aggregation']['seq_agg'], c['best_aggregation']['batch_agg']) == ('mean', 'l2') else 'disagrees'} |",
-              "", "| aggregation (seq / batch) | loss after pruning |", "|---|---|"]
-    claims += [f"| {a['seq_agg']} / {a['batch_agg']} | {a['pruned_loss']:.4f} |" for a in results["aggregation"]]
-    claims.append(f"\nCorrected teacher held-out loss: {results['corrected']['teacher_loss']:.4f} "
-                  f"(original {t:.4f}, {b['correction_tokens']:,} CE tokens).")
+              f"{'agrees' if (c['best_aggregation']['seq_agg'], c['best_aggregation']['batch_agg']) == ('mean', 'l2') else 'disagrees'} |"]
+    details = ["", "| aggregation (seq / batch) | loss after pruning |", "|---|---|"]
+    details += [f"| {a['seq_agg']} / {a['batch_agg']} | {a['pruned_loss']:.4f} |" for a in results["aggregation"]]
+    details.append(f"\nCorrected teacher held-out loss: {results['corrected']['teacher_loss']:.4f} "
+                   f"(original {t:.4f}, {b['correction_tokens']:,} CE tokens).")
     peer = []
     if "modelopt" in d:
         m = d["modelopt"]
@@ -168,9 +168,9 @@ def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tupl
         f"| {e['stage']} | {e['seconds']:.0f}{' (earlier run)' if e['skipped'] else ''} |" for e in log]
     stages.append(f"| total | {total:.0f} ({total / 60:.1f} min) |")
     pictures = [""] + [f"![{p}]({p})" for p in plots]
-    report = "\n".join(["# Benchmark report", "", *head, *arms, "", "## The paper's claims", *claims,
+    report = "\n".join(["# Benchmark report", "", *head, *arms, "", "## The paper's claims", *claims, *details,
                         "", "## Peer", *peer, "", "## Speed", *speed, "", "## Wall time", *stages, *pictures]) + "\n"
-    short = "\n".join([*head, *arms, *claims[:8], *peer, *speed]) + "\n"
+    short = "\n".join([*head, *arms, *claims, *peer, *speed]) + "\n"
     return report, short
 
 

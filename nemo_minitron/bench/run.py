@@ -25,12 +25,12 @@ from pathlib import Path
 
 from nemo_minitron.bench.config import BenchConfig
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
-from nemo_minitron.data.prepare import PrepareDataConfig, list_input_files
+from nemo_minitron.data.prepare import list_input_files
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline.config import RunConfig, RunReport, ScheduleStep
 from nemo_minitron.pipeline.run import Runner
-from nemo_minitron.prune.stage import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget, target_config
+from nemo_minitron.prune.stage import ImportanceConfig, PruneConfig, PruneTarget, target_config
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -86,21 +86,13 @@ class _Bench:
             calibration=cfg.calibration.model_copy(update={"num_samples": b.calibration_samples}),
             importance=cfg.importance, schedule=[ScheduleStep(target=cfg.target, kd_tokens=b.compare_tokens)],
             distill=cfg.distill, eval=cfg.eval.model_copy(update={"max_windows": b.eval_windows}),
-            report=RunReport(generation_tokens=0), prune_dtype=cfg.prune_dtype, parallel=cfg.parallel,
-            seed=cfg.seed)
+            report=RunReport(generation_tokens=0), prune_dtype=cfg.prune_dtype, rerun_from=cfg.rerun_from,
+            parallel=cfg.parallel, seed=cfg.seed)
         self.r = Runner(run_cfg)
-        self.out = self.r.out
-        self.data = str(self.out / "data")
-        c = run_cfg.calibration
-        self.calibration = CalibrationConfig(data=self.data, num_samples=c.num_samples, seq_length=c.seq_length,
-                                             micro_batch_size=c.micro_batch_size, seed=c.seed)
+        self.out, self.data, self.calibration = self.r.out, self.r.data, self.r.calibration
 
     def prune(self, key: str, model: str, target: PruneTarget, importance: ImportanceConfig) -> str:
-        pruned = self.out / key / "pruned"
-        self.r.stage(f"{key}.prune", "prune", PruneConfig(
-            model=model, output=str(pruned), target=target, calibration=self.calibration, importance=importance,
-            dtype=self.cfg.prune_dtype, overwrite=True, parallel=self.cfg.parallel, seed=self.cfg.seed), [pruned])
-        return str(pruned)
+        return self.r.prune(f"{key}.prune", model, self.out / key / "pruned", target, importance)
 
     def arm(self, key: str, model: str, target: PruneTarget, importance: ImportanceConfig, teacher: str,
             tokens: int) -> dict:
@@ -132,18 +124,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     validate(cfg)
     bench = _Bench(cfg)
     r, b, out = bench.r, cfg.active, bench.out
-    if cfg.rerun_from is not None:
-        dropped = r.ledger.forget_from(cfg.rerun_from)
-        if dropped:
-            print(f"[bench] redoing: {', '.join(dropped)}", flush=True)
     teacher_cfg = read_model_config(resolve_model_dir(cfg.teacher))
     width_cfg = target_config(teacher_cfg, cfg.target)
     results: dict = {"budgets": b.model_dump(), "quick": cfg.quick, "teacher_params": teacher_cfg.num_params(),
                      "student_params": width_cfg.num_params()}
 
-    r.stage("data", "prepare-data", PrepareDataConfig(
-        input=cfg.data.input, tokenizer=cfg.teacher, output_dir=bench.data, valid_fraction=cfg.data.valid_fraction,
-        split_seed=cfg.data.split_seed, jsonl_text_key=cfg.data.jsonl_text_key), [out / "data"])
+    r.prepare_data()
     results["teacher_loss"] = r.eval("eval.teacher", cfg.teacher)["loss"]
 
     # Ours, at the comparison budget and at the recovery budget (the same pruned student).

@@ -73,19 +73,6 @@ def _tensor_getter(path: Path, cfg: ModelConfig) -> Callable[[str], torch.Tensor
     return canonical_getter(tensors, cfg)
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
-               fp8: Optional[Fp8] = None) -> LoadedModel:
-    """Build this rank's shard of the model at ``ref`` and fill it (needs :func:`state.initialize`).
-    ``use_te`` and ``fp8`` as in :func:`build_model`."""
-    path = resolve_model_dir(ref)
-    cfg = read_model_config(path)
-    check_divisible(cfg, state.tp_size(), state.pp_size())
-    model = build_model(cfg, dtype=dtype, use_te=use_te, fp8=fp8)
-    load_canonical(model, cfg, _tensor_getter(path, cfg))
-    model.eval()
-    return LoadedModel(cfg=cfg, model=model, tokenizer_dir=path)
-
-
 def new_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
               fp8: Optional[Fp8] = None) -> LoadedModel:
     """The architecture of the model at ``ref`` with freshly initialised weights (megatron's initialisation,
@@ -94,6 +81,16 @@ def new_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[boo
     cfg = read_model_config(path)
     check_divisible(cfg, state.tp_size(), state.pp_size())
     return LoadedModel(cfg=cfg, model=build_model(cfg, dtype=dtype, use_te=use_te, fp8=fp8), tokenizer_dir=path)
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
+               fp8: Optional[Fp8] = None) -> LoadedModel:
+    """Build this rank's shard of the model at ``ref`` and fill it (needs :func:`state.initialize`).
+    ``use_te`` and ``fp8`` as in :func:`build_model`."""
+    loaded = new_model(ref, dtype=dtype, use_te=use_te, fp8=fp8)
+    load_canonical(loaded.model, loaded.cfg, _tensor_getter(loaded.tokenizer_dir, loaded.cfg))
+    loaded.model.eval()
+    return loaded
 
 
 def _write(

@@ -238,10 +238,7 @@ def validate(cfg: DistillConfig) -> None:
         check_fp8_train(cfg.train.fp8, cfg.train.seq_length, cfg.train.compile)
         check_fp8_shapes(student, tp)
         if cfg.mode == "kd":
-            try:
-                check_fp8_shapes(teacher, tp)
-            except UserError as exc:
-                raise UserError(f"teacher: {exc}") from None
+            check_fp8_shapes(teacher, tp, model="teacher")
     data = Path(cfg.data)
     if not (data / META_FILE).is_file():
         raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")

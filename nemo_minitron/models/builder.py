@@ -88,9 +88,9 @@ def transformer_config(
     )
 
 
-def check_fp8_shapes(cfg: ModelConfig, tp: int) -> None:
-    """One-line error unless every GEMM dimension of a layer of ``cfg`` on one of ``tp`` tensor-parallel ranks
-    is a multiple of 16."""
+def check_fp8_shapes(cfg: ModelConfig, tp: int, model: str = "") -> None:
+    """One-line error (starting with ``model``, when given, e.g. "teacher") unless every GEMM dimension of a
+    layer of ``cfg`` on one of ``tp`` tensor-parallel ranks is a multiple of 16."""
     d = cfg.kv_channels
     for name, value in (
         ("hidden_size", cfg.hidden_size),
@@ -99,7 +99,8 @@ def check_fp8_shapes(cfg: ModelConfig, tp: int) -> None:
         ("num_query_groups x head_dim / TP", cfg.num_query_groups * d // tp),
     ):
         if value % FP8_MULTIPLE:
-            raise UserError(f"fp8 needs GEMM dimensions that are multiples of {FP8_MULTIPLE}: {name} is {value}")
+            raise UserError(f"{model + ': ' if model else ''}fp8 needs GEMM dimensions that are multiples of "
+                            f"{FP8_MULTIPLE}: {name} is {value}")
 
 
 def layer_spec(use_te: bool):

@@ -19,6 +19,7 @@ from nemo_minitron.distill.trainer import (
     LogConfig,
     LossConfig,
     OptimConfig,
+    TrainConfig,
 )
 from nemo_minitron.models.builder import Fp8
 from nemo_minitron.parallel.state import ParallelConfig
@@ -65,6 +66,10 @@ class RunTrain(StrictModel):
             raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
                              f"{self.micro_batch_size}")
         return self
+
+    def for_tokens(self, tokens: int) -> TrainConfig:
+        """The distill stage's ``train`` section for a run of ``tokens`` tokens."""
+        return TrainConfig(**self.model_dump(), max_tokens=tokens)
 
 
 class RunDistill(StrictModel):

@@ -21,7 +21,7 @@ from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data import TokenDataset, eval_windows
-from nemo_minitron.distill.trainer import CheckpointConfig, LogConfig, TrainConfig, check_fp8_train, distill
+from nemo_minitron.distill.trainer import CheckpointConfig, LogConfig, check_fp8_train, distill
 from nemo_minitron.errors import UserError
 from nemo_minitron.eval import DTYPES, windows_loss_sums
 from nemo_minitron.models.builder import check_fp8_shapes
@@ -182,13 +182,9 @@ def run_nas(cfg: NASStageConfig) -> dict:
             row["loss_short_kd"], row["student"] = row["loss_pruned"], row["pruned"]
             continue
         student = load_model(row["pruned"], dtype=DTYPES[cfg.distill.train.dtype], fp8=fp8)
-        train = cfg.distill.train
         result = distill(
             student, teacher, cfg.data, home / "short_kd",
-            TrainConfig(seq_length=train.seq_length, micro_batch_size=train.micro_batch_size,
-                        global_batch_size=train.global_batch_size, max_tokens=cfg.nas.short_kd_tokens,
-                        dtype=train.dtype, teacher_dtype=train.teacher_dtype, seed=train.seed,
-                        compile=train.compile, fp8=train.fp8),
+            cfg.distill.train.for_tokens(cfg.nas.short_kd_tokens),
             cfg.distill.optim, cfg.distill.loss,
             CheckpointConfig(every_steps=10**9, keep_last=1, resume=False),
             cfg.distill.eval.model_copy(update={"every_steps": 0}),

@@ -19,7 +19,7 @@ from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 from nemo_minitron.config import StrictModel
 from nemo_minitron.convert import ConvertConfig
 from nemo_minitron.data.prepare import PrepareDataConfig, list_input_files
-from nemo_minitron.distill.trainer import DistillConfig, LossConfig, TrainConfig, check_fp8_train
+from nemo_minitron.distill.trainer import DistillConfig, LossConfig, check_fp8_train
 from nemo_minitron.errors import StoppedEarly, UserError
 from nemo_minitron.eval import EvalConfig
 from nemo_minitron.models.builder import check_fp8_shapes
@@ -28,7 +28,7 @@ from nemo_minitron.pipeline import report
 from nemo_minitron.pipeline.config import RunConfig, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
 from nemo_minitron.pipeline.nas import NASStageConfig, budget, candidates
-from nemo_minitron.prune.stage import CalibrationConfig, PruneConfig, target_config
+from nemo_minitron.prune.stage import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget, target_config
 
 
 def stage_keys(cfg: RunConfig) -> list[str]:
@@ -53,10 +53,7 @@ def validate(cfg: RunConfig) -> None:
     train = cfg.distill.train
     if train.fp8:
         check_fp8_train(train.fp8, train.seq_length, train.compile)
-        try:
-            check_fp8_shapes(teacher, tp)
-        except UserError as exc:
-            raise UserError(f"teacher: {exc}") from None
+        check_fp8_shapes(teacher, tp, model="teacher")
     for i, step in enumerate(cfg.schedule, 1):
         try:
             shape = _step_shape(cfg, step, shape, teacher, tp, pp)
@@ -101,6 +98,14 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.out)
         self.log: list[dict] = []
+        self.data = str(self.out / "data")
+        c = cfg.calibration
+        self.calibration = CalibrationConfig(data=self.data, num_samples=c.num_samples, seq_length=c.seq_length,
+                                             micro_batch_size=c.micro_batch_size, seed=c.seed)
+        if cfg.rerun_from is not None:
+            dropped = self.ledger.forget_from(cfg.rerun_from)
+            if dropped:
+                print(f"[run] redoing: {', '.join(dropped)}", flush=True)
 
     def stage(self, key: str, cli_name: str, config: StrictModel, outputs: list[Path]) -> Any:
         """Run ``config`` as CLI stage ``cli_name`` unless ``key`` already finished with it."""
@@ -128,26 +133,33 @@ class Runner:
         print(f"[run] {key}: {seconds:.0f} s", flush=True)
         return result
 
+    def prepare_data(self) -> None:
+        d = self.cfg.data
+        self.stage("data", "prepare-data", PrepareDataConfig(
+            input=d.input, tokenizer=self.cfg.teacher, output_dir=self.data, valid_fraction=d.valid_fraction,
+            split_seed=d.split_seed, jsonl_text_key=d.jsonl_text_key), [Path(self.data)])
+
+    def prune(self, key: str, model: str, output: Path, target: PruneTarget, importance: ImportanceConfig) -> str:
+        """Prune ``model`` to ``target`` into ``output`` on the run's calibration set; the pruned directory."""
+        cfg = self.cfg
+        self.stage(key, "prune", PruneConfig(
+            model=model, output=str(output), target=target, calibration=self.calibration, importance=importance,
+            dtype=cfg.prune_dtype, overwrite=True, parallel=cfg.parallel, seed=cfg.seed), [output])
+        return str(output)
+
     def eval(self, key: str, model: str) -> dict:
         e = self.cfg.eval
         path = self.out / "eval" / f"{key.replace('.', '_')}.json"
-        config = EvalConfig(model=model, data=str(self.out / "data"), seq_length=e.seq_length,
+        config = EvalConfig(model=model, data=self.data, seq_length=e.seq_length,
                             micro_batch_size=e.micro_batch_size, max_windows=e.max_windows, dtype=e.dtype,
                             parallel=self.cfg.parallel, output=str(path), seed=self.cfg.seed)
         return self.stage(key, "eval", config, [path])
-
-    def train(self, tokens: int) -> TrainConfig:
-        t = self.cfg.distill.train
-        return TrainConfig(seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                           global_batch_size=t.global_batch_size, max_tokens=tokens, dtype=t.dtype,
-                           teacher_dtype=t.teacher_dtype, seed=t.seed, max_skipped_steps=t.max_skipped_steps,
-                           compile=t.compile, fp8=t.fp8)
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
                 optim=None, student_init: str = "checkpoint") -> dict:
         d = self.cfg.distill
         config = DistillConfig(mode=mode, student=student, student_init=student_init, teacher=teacher,
-                               data=str(self.out / "data"), output=str(output), train=self.train(tokens),
+                               data=self.data, output=str(output), train=d.train.for_tokens(tokens),
                                optim=optim or d.optim, loss=d.loss if mode == "kd" else LossConfig(),
                                checkpoint=d.checkpoint, eval=d.eval, log=d.log, parallel=self.cfg.parallel)
         return self.stage(key, "distill", config, [output])
@@ -158,18 +170,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
     step -> export HF -> generation speed -> report. Returns the report's summary."""
     validate(cfg)
     r = Runner(cfg)
-    if cfg.rerun_from is not None:
-        dropped = r.ledger.forget_from(cfg.rerun_from)
-        if dropped:
-            print(f"[run] redoing: {', '.join(dropped)}", flush=True)
-    out, data = r.out, str(r.out / "data")
-    c = cfg.calibration
-    calibration = CalibrationConfig(data=data, num_samples=c.num_samples, seq_length=c.seq_length,
-                                    micro_batch_size=c.micro_batch_size, seed=c.seed)
-
-    r.stage("data", "prepare-data", PrepareDataConfig(
-        input=cfg.data.input, tokenizer=cfg.teacher, output_dir=data, valid_fraction=cfg.data.valid_fraction,
-        split_seed=cfg.data.split_seed, jsonl_text_key=cfg.data.jsonl_text_key), [out / "data"])
+    out, data, calibration = r.out, r.data, r.calibration
+    r.prepare_data()
     teacher = cfg.teacher
     if cfg.teacher_correction is not None:
         tc = cfg.teacher_correction
@@ -181,11 +183,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     for i, step in enumerate(cfg.schedule, 1):
         home = out / f"step{i}"
         if step.target is not None:
-            pruned = str(home / "pruned")
-            r.stage(f"step{i}.prune", "prune", PruneConfig(
-                model=student, output=pruned, target=step.target, calibration=calibration,
-                importance=cfg.importance, dtype=cfg.prune_dtype, overwrite=True, parallel=cfg.parallel,
-                seed=cfg.seed), [home / "pruned"])
+            pruned = r.prune(f"step{i}.prune", student, home / "pruned", step.target, cfg.importance)
             start = pruned
         else:
             reference = read_model_config(resolve_model_dir(cfg.teacher))
