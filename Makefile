@@ -80,6 +80,7 @@ test-modelopt: $(MODELOPT_STAMP)
 # Resumable: a rerun skips the stages that finished. --quick: the same arms on tiny budgets, in bench-quick/.
 bench: setup $(MODELOPT_STAMP)
 	$(BIN)/nemo-minitron bench conf/bench/smollm2.yaml
+	$(BIN)/python benchmarks/readme_results.py --results bench/results.md --readme README.md
 
 bench-quick: setup $(MODELOPT_STAMP)
 	$(BIN)/nemo-minitron bench conf/bench/smollm2.yaml --quick

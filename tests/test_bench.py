@@ -16,7 +16,10 @@ import yaml
 
 from test_pipeline import cli, inputs, skipped  # noqa: F401  (the tiny teacher and corpus fixture)
 
-from nemo_minitron.bench.run import depth_target
+from nemo_minitron.bench.config import BenchConfig
+from nemo_minitron.bench.report import splice_readme
+from nemo_minitron.bench.run import depth_target, stage_keys
+from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 
 
@@ -63,9 +66,13 @@ def test_depth_target_is_the_nearest_parameter_count():
 
 def test_bench_end_to_end(inputs, tmp_path):  # noqa: F811
     out = tmp_path / "bench"
-    proc = cli("bench", str(tiny_bench(inputs, out)), "--quick")
+    config = tiny_bench(inputs, out)
+    proc = cli("bench", str(config), "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = Path(f"{out}-quick")
+    # The stages rerun_from names are the ones the bench runs, in its order.
+    ledger = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert list(ledger) == stage_keys(BenchConfig(**yaml.safe_load(config.read_text()), quick=True))
     report = json.loads((out / "report.json").read_text())
     results, derived = report["results"], report["derived"]
 
@@ -103,6 +110,7 @@ def test_bench_end_to_end(inputs, tmp_path):  # noqa: F811
     ({"iterative_steps": [{"hidden_size": 40}]}, "target.hidden_size 48 is larger than the source's 40"),
     ({"target": {"hidden_size": 4096}}, "target.hidden_size 4096 is larger than the source's 64"),
     ({"aggregations": [["l2", "l2"]]}, "aggregations: include importance's own (mean, l2)"),
+    ({"rerun_from": "ours.distill"}, "rerun_from: no stage 'ours.distill'; stages: data, eval.teacher, ours.prune"),
 ])
 def test_bad_bench_config_is_one_line(inputs, tmp_path, changes, message):  # noqa: F811
     proc = cli("bench", str(tiny_bench(inputs, tmp_path / "bench", **changes)))
@@ -133,3 +141,13 @@ def test_bench_with_the_modelopt_peer(inputs, tmp_path):  # noqa: F811
     assert derived["trained"] == pytest.approx(trained - ours["loss"])
     assert json.loads((out / "modelopt" / "modelopt" / "model_config.json").read_text())["hidden_size"] == 48
     assert "| NVIDIA ModelOpt 0.43.0 vs ours |" in (out / "report.md").read_text()
+
+
+def test_readme_results_section_is_replaced_between_its_markers():
+    readme = "# Tool\n\n## Results\n<!-- results:start -->\nold table\n<!-- results:end -->\n\n## Tests\n"
+    new = splice_readme(readme, "| a | b |\n|---|---|\n")
+    assert new == ("# Tool\n\n## Results\n<!-- results:start -->\n| a | b |\n|---|---|\n<!-- results:end -->\n"
+                   "\n## Tests\n")
+    assert splice_readme(new, "| a | b |\n|---|---|\n") == new
+    with pytest.raises(UserError, match="no <!-- results:start --> ... <!-- results:end --> section"):
+        splice_readme("# Tool\n", "x\n")

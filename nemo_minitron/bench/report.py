@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_write_text
 
 ARMS = {  # key -> what the arm is, in the comparison table
@@ -184,3 +185,15 @@ def write(out: Path, results: dict, log: list[dict]) -> dict:
     atomic_write_text(out / "results.md", short)
     return {"report": str(out / "report.md"), "recovery": derived["recovery"], "vs_ours": derived["vs_ours"],
             "claims": derived["claims"], "modelopt": derived.get("modelopt")}
+
+
+README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+
+
+def splice_readme(readme: str, results: str) -> str:
+    """``readme`` with the text between its results markers replaced by ``results`` (a bench's results.md)."""
+    start, end = README_MARKERS
+    i, j = readme.find(start), readme.find(end)
+    if i < 0 or j < i:
+        raise UserError(f"README: no {start} ... {end} section to put the results in")
+    return readme[:i + len(start)] + "\n" + results.rstrip("\n") + "\n" + readme[j:]

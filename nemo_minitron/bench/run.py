@@ -33,6 +33,7 @@ from nemo_minitron.pipeline.run import Runner
 from nemo_minitron.prune.stage import ImportanceConfig, PruneConfig, PruneTarget, target_config
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SPEED_SCRIPTS = ("kd_throughput", "importance_overhead", "kl_memory", "tp_step_time")  # benchmarks/<name>.py
 
 
 def depth_target(teacher: ModelConfig, width: ModelConfig) -> PruneTarget:
@@ -40,6 +41,25 @@ def depth_target(teacher: ModelConfig, width: ModelConfig) -> PruneTarget:
     best = min(range(1, teacher.num_layers),
                key=lambda n: abs(teacher.model_copy(update={"num_layers": n}).num_params() - width.num_params()))
     return PruneTarget(num_layers=best)
+
+
+def stage_keys(cfg: BenchConfig) -> list[str]:
+    """Every stage of the bench in the order it runs (the names ``rerun_from`` takes)."""
+    def arm(key: str) -> list[str]:
+        return [f"{key}.prune", f"{key}.eval_pruned", f"{key}.train", f"{key}.eval_trained"]
+
+    keys = ["data", "eval.teacher", *arm("ours"), "recovery.train", "recovery.eval_trained", *arm("random"),
+            *arm("magnitude"), "ce.train", "ce.eval_trained", "scratch.train", "scratch.eval_trained", *arm("depth"),
+            "corrected.teacher_correction", "corrected.eval_teacher", *arm("corrected")]
+    for seq_agg, batch_agg in cfg.aggregations:
+        if (seq_agg, batch_agg) != (cfg.importance.seq_agg, cfg.importance.batch_agg):
+            keys += [f"agg.{seq_agg}_{batch_agg}.prune", f"agg.{seq_agg}_{batch_agg}.eval_pruned"]
+    keys += [f"iterative.step{i}.prune" for i in range(1, len(cfg.iterative_steps) + 2)] + ["iterative.eval_pruned"]
+    if cfg.peers.modelopt:
+        keys += arm("modelopt")
+    if cfg.speed:
+        keys += [f"speed.{key}" for key in SPEED_SCRIPTS]
+    return keys
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -61,8 +81,8 @@ def validate(cfg: BenchConfig) -> None:
     if cfg.peers.modelopt and importlib.util.find_spec("modelopt") is None:
         raise UserError("peers.modelopt: NVIDIA ModelOpt is not installed (run `make install-modelopt`, "
                         "or set peers.modelopt=false)")
-    if cfg.rerun_from is not None and not cfg.rerun_from.strip():
-        raise UserError("rerun_from: give a stage name")
+    if cfg.rerun_from is not None and cfg.rerun_from not in stage_keys(cfg):
+        raise UserError(f"rerun_from: no stage {cfg.rerun_from!r}; stages: {', '.join(stage_keys(cfg))}")
 
 
 def _script(name: str, args: list[str], out: Path, json_flag: bool = True) -> dict:
@@ -201,15 +221,14 @@ def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
 
 def _speed(bench: _Bench, cfg: BenchConfig, student: str) -> dict:
     b, r, speed = cfg.active, bench.r, bench.out / "speed"
-    runs = {
-        "kd_throughput": ("kd_throughput.py", ["--student", student, "--data", bench.data, "--steps", str(b.speed_steps),
-                                               "--seq", str(b.speed_seq)]),
-        "importance_overhead": ("importance_overhead.py", ["--data", bench.data, "--seq", str(b.speed_seq),
-                                                           "--samples", str(min(b.calibration_samples, 64))]),
-        "kl_memory": ("kl_memory.py", ["--tokens", str(b.kl_tokens), "--vocab", str(b.kl_vocab)]),
-        "tp_step_time": ("tp_step_time.py", ["--data", bench.data, "--steps", str(b.speed_steps),
-                                             "--seq", str(b.speed_seq)]),
+    args = {
+        "kd_throughput": ["--student", student, "--data", bench.data, "--steps", str(b.speed_steps),
+                          "--seq", str(b.speed_seq)],
+        "importance_overhead": ["--data", bench.data, "--seq", str(b.speed_seq),
+                                "--samples", str(min(b.calibration_samples, 64))],
+        "kl_memory": ["--tokens", str(b.kl_tokens), "--vocab", str(b.kl_vocab)],
+        "tp_step_time": ["--data", bench.data, "--steps", str(b.speed_steps), "--seq", str(b.speed_seq)],
     }
-    return {key: r.task(f"speed.{key}", {"script": script, "args": args},
-                        lambda script=script, args=args, key=key: _script(script, args, speed / f"{key}.json"), [])
-            for key, (script, args) in runs.items()}
+    return {key: r.task(f"speed.{key}", {"script": f"{key}.py", "args": args[key]},
+                        lambda key=key: _script(f"{key}.py", args[key], speed / f"{key}.json"), [])
+            for key in SPEED_SCRIPTS}
