@@ -74,20 +74,22 @@ def _tensor_getter(path: Path, cfg: ModelConfig) -> Callable[[str], torch.Tensor
 
 
 def new_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
-              fp8: Optional[Fp8] = None) -> LoadedModel:
+              fp8: Optional[Fp8] = None, init: bool = True) -> LoadedModel:
     """The architecture of the model at ``ref`` with freshly initialised weights (megatron's initialisation,
-    seeded by :func:`state.initialize`); its weights are never read."""
+    seeded by :func:`state.initialize`; with ``init`` False, unset weights to be loaded next); its weights are
+    never read."""
     path = resolve_model_dir(ref)
     cfg = read_model_config(path)
     check_divisible(cfg, state.tp_size(), state.pp_size())
-    return LoadedModel(cfg=cfg, model=build_model(cfg, dtype=dtype, use_te=use_te, fp8=fp8), tokenizer_dir=path)
+    model = build_model(cfg, dtype=dtype, use_te=use_te, fp8=fp8, init=init)
+    return LoadedModel(cfg=cfg, model=model, tokenizer_dir=path)
 
 
 def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
                fp8: Optional[Fp8] = None) -> LoadedModel:
     """Build this rank's shard of the model at ``ref`` and fill it (needs :func:`state.initialize`).
     ``use_te`` and ``fp8`` as in :func:`build_model`."""
-    loaded = new_model(ref, dtype=dtype, use_te=use_te, fp8=fp8)
+    loaded = new_model(ref, dtype=dtype, use_te=use_te, fp8=fp8, init=False)
     load_canonical(loaded.model, loaded.cfg, _tensor_getter(loaded.tokenizer_dir, loaded.cfg))
     loaded.model.eval()
     return loaded

@@ -41,8 +41,10 @@ def transformer_config(
     cfg: ModelConfig,
     dtype: torch.dtype = torch.float32,
     fp8: Optional[Fp8] = None,
+    init: bool = True,
 ):
-    """megatron's ``TransformerConfig`` for ``cfg`` at the current TP/PP sizes."""
+    """megatron's ``TransformerConfig`` for ``cfg`` at the current TP/PP sizes; ``init`` False skips the random
+    initialisation of the weights (for a model whose every weight is loaded next)."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = cuda_available()
@@ -64,6 +66,7 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
         init_method_std=0.02,
+        perform_initialization=init,
         # Mistral's window counts the token itself: it sees the W - 1 tokens before it.
         window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
         tensor_model_parallel_size=state.tp_size(),
@@ -120,10 +123,13 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     use_te: Optional[bool] = None,
     fp8: Optional[Fp8] = None,
+    init: bool = True,
 ):
     """This rank's part (its pipeline stage, its tensor shard) of the model. Needs :func:`state.initialize`.
 
-    ``use_te`` None picks the TE spec when TE and CUDA are present; ``fp8`` needs the TE spec."""
+    ``use_te`` None picks the TE spec when TE and CUDA are present; ``fp8`` needs the TE spec. ``init`` False
+    leaves the weights unset (uninitialised memory) for :func:`~nemo_minitron.parallel.sharding.load_canonical`
+    to fill."""
     from megatron.core.models.gpt import GPTModel
 
     use_te = te_available() if use_te is None else use_te
@@ -132,7 +138,7 @@ def build_model(
             raise UserError("fp8 needs the Transformer Engine layer spec (CUDA and transformer_engine)")
         check_fp8_shapes(cfg, state.tp_size())
     model = GPTModel(
-        config=transformer_config(cfg, dtype, fp8),
+        config=transformer_config(cfg, dtype, fp8, init),
         transformer_layer_spec=layer_spec(use_te),
         vocab_size=cfg.padded_vocab_size(state.tp_size()),
         max_sequence_length=cfg.max_position_embeddings,

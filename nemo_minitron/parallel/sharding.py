@@ -99,9 +99,14 @@ def _weight_keys(model) -> Iterator[tuple[str, str]]:
 
 @torch.no_grad()
 def load_canonical(model, cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> None:
-    """Fill this rank's ``model`` from canonical tensors returned by ``get(name)``."""
+    """Fill this rank's ``model`` (every parameter: it may be uninitialised memory) from canonical tensors
+    returned by ``get(name)``."""
     own = model.state_dict(keep_vars=True)
-    for key, ckey in _weight_keys(model):
+    keys = dict(_weight_keys(model))
+    unfilled = [name for name, _ in model.named_parameters() if name not in keys]
+    if unfilled:
+        raise RuntimeError(f"parameters with no canonical name: {', '.join(unfilled)}")
+    for key, ckey in keys.items():
         part = shard(ckey, get(ckey), cfg, state.tp_rank(), state.tp_size())
         target = own[key]
         if part.shape != target.shape:

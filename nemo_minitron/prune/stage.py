@@ -224,7 +224,7 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget,
     keep = [i for i in range(cfg.num_layers) if i not in set(drop)]
     selection = select(scores, cfg, new_cfg, keep)
     pruned_tensors = slice_canonical(scored.canonical, cfg, new_cfg, selection)
-    pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False)
+    pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False, init=False)
     load_canonical(pruned_model, new_cfg, pruned_tensors.__getitem__)
     pruned_model.eval()
     pruned_loss = imp_lib.lm_loss(pruned_model, new_cfg, calibration) if calibration_loss else None
