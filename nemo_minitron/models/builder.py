@@ -37,6 +37,11 @@ def te_available() -> bool:
     return True
 
 
+def _leave_unset(tensor: torch.Tensor) -> torch.Tensor:
+    """An init method that initialises nothing (the weights are loaded next)."""
+    return tensor
+
+
 def transformer_config(
     cfg: ModelConfig,
     dtype: torch.dtype = torch.float32,
@@ -66,7 +71,9 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
         init_method_std=0.02,
-        perform_initialization=init,
+        # Without init, megatron still runs its initialisation (which also marks the tensor-parallel weights
+        # for the gradient norm) but with a method that leaves the memory as it is: no random draws.
+        **({} if init else {"init_method": _leave_unset, "output_layer_init_method": _leave_unset}),
         # Mistral's window counts the token itself: it sees the W - 1 tokens before it.
         window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
         tensor_model_parallel_size=state.tp_size(),
