@@ -98,6 +98,10 @@ def test_bench_end_to_end(inputs, tmp_path):  # noqa: F811
     assert f"{derived['recovery']:.3f}" in text and "| width beats depth after KD |" in text
     assert (out / "recovery.png").stat().st_size > 0 and (out / "arms.png").stat().st_size > 0
     assert (out / "results.md").read_text().strip()
+    header = None  # every row of a table has its header's cells (a "|" inside a cell would add one)
+    for line in text.splitlines():
+        header = (header or line) if line.startswith("|") else None
+        assert header is None or line.count("|") == header.count("|"), line
 
     again = cli("bench", str(tiny_bench(inputs, tmp_path / "bench")), "--quick")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -134,7 +134,7 @@ def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tupl
               f"{'agrees' if c['corrected_minus_none'] < 0 else 'disagrees'} |",
               f"| iterative importance = one-shot (pruned loss) | iterative - one-shot = "
               f"{c['iterative_minus_one_shot']:+.4f} | "
-              f"{'agrees (|difference| < 0.05)' if abs(c['iterative_minus_one_shot']) < 0.05 else 'differs (|difference| >= 0.05)'} |",
+              f"{'agrees (within 0.05)' if abs(c['iterative_minus_one_shot']) < 0.05 else 'differs (by 0.05 or more)'} |",
               f"| mean over sequence, L2 over batch is best | best: {c['best_aggregation']['seq_agg']} / "
               f"{c['best_aggregation']['batch_agg']} | "
               f"{'agrees' if (c['best_aggregation']['seq_agg'], c['best_aggregation']['batch_agg']) == ('mean', 'l2') else 'disagrees'} |"]
