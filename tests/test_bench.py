@@ -45,7 +45,7 @@ def tiny_bench(inputs: dict[str, Path], output: Path, **changes) -> Path:
         },
         "eval": {"seq_length": 32, "micro_batch_size": 2},
         "budgets": budgets,
-        "quick_budgets": {**budgets, "recovery_tokens": 128},
+        "quick_budgets": {**budgets, "recovery_tokens": 128, "seq_length": 8},
         "peers": {"modelopt": False},
         "speed": False,
         **changes,
@@ -73,6 +73,11 @@ def test_bench_end_to_end(inputs, tmp_path):  # noqa: F811
     # The stages rerun_from names are the ones the bench runs, in its order.
     ledger = json.loads((out / "pipeline.json").read_text())["stages"]
     assert list(ledger) == stage_keys(BenchConfig(**yaml.safe_load(config.read_text()), quick=True))
+    # quick_budgets.seq_length replaces the calibration, training and held-out sequence lengths (16, 16, 32).
+    assert {ledger["ours.prune"]["config"]["calibration"]["seq_length"],
+            ledger["ours.train"]["config"]["train"]["seq_length"],
+            ledger["ours.eval_trained"]["config"]["seq_length"]} == {8}
+    assert ledger["ours.prune"]["config"]["pruned_loss"] is False  # the held-out eval after it measures it
     report = json.loads((out / "report.json").read_text())
     results, derived = report["results"], report["derived"]
 

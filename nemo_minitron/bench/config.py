@@ -22,6 +22,9 @@ class Budgets(StrictModel):
                                                   "bounds how much more it needs)")
     correction_tokens: int = Field(gt=0, description="teacher correction tokens (CE on the corpus)")
     calibration_samples: int = Field(gt=0)
+    seq_length: Optional[int] = Field(None, ge=2, description="sequence length of calibration, training and the "
+                                                              "held-out windows (None: calibration.seq_length, "
+                                                              "distill.train.seq_length and eval.seq_length)")
     eval_windows: int = Field(gt=0, description="held-out windows of eval.seq_length behind every loss")
     speed_steps: int = Field(gt=0, description="timed steps of the speed benchmarks")
     speed_seq: int = Field(ge=2, description="sequence length of the speed benchmarks")

@@ -101,11 +101,13 @@ class _Bench:
     def __init__(self, cfg: BenchConfig) -> None:
         self.cfg = cfg
         b = cfg.active
+        seq = {} if b.seq_length is None else {"seq_length": b.seq_length}
         run_cfg = RunConfig(
             output=cfg.out_dir, teacher=cfg.teacher, data=cfg.data,
-            calibration=cfg.calibration.model_copy(update={"num_samples": b.calibration_samples}),
+            calibration=cfg.calibration.model_copy(update={"num_samples": b.calibration_samples, **seq}),
             importance=cfg.importance, schedule=[ScheduleStep(target=cfg.target, kd_tokens=b.compare_tokens)],
-            distill=cfg.distill, eval=cfg.eval.model_copy(update={"max_windows": b.eval_windows}),
+            distill=cfg.distill.model_copy(update={"train": cfg.distill.train.model_copy(update=seq)}),
+            eval=cfg.eval.model_copy(update={"max_windows": b.eval_windows, **seq}),
             report=RunReport(generation_tokens=0), prune_dtype=cfg.prune_dtype, rerun_from=cfg.rerun_from,
             parallel=cfg.parallel, seed=cfg.seed)
         self.r = Runner(run_cfg)

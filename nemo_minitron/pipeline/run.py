@@ -140,11 +140,12 @@ class Runner:
             split_seed=d.split_seed, jsonl_text_key=d.jsonl_text_key), [Path(self.data)])
 
     def prune(self, key: str, model: str, output: Path, target: PruneTarget, importance: ImportanceConfig) -> str:
-        """Prune ``model`` to ``target`` into ``output`` on the run's calibration set; the pruned directory."""
+        """Prune ``model`` to ``target`` into ``output`` on the run's calibration set; the pruned directory.
+        The pruned model's loss is measured on the held-out split by the stage after, not on the calibration set."""
         cfg = self.cfg
         self.stage(key, "prune", PruneConfig(
             model=model, output=str(output), target=target, calibration=self.calibration, importance=importance,
-            dtype=cfg.prune_dtype, overwrite=True, parallel=cfg.parallel, seed=cfg.seed), [output])
+            dtype=cfg.prune_dtype, overwrite=True, pruned_loss=False, parallel=cfg.parallel, seed=cfg.seed), [output])
         return str(output)
 
     def eval(self, key: str, model: str) -> dict:

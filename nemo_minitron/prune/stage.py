@@ -89,6 +89,8 @@ class PruneConfig(StrictModel):
     importance: ImportanceConfig = ImportanceConfig()
     dtype: Literal["float32", "bfloat16"] = "float32"
     overwrite: bool = False
+    pruned_loss: bool = Field(True, description="report the pruned model's calibration loss "
+                                                "(one more forward pass over the calibration set)")
     parallel: state.ParallelConfig = state.ParallelConfig()
     seed: int = 1234
 
@@ -252,13 +254,15 @@ def prune(
     target: PruneTarget,
     calibration: list[torch.Tensor],
     importance: ImportanceConfig = ImportanceConfig(),
+    calibration_loss: bool = True,
 ) -> tuple[LoadedModel, dict]:
     """Prune ``loaded`` to ``target`` using importance from ``calibration`` micro-batches [b, s+1].
 
-    Returns the pruned model (same TP/PP as ``loaded``) and a report with the scores and the selection.
+    Returns the pruned model (same TP/PP as ``loaded``) and a report with the scores and the selection (and,
+    unless not ``calibration_loss``, the pruned model's calibration loss).
     """
     target_config(loaded.cfg, target)  # a bad target fails before the calibration passes
-    return cut(loaded, score(loaded, calibration, importance), target)
+    return cut(loaded, score(loaded, calibration, importance), target, calibration_loss)
 
 
 def heatmap_png(report: dict) -> bytes:
@@ -298,7 +302,7 @@ def run_prune(cfg: PruneConfig) -> dict:
     state.initialize(cfg.parallel, cfg.seed)
     # Hooks read the norms' outputs, which Transformer Engine fuses away: calibrate on the local spec.
     loaded = load_model(cfg.model, dtype=DTYPES[cfg.dtype], use_te=False)
-    pruned, report = prune(loaded, cfg.target, calibration_batches(cfg.calibration), cfg.importance)
+    pruned, report = prune(loaded, cfg.target, calibration_batches(cfg.calibration), cfg.importance, cfg.pruned_loss)
     summary = {k: v for k, v in report.items() if k not in ("importance", "selection", "source", "target")}
     summary["output"] = cfg.output
     files = {
