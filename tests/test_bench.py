@@ -77,7 +77,9 @@ def test_bench_end_to_end(inputs, tmp_path):  # noqa: F811
     assert {ledger["ours.prune"]["config"]["calibration"]["seq_length"],
             ledger["ours.train"]["config"]["train"]["seq_length"],
             ledger["ours.eval_trained"]["config"]["seq_length"]} == {8}
-    assert ledger["ours.prune"]["config"]["pruned_loss"] is False  # the held-out eval after it measures it
+    # The held-out eval after the cut measures the pruned model: no calibration pass for it.
+    assert ledger["ours.prune"]["config"]["pruned_loss"] is False
+    assert ledger["ours.prune"]["result"]["calibration_loss_after"] is None
     report = json.loads((out / "report.json").read_text())
     results, derived = report["results"], report["derived"]
 
