@@ -52,12 +52,60 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         raise UserError(f"bad override: {str(exc).splitlines()[0]}") from None
 
 
+def _paths(root: yaml.Node) -> dict[int, list[str]]:
+    """``id(node)`` -> its keys and list indices from ``root``, for every node of the document."""
+    paths: dict[int, list[str]] = {}
+    stack: list[tuple[yaml.Node, list[str]]] = [(root, [])]
+    while stack:
+        node, parts = stack.pop()
+        if id(node) in paths:  # an alias may point back at an ancestor
+            continue
+        paths[id(node)] = parts
+        if isinstance(node, yaml.MappingNode):
+            stack += [(value, parts + [str(key.value)]) for key, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(item, parts + [str(i)]) for i, item in enumerate(node.value)]
+    return paths
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading (no python tags) that refuses a key written twice in one mapping: PyYAML keeps the last
+    value without a word, so the setting the user wrote first would silently not apply."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._root = node
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # `<<: *base` followed by one of base's keys overrides it on purpose: merged keys are not checked.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = first_line.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            if first is not None:
+                dotted = ".".join(_paths(self._root)[id(node)] + [str(key)])
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{dotted}' is written twice, on lines {first} and {line}", key_node.start_mark)
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:

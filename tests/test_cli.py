@@ -14,6 +14,7 @@ import torch
 
 from nemo_minitron.cli import _stages, main
 from nemo_minitron.config import load_config
+from nemo_minitron.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # conf/cluster holds the cluster configs of `launch` (tests/test_launch.py validates them), not a stage's config.
@@ -63,6 +64,28 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert message in err
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("seq_length: 64\nmodel: /nonexistent/model\nseq_length: 128\n", "seq_length", (1, 3)),
+        ("model: /nonexistent/model\nparallel:\n  tensor_model_parallel_size: 1\n  tensor_model_parallel_size: 2\n",
+         "parallel.tensor_model_parallel_size", (3, 4)),
+        ("model: /nonexistent/model\nharness:\n  tasks: [{name: a, name: b}]\n", "harness.tasks.0.name", (3, 3)),
+    ],
+    ids=["top", "nested", "in_a_list"],
+)
+def test_a_key_written_twice_is_refused(tmp_path: Path, capsys, text: str, key: str, lines: tuple[int, int]) -> None:
+    """YAML would keep the last of the two values without a word: the first setting would silently not apply."""
+    config = tmp_path / "job.yaml"
+    config.write_text(text)
+    message = f"{config}: not valid YAML (key '{key}' is written twice, on lines {lines[0]} and {lines[1]})"
+    with pytest.raises(UserError) as caught:
+        load_config(_stages()["eval"].config, config)
+    assert str(caught.value) == message
+    assert main(["eval", str(config)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"nemo-minitron eval: error: {message}"]
 
 
 def test_unsupported_model_type_exits_2(tmp_path: Path, capsys) -> None:
