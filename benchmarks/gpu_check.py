@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Optional
 
+from nemo_minitron.bench.flops import flops_per_token
+
 H200_PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
 SKIPPED_WITHOUT_TE = "skipped: needs CUDA and Transformer Engine"
 
@@ -72,14 +74,6 @@ def teacher_student(tiny: bool):
                           num_attention_heads=32, num_query_groups=8, rope_theta=500000.0,
                           tie_word_embeddings=True, max_position_embeddings=8192)
     return teacher, teacher.model_copy(update={"hidden_size": 1536, "ffn_hidden_size": 3072, "head_dim": 64})
-
-
-def flops_per_token(cfg, seq_length: int, passes: int) -> float:
-    """Model FLOPs per token of ``passes`` GEMM passes over ``cfg`` (1: forward, 3: forward and backward)."""
-    h, d, n, g = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
-    # Multiply-adds per token: q/k/v and output projections, SwiGLU MLP, causal scores and values.
-    layer = h * d * (n + 2 * g) + n * d * h + 3 * h * cfg.ffn_hidden_size + n * d * seq_length
-    return 2.0 * passes * (cfg.num_layers * layer + cfg.vocab_size * h)
 
 
 def uses_te(model) -> bool:
@@ -205,15 +199,15 @@ def distill_speed(teacher_cfg, student_cfg, sizes: Sizes, fp8: Optional[str], pe
     import torch
 
     from nemo_minitron.checkpoint.io import LoadedModel
-    from nemo_minitron.distill.trainer import (
+    from nemo_minitron.distill.config import (
         CheckpointConfig,
         EvalDuringTraining,
         LogConfig,
         LossConfig,
         OptimConfig,
-        Trainer,
         TrainConfig,
     )
+    from nemo_minitron.distill.trainer import Trainer
     from nemo_minitron.models.builder import build_model
 
     steps = sizes.warmup_steps + sizes.timed_steps

@@ -1,4 +1,4 @@
-"""NVIDIA ModelOpt's Minitron pruning as a peer (benchmarks/modelopt_peer.py), on tiny teachers.
+"""NVIDIA ModelOpt's Minitron pruning as a peer (nemo_minitron.bench.scripts.modelopt_peer), on tiny teachers.
 
 ModelOpt's pruned model, saved as our checkpoint, reloads with the logits ModelOpt's in-memory model gives,
 and it is the teacher sliced at the units it kept; our pruner and ModelOpt's reach the same target shapes on
@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron import embedded
+from nemo_minitron.bench.scripts import modelopt_peer
 from nemo_minitron.checkpoint import io
 from nemo_minitron.data.prepare import PrepareDataConfig, prepare_data
 from nemo_minitron.errors import UserError
-from nemo_minitron.eval import EvalConfig, evaluate
+from nemo_minitron.evaluation.config import EvalConfig
+from nemo_minitron.evaluation.stage import evaluate
 from nemo_minitron.parallel.sharding import gather_canonical
 from nemo_minitron.prune import PruneTarget, prune
 from nemo_minitron.prune.stage import CalibrationConfig, target_config
@@ -29,8 +31,6 @@ from nemo_minitron.prune.stage import CalibrationConfig, target_config
 pytest.importorskip("modelopt", reason="NVIDIA ModelOpt is not installed (make install-modelopt)")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import modelopt_peer  # noqa: E402
 
 pytestmark = pytest.mark.modelopt
 

@@ -10,7 +10,8 @@ Arms (each: prune -> held-out loss -> train -> held-out loss, from the same teac
   teacher fine-tuned on the corpus first), ``agg.<seq>_<batch>`` (other aggregations, pruned only),
   ``iterative`` (importance re-estimated between intermediate cuts, pruned only);
 - peer: ``modelopt`` (NVIDIA ModelOpt's Minitron pruning, then our distillation);
-- ``speed.*``: the scripts of ``benchmarks/`` with their own side-by-side measurements.
+- ``speed.*``: the scripts of :mod:`nemo_minitron.bench.scripts` (``benchmarks/<name>.py`` in a checkout) with
+  their own side-by-side measurements.
 
 ``pipeline.json`` in the bench directory records finished stages (see :mod:`nemo_minitron.pipeline.ledger`).
 """
@@ -32,8 +33,9 @@ from nemo_minitron.pipeline.config import RunConfig, RunReport, ScheduleStep
 from nemo_minitron.pipeline.run import Runner
 from nemo_minitron.prune.stage import ImportanceConfig, PruneConfig, PruneTarget, target_config
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SPEED_SCRIPTS = ("kd_throughput", "importance_overhead", "kl_memory", "tp_step_time")  # benchmarks/<name>.py
+# Packaged (not read from a checkout's benchmarks/), so that an installed wheel runs the whole bench.
+SCRIPTS = "nemo_minitron.bench.scripts"
+SPEED_SCRIPTS = ("kd_throughput", "importance_overhead", "kl_memory", "tp_step_time")  # modules of SCRIPTS
 
 
 def depth_target(teacher: ModelConfig, width: ModelConfig) -> PruneTarget:
@@ -63,7 +65,7 @@ def stage_keys(cfg: BenchConfig) -> list[str]:
 
 
 def validate(cfg: BenchConfig) -> None:
-    """Checks that need no compute: teacher, corpus, targets, and the scripts and peers the bench runs."""
+    """Checks that need no compute: teacher, corpus, targets, and the peers the bench runs."""
     teacher = read_model_config(resolve_model_dir(cfg.teacher))
     list_input_files(cfg.data.input)
     target = target_config(teacher, cfg.target)
@@ -76,8 +78,6 @@ def validate(cfg: BenchConfig) -> None:
     shape = target_config(shape, cfg.target)
     if shape != target:
         raise UserError("iterative_steps: the steps must end at target")
-    if (cfg.speed or cfg.peers.modelopt) and not BENCHMARKS.is_dir():
-        raise UserError(f"{BENCHMARKS}: the benchmark scripts are missing (install from a source checkout)")
     if cfg.peers.modelopt and importlib.util.find_spec("modelopt") is None:
         raise UserError("peers.modelopt: NVIDIA ModelOpt is not installed (run `make install-modelopt`, "
                         "or set peers.modelopt=false)")
@@ -86,12 +86,13 @@ def validate(cfg: BenchConfig) -> None:
 
 
 def _script(name: str, args: list[str], out: Path, json_flag: bool = True) -> dict:
-    """Run ``benchmarks/<name>`` (with ``--json out`` unless it writes ``out`` itself); its results."""
+    """Run the module ``name`` of ``SCRIPTS`` (with ``--json out`` unless it writes ``out`` itself); its results."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args, *(["--json", str(out)] if json_flag else [])],
+    module = f"{SCRIPTS}.{name}"
+    proc = subprocess.run([sys.executable, "-m", module, *args, *(["--json", str(out)] if json_flag else [])],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UserError(f"benchmarks/{name} failed (exit {proc.returncode}): "
+        raise UserError(f"{module} failed (exit {proc.returncode}): "
                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     sys.stdout.write(proc.stdout)
     return json.loads(out.read_text())
@@ -143,7 +144,6 @@ def run_bench(cfg: BenchConfig) -> dict:
     """Every arm, then ``report.md`` / ``report.json`` / plots in the bench directory; the report's summary."""
     from nemo_minitron.bench import report
 
-    validate(cfg)
     bench = _Bench(cfg)
     r, b, out = bench.r, cfg.active, bench.out
     teacher_cfg = read_model_config(resolve_model_dir(cfg.teacher))
@@ -200,7 +200,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
-    """ModelOpt prunes the teacher to the target on our calibration batches (benchmarks/modelopt_peer.py, which
+    """ModelOpt prunes the teacher to the target on our calibration batches (``SCRIPTS.modelopt_peer``, which
     also times our importance estimation in the same process), then our eval and distillation as for ours."""
     peer = bench.out / "modelopt"
     prune_cfg = PruneConfig(model=cfg.teacher, output=str(peer / "ours"), target=cfg.target,
@@ -210,7 +210,7 @@ def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
     def work() -> dict:
         peer.mkdir(parents=True, exist_ok=True)
         (peer / "prune.json").write_text(prune_cfg.model_dump_json(indent=2))
-        return _script("modelopt_peer.py", [str(peer / "prune.json"), "--workdir", str(peer), "--overwrite"],
+        return _script("modelopt_peer", [str(peer / "prune.json"), "--workdir", str(peer), "--overwrite"],
                        peer / "comparison.json", json_flag=False)
 
     found = bench.r.task("modelopt.prune", prune_cfg.model_dump(mode="json"), work, [peer])
@@ -231,6 +231,7 @@ def _speed(bench: _Bench, cfg: BenchConfig, student: str) -> dict:
         "kl_memory": ["--tokens", str(b.kl_tokens), "--vocab", str(b.kl_vocab)],
         "tp_step_time": ["--data", bench.data, "--steps", str(b.speed_steps), "--seq", str(b.speed_seq)],
     }
+    # "<name>.py", as recorded before the scripts moved into the package: finished stages stay finished.
     return {key: r.task(f"speed.{key}", {"script": f"{key}.py", "args": args[key]},
-                        lambda key=key: _script(f"{key}.py", args[key], speed / f"{key}.json"), [])
+                        lambda key=key: _script(key, args[key], speed / f"{key}.json"), [])
             for key in SPEED_SCRIPTS}
