@@ -76,11 +76,12 @@ $(MODELOPT_STAMP): $(STAMP) requirements/modelopt.txt
 test-modelopt: $(MODELOPT_STAMP)
 	$(BIN)/python -m pytest -q -m modelopt tests
 
-# The benchmark of conf/bench/smollm2.yaml (README "Benchmarks"): bench/report.md, report.json and plots.
-# Resumable: a rerun skips the stages that finished. --quick: the same arms on tiny budgets, in bench-quick/.
+# The benchmark of conf/bench/smollm2.yaml (docs/benchmarks.md): bench/report.md, report.json and plots, then the
+# measured part of docs/results.md. Resumable: a rerun skips the stages that finished. --quick: the same arms on tiny
+# budgets, in bench-quick/.
 bench: setup $(MODELOPT_STAMP)
 	$(BIN)/nemo-minitron bench conf/bench/smollm2.yaml
-	$(BIN)/python benchmarks/readme_results.py --results bench/results.md --readme README.md
+	$(BIN)/python benchmarks/results_page.py --results bench/results.md --page docs/results.md
 
 bench-quick: setup $(MODELOPT_STAMP)
 	$(BIN)/nemo-minitron bench conf/bench/smollm2.yaml --quick

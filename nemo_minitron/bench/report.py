@@ -1,5 +1,5 @@
-"""``report.json``, ``report.md``, ``results.md`` (the short section the README quotes) and the plots of a bench
-directory. Every comparison is computed here from numbers measured in the same bench directory."""
+"""``report.json``, ``report.md``, ``results.md`` (the measured part of the Results page, docs/results.md) and the
+plots of a bench directory. Every comparison is computed here from numbers measured in the same bench directory."""
 
 from __future__ import annotations
 
@@ -191,9 +191,10 @@ README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
 
 def splice_readme(readme: str, results: str) -> str:
-    """``readme`` with the text between its results markers replaced by ``results`` (a bench's results.md)."""
+    """``readme`` (the Results page) with the text between its results markers replaced by ``results`` (a bench's
+    results.md)."""
     start, end = README_MARKERS
     i, j = readme.find(start), readme.find(end)
     if i < 0 or j < i:
-        raise UserError(f"README: no {start} ... {end} section to put the results in")
+        raise UserError(f"no {start} ... {end} section to put the results in")
     return readme[:i + len(start)] + "\n" + results.rstrip("\n") + "\n" + readme[j:]
