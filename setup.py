@@ -1,10 +1,24 @@
 """nemo_minitron: Minitron structured pruning and knowledge distillation on megatron-core."""
 
+import ast
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def read_version() -> str:
+    """``__version__`` of nemo_minitron/__init__.py, parsed, not imported: a build must not run the package's
+    code (nor need whatever it may import one day)."""
+    tree = ast.parse((Path(__file__).parent / "nemo_minitron" / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__version__"]:
+            return ast.literal_eval(node.value)
+    raise RuntimeError("nemo_minitron/__init__.py sets no __version__")
+
 
 setup(
     name="nemo_minitron",
-    version="0.1.0",
+    version=read_version(),
     description="Minitron pruning + knowledge distillation of Llama-family LLMs on megatron-core",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
