@@ -17,10 +17,13 @@ from safetensors.torch import load_file, save_file
 from nemo_minitron.checkpoint import io
 from nemo_minitron.config import build_config
 from nemo_minitron.errors import UserError
+from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.prune import ImportanceConfig, PruneTarget, prune
-from nemo_minitron.prune.importance import _Moments, finalize, reduce_sequence
-from nemo_minitron.prune.stage import target_config
+from nemo_minitron.prune import importance as imp_lib
+from nemo_minitron.prune.importance import Importance, _Moments, finalize, reduce_sequence
+from nemo_minitron.prune.slicing import select
+from nemo_minitron.prune.stage import _layers_to_drop, target_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -177,6 +180,28 @@ def test_depth_scores_match_transformers_losses(tiny_hf_dirs, single_rank, tmp_p
     bi = report["importance"]["layers"]["block_importance"]
     assert report["dropped_layers"] == sorted(np.argsort(bi, kind="stable")[:2].tolist())
     assert all(0 <= x <= 2 for x in bi)
+
+
+def test_tied_scores_keep_the_lower_index_in_width_and_depth(monkeypatch):
+    """One rule for every choice: among equal scores the lower index is kept, for the units width pruning
+    keeps and for the layers each depth criterion removes."""
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, ffn_hidden_size=96, num_layers=4, num_attention_heads=4,
+                      num_query_groups=2)
+    target = PruneTarget(hidden_size=32, ffn_hidden_size=48, num_attention_heads=1, num_query_groups=1, num_layers=2)
+    new_cfg = target_config(cfg, target)
+    # Layer 0 scores highest; layers 1-3 tie, so the two removed are the last two.
+    tied = torch.tensor([0.3, 0.1, 0.1, 0.1])
+    scores = Importance(heads=torch.ones(4, 4), neurons=torch.ones(4, 96), channels=torch.ones(64),
+                        layers={"block_importance": tied}, calibration_loss=1.0)
+    monkeypatch.setattr(imp_lib, "drop_one_importance", lambda *args: tied)
+    # Removing layers 1-2 or layers 2-3 costs the same: the later block goes.
+    monkeypatch.setattr(imp_lib, "contiguous_block_losses", lambda *args: torch.tensor([1.5, 1.0, 1.0]))
+    for depth in ("block_importance", "drop_one", "contiguous"):
+        assert _layers_to_drop(None, cfg, new_cfg, target, depth, [], scores) == [2, 3], depth
+    kept = select(scores, cfg, new_cfg, [0, 1])
+    assert kept.channels.tolist() == list(range(32))
+    assert kept.neurons[0].tolist() == list(range(48))
+    assert kept.groups[0].tolist() == [0] and kept.heads[0].tolist() == [[0]]
 
 
 @pytest.mark.parametrize("seq_agg", ["mean", "l2", "var"])

@@ -276,10 +276,3 @@ def drop_one_importance(model, cfg: ModelConfig, batches: list[torch.Tensor], ba
 def contiguous_block_losses(model, cfg: ModelConfig, batches: list[torch.Tensor], k: int) -> torch.Tensor:
     """[L - k + 1]: LM loss with layers start .. start+k-1 removed, for every start."""
     return torch.tensor([loss_without(model, cfg, batches, range(s, s + k)) for s in range(cfg.num_layers - k + 1)])
-
-
-
-def top_k_lowest(scores: torch.Tensor, k: int) -> list[int]:
-    """The ``k`` indices with the lowest scores, ascending (ties: the higher index goes first)."""
-    order = torch.sort(scores.flip(0), stable=True).indices
-    return sorted((len(scores) - 1 - order[:k]).tolist())

@@ -41,6 +41,13 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
+def bottom_k(scores: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` indices that :func:`top_k` leaves out when it keeps the others, ascending: the lowest scores,
+    and on a tie the higher index (units are removed and kept by one rule)."""
+    kept = set(top_k(scores, len(scores) - k).tolist())
+    return [i for i in range(len(scores)) if i not in kept]
+
+
 def select(imp: Importance, cfg: ModelConfig, target: ModelConfig, keep_layers: list[int]) -> Selection:
     """Pick, for ``target``'s sizes, the most important channels, groups, heads and neurons."""
     group_scores = imp.groups(cfg.num_query_groups)

@@ -30,7 +30,7 @@ from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
 from nemo_minitron.prune import importance as imp_lib
-from nemo_minitron.prune.slicing import select, slice_canonical
+from nemo_minitron.prune.slicing import bottom_k, select, slice_canonical
 
 WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
@@ -169,13 +169,15 @@ def _layers_to_drop(model, cfg: ModelConfig, target: ModelConfig, spec: PruneTar
     if k == 0:
         return []
     if how == "block_importance":
-        return imp_lib.top_k_lowest(scores.layers["block_importance"], k)
+        return bottom_k(scores.layers["block_importance"], k)
     if how == "drop_one":
         scores.layers["drop_one"] = imp_lib.drop_one_importance(model, cfg, batches, scores.calibration_loss)
-        return imp_lib.top_k_lowest(scores.layers["drop_one"], k)
+        return bottom_k(scores.layers["drop_one"], k)
     losses = imp_lib.contiguous_block_losses(model, cfg, batches, k)
     scores.layers[f"contiguous_block_loss_k{k}"] = losses
-    start = int(torch.argmin(losses))
+    # The block whose removal costs least; on a tie the later one, so that the lower layers are kept as
+    # everywhere else.
+    start = bottom_k(losses, 1)[0]
     return list(range(start, start + k))
 
 
