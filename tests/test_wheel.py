@@ -4,7 +4,8 @@ The new environment gets the wheel alone (``--no-deps``); a ``.pth`` line lends 
 environment running the tests, so that nothing is downloaded or reinstalled. A directory named in a ``.pth`` is
 only put on ``sys.path``: the ``.pth`` files inside it, among them the editable install's finder that maps
 ``nemo_minitron`` to this checkout, do not run there, and the wheel's copy, earlier on ``sys.path``, is the one
-imported. Every command runs in a working directory outside the checkout, and each checks that it ran the wheel.
+imported. Every command runs in a working directory outside the checkout; the probe checks where its imports
+came from.
 """
 
 from __future__ import annotations
