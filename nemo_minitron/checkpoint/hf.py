@@ -167,7 +167,13 @@ class HFTensors:
             if not (self.path / file).is_file():
                 raise UserError(f"{self.path}: shard '{file}' is missing")
             self._handles[file] = safe_open(self.path / file, "pt")
-        return self._handles[file].get_tensor(name)
+        tensor = self._handles[file].get_tensor(name)
+        # Checked as it is read, so no load pays a second pass over the files: a NaN or inf in the weights
+        # would otherwise surface much later, as a NaN loss or a diverged distillation.
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{self.path / file}: tensor '{name}' holds {bad} non-finite values (NaN or inf)")
+        return tensor
 
 
 def canonical_getter(tensors: HFTensors, cfg: ModelConfig) -> Callable[[str], torch.Tensor]:

@@ -90,7 +90,19 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bo
     """Build this rank's shard of the model at ``ref`` and fill it (needs :func:`state.initialize`).
     ``use_te`` and ``fp8`` as in :func:`build_model`."""
     loaded = new_model(ref, dtype=dtype, use_te=use_te, fp8=fp8, init=False)
-    load_canonical(loaded.model, loaded.cfg, _tensor_getter(loaded.tokenizer_dir, loaded.cfg))
+    error = None
+    try:
+        load_canonical(loaded.model, loaded.cfg, _tensor_getter(loaded.tokenizer_dir, loaded.cfg))
+    except UserError as exc:
+        error = str(exc)
+    # A pipeline stage reads only its own layers: a rank that failed alone would leave the others waiting
+    # for it in their first collective, so every rank raises the first error any of them met.
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors: list[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UserError(error)
     loaded.model.eval()
     return loaded
 
