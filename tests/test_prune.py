@@ -4,6 +4,7 @@ deliberately zeroed units, transformers' own loss for depth scores, and TP=1 for
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from nemo_minitron.prune import ImportanceConfig, PruneTarget, prune
 from nemo_minitron.prune import importance as imp_lib
 from nemo_minitron.prune.importance import Importance, _Moments, finalize, reduce_sequence
 from nemo_minitron.prune.slicing import select
-from nemo_minitron.prune.stage import _layers_to_drop, target_config
+from nemo_minitron.prune.stage import CalibrationConfig, _layers_to_drop, target_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -193,15 +194,36 @@ def test_tied_scores_keep_the_lower_index_in_width_and_depth(monkeypatch):
     tied = torch.tensor([0.3, 0.1, 0.1, 0.1])
     scores = Importance(heads=torch.ones(4, 4), neurons=torch.ones(4, 96), channels=torch.ones(64),
                         layers={"block_importance": tied}, calibration_loss=1.0)
-    monkeypatch.setattr(imp_lib, "drop_one_importance", lambda *args: tied)
+    monkeypatch.setattr(imp_lib, "drop_one_importance", lambda *args, **kwargs: tied)
     # Removing layers 1-2 or layers 2-3 costs the same: the later block goes.
-    monkeypatch.setattr(imp_lib, "contiguous_block_losses", lambda *args: torch.tensor([1.5, 1.0, 1.0]))
+    monkeypatch.setattr(imp_lib, "contiguous_block_losses", lambda *args, **kwargs: torch.tensor([1.5, 1.0, 1.0]))
     for depth in ("block_importance", "drop_one", "contiguous"):
         assert _layers_to_drop(None, cfg, new_cfg, target, depth, [], scores) == [2, 3], depth
     kept = select(scores, cfg, new_cfg, [0, 1])
     assert kept.channels.tolist() == list(range(32))
     assert kept.neurons[0].tolist() == list(range(48))
     assert kept.groups[0].tolist() == [0] and kept.heads[0].tolist() == [[0]]
+
+
+@pytest.mark.parametrize(
+    "depth, bar", [("drop_one", r"drop-one: 100%.*\| 4/4 \["), ("contiguous", r"contiguous: 100%.*\| 3/3 \[")]
+)
+def test_calibration_passes_show_progress_only_when_asked(tiny_hf_dirs, single_rank, capsys, depth, bar):
+    """The importance pass counts its micro-batches, a depth criterion its candidate layers or blocks, each
+    out of the total with an ETA on stderr; without progress nothing is printed."""
+    loaded = io.load_model(str(tiny_hf_dirs["untied"]))
+    batches = calibration(loaded.cfg.vocab_size)
+    target = PruneTarget(num_layers=2)
+    capsys.readouterr()
+    _, shown = prune(loaded, target, batches, ImportanceConfig(depth=depth), progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert re.search(r"importance: 100%.*\| 3/3 \[", err) and re.search(bar, err), err
+    _, quiet = prune(loaded, target, batches, ImportanceConfig(depth=depth))
+    assert capsys.readouterr() == ("", "")
+    assert shown["importance"] == quiet["importance"] and shown["dropped_layers"] == quiet["dropped_layers"]
+    # A display setting: left out of dumps, so the digests of finished prune stages in run ledgers stay valid.
+    assert "progress" not in CalibrationConfig(data="prepared").model_dump()
 
 
 @pytest.mark.parametrize("seq_agg", ["mean", "l2", "var"])
@@ -317,6 +339,7 @@ def test_prune_cli_end_to_end(tmp_path):
         "target.num_layers=3", "parallel.pipeline_model_parallel_size=1",
     )
     assert run.returncode == 0, run.stderr
+    assert re.search(r"importance: 100%.*\| 2/2 \[", run.stderr), run.stderr  # calibration.progress is on
     summary = json.loads(run.stdout)
     out = tmp_path / "pruned"
     assert summary["target_params"] < summary["source_params"] and len(summary["dropped_layers"]) == 1

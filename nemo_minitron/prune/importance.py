@@ -8,6 +8,8 @@ Activation importance (Minitron) is measured with forward hooks during calibrati
 - embedding channel c: |output of ``input_layernorm`` and ``pre_mlp_layernorm``|, summed over all layers;
 - layer (block importance, ShortGPT): 1 - cos(layer input, layer output), averaged over tokens.
 
+Each pass over the calibration set can show a progress bar with an ETA (``progress``: global rank 0, stderr).
+
 Per-token values are reduced over the sequence (``seq_agg``), then over the calibration samples
 (``batch_agg``); Minitron's best is mean over the sequence, L2 over samples. Hooks keep running sums per
 sample (sum, sum of squares, count), which are summed over data-parallel ranks, gathered over tensor-parallel
@@ -22,6 +24,7 @@ from typing import Callable, Iterable, Literal, Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
@@ -97,6 +100,13 @@ class Importance:
         }
 
 
+def progress_bar(enabled: bool, desc: str, unit: str, **kwargs) -> tqdm:
+    """A progress bar with an ETA on stderr, drawn by global rank 0 only and only when ``enabled`` (a
+    disabled bar counts nothing and prints nothing); ``kwargs`` go to tqdm (``total``, ``iterable``)."""
+    shown = enabled and (not dist.is_initialized() or dist.get_rank() == 0)
+    return tqdm(desc=desc, unit=unit, dynamic_ncols=True, disable=not shown, **kwargs)
+
+
 def _layers(model) -> list:
     return list(model.decoder.layers)
 
@@ -138,8 +148,10 @@ def activation_importance(
     batches: list[torch.Tensor],
     seq_agg: Agg = "mean",
     batch_agg: Agg = "l2",
+    progress: bool = False,
 ) -> Importance:
-    """Minitron activation importance from forward passes over this DP rank's calibration ``batches``."""
+    """Minitron activation importance from forward passes over this DP rank's calibration ``batches``
+    (with ``progress``, a bar over them)."""
     d = cfg.kv_channels
     heads_m: dict[int, _Moments] = {}
     neurons_m: dict[int, _Moments] = {}
@@ -185,11 +197,20 @@ def activation_importance(
             layer.pre_mlp_layernorm.register_forward_hook(on_norm_output((idx, "pre_mlp"))),
             layer.register_forward_hook(on_layer(idx), with_kwargs=True),
         ]
+    bar = progress_bar(progress, "importance", "batch", total=len(batches))
+
+    def count_batch(*_) -> None:
+        # megatron's schedule runs all micro-batches in one call: they are counted as they enter the model (on
+        # rank 0, the first pipeline stage). No return value: a forward hook's would replace the model's output.
+        bar.update()
+
+    handles.append(model.register_forward_hook(count_batch))
     try:
         total, count = _lm_loss_sums(model, cfg, batches)
     finally:
         for h in handles:
             h.remove()
+        bar.close()
 
     def reduce(moments: dict, tp_split: bool) -> dict:
         out = {}
@@ -268,11 +289,17 @@ def loss_without(model, cfg: ModelConfig, batches: list[torch.Tensor], drop: Ite
         return lm_loss(model, cfg, batches)
 
 
-def drop_one_importance(model, cfg: ModelConfig, batches: list[torch.Tensor], base_loss: float) -> torch.Tensor:
-    """[L]: LM-loss increase when each layer alone is removed."""
-    return torch.tensor([loss_without(model, cfg, batches, [i]) - base_loss for i in range(cfg.num_layers)])
+def drop_one_importance(model, cfg: ModelConfig, batches: list[torch.Tensor], base_loss: float,
+                        progress: bool = False) -> torch.Tensor:
+    """[L]: LM-loss increase when each layer alone is removed (one pass over ``batches`` per layer; with
+    ``progress``, a bar over the layers)."""
+    layers = progress_bar(progress, "drop-one", "layer", iterable=range(cfg.num_layers))
+    return torch.tensor([loss_without(model, cfg, batches, [i]) - base_loss for i in layers])
 
 
-def contiguous_block_losses(model, cfg: ModelConfig, batches: list[torch.Tensor], k: int) -> torch.Tensor:
-    """[L - k + 1]: LM loss with layers start .. start+k-1 removed, for every start."""
-    return torch.tensor([loss_without(model, cfg, batches, range(s, s + k)) for s in range(cfg.num_layers - k + 1)])
+def contiguous_block_losses(model, cfg: ModelConfig, batches: list[torch.Tensor], k: int,
+                            progress: bool = False) -> torch.Tensor:
+    """[L - k + 1]: LM loss with layers start .. start+k-1 removed, for every start (one pass over ``batches``
+    per start; with ``progress``, a bar over them)."""
+    starts = progress_bar(progress, "contiguous", "block", iterable=range(cfg.num_layers - k + 1))
+    return torch.tensor([loss_without(model, cfg, batches, range(s, s + k)) for s in starts])

@@ -71,6 +71,11 @@ class CalibrationConfig(StrictModel):
     seq_length: int = Field(512, ge=2)
     micro_batch_size: int = Field(4, gt=0)
     seed: int = 1234
+    # Left out of dumps: how a run looks on the terminal is no part of what it computes, and a run's
+    # pipeline.json digests of its finished prune stages stay valid.
+    progress: bool = Field(True, exclude=True,
+                           description="progress bars with an ETA over the passes on the calibration set "
+                                       "(rank 0, stderr)")
 
 
 class ImportanceConfig(StrictModel):
@@ -162,7 +167,7 @@ def calibration_batches(cal: CalibrationConfig) -> list[torch.Tensor]:
 
 
 def _layers_to_drop(model, cfg: ModelConfig, target: ModelConfig, spec: PruneTarget, how: str,
-                    batches: list[torch.Tensor], scores: imp_lib.Importance) -> list[int]:
+                    batches: list[torch.Tensor], scores: imp_lib.Importance, progress: bool = False) -> list[int]:
     if spec.drop_layers is not None:
         return spec.drop_layers
     k = cfg.num_layers - target.num_layers
@@ -171,9 +176,10 @@ def _layers_to_drop(model, cfg: ModelConfig, target: ModelConfig, spec: PruneTar
     if how == "block_importance":
         return bottom_k(scores.layers["block_importance"], k)
     if how == "drop_one":
-        scores.layers["drop_one"] = imp_lib.drop_one_importance(model, cfg, batches, scores.calibration_loss)
+        scores.layers["drop_one"] = imp_lib.drop_one_importance(model, cfg, batches, scores.calibration_loss,
+                                                                progress=progress)
         return bottom_k(scores.layers["drop_one"], k)
-    losses = imp_lib.contiguous_block_losses(model, cfg, batches, k)
+    losses = imp_lib.contiguous_block_losses(model, cfg, batches, k, progress=progress)
     scores.layers[f"contiguous_block_loss_k{k}"] = losses
     # The block whose removal costs least; on a tie the later one, so that the lower layers are kept as
     # everywhere else.
@@ -185,23 +191,26 @@ def _layers_to_drop(model, cfg: ModelConfig, target: ModelConfig, spec: PruneTar
 class Scores:
     """Importance of ``loaded``'s units on a calibration set, computed once and usable for any target:
     the scores, the full (canonical) tensors to slice, and the calibration batches (depth criteria that
-    need forward passes and the pruned model's calibration loss use them)."""
+    need forward passes and the pruned model's calibration loss use them), and whether those passes show
+    progress bars."""
 
     scores: imp_lib.Importance
     canonical: dict[str, torch.Tensor]
     calibration: list[torch.Tensor]
     importance: ImportanceConfig
     seconds: float
+    progress: bool
 
 
 def score(loaded: LoadedModel, calibration: list[torch.Tensor],
-          importance: ImportanceConfig = ImportanceConfig()) -> Scores:
+          importance: ImportanceConfig = ImportanceConfig(), progress: bool = False) -> Scores:
     """Importance of every head, query group, neuron, channel and layer of ``loaded`` on ``calibration``
-    micro-batches [b, s+1]."""
+    micro-batches [b, s+1] (with ``progress``, bars over the passes, here and in :func:`cut`)."""
     cfg, model = loaded.cfg, loaded.model
     start = time.perf_counter()
     # Block importance and the calibration loss come from the hooked forward pass for every criterion.
-    scores = imp_lib.activation_importance(model, cfg, calibration, importance.seq_agg, importance.batch_agg)
+    scores = imp_lib.activation_importance(model, cfg, calibration, importance.seq_agg, importance.batch_agg,
+                                           progress)
     seconds = time.perf_counter() - start
     canonical = gather_canonical(model, cfg, everywhere=True)
     if importance.criterion != "activation":
@@ -212,7 +221,7 @@ def score(loaded: LoadedModel, calibration: list[torch.Tensor],
         )
         width.layers, width.calibration_loss = scores.layers, scores.calibration_loss
         scores = width
-    return Scores(scores, canonical, calibration, importance, seconds)
+    return Scores(scores, canonical, calibration, importance, seconds, progress)
 
 
 def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget,
@@ -224,7 +233,8 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget,
     new_cfg = target_config(cfg, target)
     check_divisible(new_cfg, state.tp_size(), state.pp_size())
     scores, calibration = scored.scores, scored.calibration
-    drop = _layers_to_drop(model, cfg, new_cfg, target, scored.importance.depth, calibration, scores)
+    drop = _layers_to_drop(model, cfg, new_cfg, target, scored.importance.depth, calibration, scores,
+                           scored.progress)
     keep = [i for i in range(cfg.num_layers) if i not in set(drop)]
     selection = select(scores, cfg, new_cfg, keep)
     pruned_tensors = slice_canonical(scored.canonical, cfg, new_cfg, selection)
@@ -257,14 +267,16 @@ def prune(
     calibration: list[torch.Tensor],
     importance: ImportanceConfig = ImportanceConfig(),
     calibration_loss: bool = True,
+    progress: bool = False,
 ) -> tuple[LoadedModel, dict]:
-    """Prune ``loaded`` to ``target`` using importance from ``calibration`` micro-batches [b, s+1].
+    """Prune ``loaded`` to ``target`` using importance from ``calibration`` micro-batches [b, s+1] (with
+    ``progress``, bars over the passes that take long: importance and the depth criteria).
 
     Returns the pruned model (same TP/PP as ``loaded``) and a report with the scores and the selection (and,
     unless not ``calibration_loss``, the pruned model's calibration loss).
     """
     target_config(loaded.cfg, target)  # a bad target fails before the calibration passes
-    return cut(loaded, score(loaded, calibration, importance), target, calibration_loss)
+    return cut(loaded, score(loaded, calibration, importance, progress), target, calibration_loss)
 
 
 def heatmap_png(report: dict) -> bytes:
@@ -304,7 +316,8 @@ def run_prune(cfg: PruneConfig) -> dict:
     state.initialize(cfg.parallel, cfg.seed)
     # Hooks read the norms' outputs, which Transformer Engine fuses away: calibrate on the local spec.
     loaded = load_model(cfg.model, dtype=DTYPES[cfg.dtype], use_te=False)
-    pruned, report = prune(loaded, cfg.target, calibration_batches(cfg.calibration), cfg.importance, cfg.pruned_loss)
+    pruned, report = prune(loaded, cfg.target, calibration_batches(cfg.calibration), cfg.importance, cfg.pruned_loss,
+                           progress=cfg.calibration.progress)
     summary = {k: v for k, v in report.items() if k not in ("importance", "selection", "source", "target")}
     summary["output"] = cfg.output
     files = {
