@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
 from pydantic import Field
 
 from nemo_minitron.checkpoint.gguf_export import read_tokenizer
@@ -22,10 +21,11 @@ from nemo_minitron.checkpoint.io import (
 )
 from nemo_minitron.config import StrictModel
 from nemo_minitron.errors import UserError
-from nemo_minitron.eval import DTYPES
+from nemo_minitron.dtypes import Dtype, torch_dtype
 from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
+from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.sharding import check_divisible
 
 
@@ -34,9 +34,9 @@ class ConvertConfig(StrictModel):
 
     source: str = Field(min_length=1, description="model directory or embedded:...")
     output: str = Field(min_length=1)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     overwrite: bool = False
-    parallel: state.ParallelConfig = state.ParallelConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
 
 def validate(cfg: ConvertConfig, output_is_directory: bool = True) -> ModelConfig:
@@ -57,15 +57,15 @@ def validate_export(cfg: ConvertConfig) -> None:
 def import_hf(cfg: ConvertConfig) -> Path:
     """HF (or any supported) model -> nemo_minitron checkpoint (canonical layout, loads at any TP/PP)."""
     state.initialize(cfg.parallel)
-    save_checkpoint(load_model(cfg.source, dtype=DTYPES[cfg.dtype]), Path(cfg.output), cfg.overwrite)
+    save_checkpoint(load_model(cfg.source, dtype=torch_dtype(cfg.dtype)), Path(cfg.output), cfg.overwrite)
     return Path(cfg.output)
 
 
 def export_hf_dir(cfg: ConvertConfig) -> Path:
     """nemo_minitron checkpoint (or HF model) -> Hugging Face directory for transformers / vLLM / TRT-LLM."""
     state.initialize(cfg.parallel)
-    loaded = load_model(cfg.source, dtype=DTYPES[cfg.dtype])
-    export_hf(loaded, Path(cfg.output), cfg.overwrite, dtype=DTYPES[cfg.dtype])
+    loaded = load_model(cfg.source, dtype=torch_dtype(cfg.dtype))
+    export_hf(loaded, Path(cfg.output), cfg.overwrite, dtype=torch_dtype(cfg.dtype))
     return Path(cfg.output)
 
 
@@ -82,7 +82,7 @@ class ExportConfig(ConvertConfig):
         return self.dtype or {"hf": "float32", "gguf": "float16"}[self.format]
 
 
-_HF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HF_WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def validate_export_any(cfg: ExportConfig) -> None:
@@ -91,8 +91,8 @@ def validate_export_any(cfg: ExportConfig) -> None:
     model_cfg = validate(cfg, output_is_directory=cfg.format == "hf")
     out = Path(cfg.output)
     if cfg.format == "hf":
-        if cfg.weight_dtype not in _HF_DTYPES:
-            choices = ", ".join(_HF_DTYPES)
+        if cfg.weight_dtype not in HF_WEIGHT_DTYPES:
+            choices = ", ".join(HF_WEIGHT_DTYPES)
             raise UserError(f"dtype: {cfg.weight_dtype} is a GGUF type (use format=gguf, or one of {choices})")
         check_exportable(model_cfg)
     else:
@@ -110,7 +110,7 @@ def export(cfg: ExportConfig) -> Path:
     state.initialize(cfg.parallel)
     loaded = load_model(cfg.source)
     if cfg.format == "hf":
-        export_hf(loaded, Path(cfg.output), cfg.overwrite, dtype=_HF_DTYPES[cfg.weight_dtype])
+        export_hf(loaded, Path(cfg.output), cfg.overwrite, dtype=torch_dtype(cfg.weight_dtype))
     else:
         export_gguf(loaded, Path(cfg.output), cfg.overwrite, dtype=cfg.weight_dtype)
     return Path(cfg.output)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nemo_minitron import embedded
 from nemo_minitron.checkpoint import io
-from nemo_minitron.cli import run_stage
+from nemo_minitron.stages import run_stage
 from nemo_minitron.config import build_config
 from nemo_minitron.convert import ExportConfig
 from nemo_minitron.parallel import state

@@ -40,7 +40,7 @@ def tiny_bench(inputs: dict[str, Path], output: Path, **changes) -> Path:
                       "teacher_dtype": "float32"},
             "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
             "checkpoint": {"every_steps": 4, "keep_last": 1},
-            "eval": {"every_steps": 2, "max_windows": 2},
+            "eval": {"every_steps": 2},
             "log": {"progress": False, "tensorboard": False},
         },
         "eval": {"seq_length": 32, "micro_batch_size": 2},

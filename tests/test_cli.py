@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_minitron.cli import _stages, main
+from nemo_minitron.cli import main
+from nemo_minitron.stages import STAGES
 from nemo_minitron.config import load_config
 from nemo_minitron.errors import UserError
 
@@ -30,13 +31,13 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_config_validates(path: Path) -> None:
     stage = path.parent.name.replace("_", "-")
-    assert stage in _stages(), f"conf/{path.parent.name} does not name a stage"
-    load_config(_stages()[stage].config, path)
+    assert stage in STAGES, f"conf/{path.parent.name} does not name a stage"
+    load_config(STAGES[stage].config_class(), path)
 
 
 def test_every_stage_has_a_shipped_config() -> None:
     shipped = {p.parent.name.replace("_", "-") for p in CONFIGS}
-    assert set(_stages()) - {"launch"} <= shipped
+    assert set(STAGES) - {"launch"} <= shipped
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ def test_a_key_written_twice_is_refused(tmp_path: Path, capsys, text: str, key: 
     config.write_text(text)
     message = f"{config}: not valid YAML (key '{key}' is written twice, on lines {lines[0]} and {lines[1]})"
     with pytest.raises(UserError) as caught:
-        load_config(_stages()["eval"].config, config)
+        load_config(STAGES["eval"].config_class(), config)
     assert str(caught.value) == message
     assert main(["eval", str(config)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"nemo-minitron eval: error: {message}"]

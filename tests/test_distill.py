@@ -96,12 +96,12 @@ def make_trainer(spec: dict):
     """Load teacher and student (at the run's dtypes) and build the Trainer; needs ``state.initialize``."""
     from nemo_minitron.checkpoint.io import load_model
     from nemo_minitron.distill import trainer as T
-    from nemo_minitron.eval import DTYPES
+    from nemo_minitron.dtypes import torch_dtype
 
     train = T.TrainConfig(**spec["train"])
-    student = load_model(spec["student"], dtype=DTYPES[train.dtype])
+    student = load_model(spec["student"], dtype=torch_dtype(train.dtype))
     student.model.train()
-    teacher = None if spec["teacher"] is None else load_model(spec["teacher"], dtype=DTYPES[train.teacher_dtype])
+    teacher = None if spec["teacher"] is None else load_model(spec["teacher"], dtype=torch_dtype(train.teacher_dtype))
     return T.Trainer(
         student, teacher, Path(spec["data"]), Path(spec["output"]), train, T.OptimConfig(**spec["optim"]),
         T.LossConfig(**spec["loss"]), T.CheckpointConfig(**spec["checkpoint"]),
@@ -374,11 +374,14 @@ def layout_specs(kd: dict, root: Path, world: int = 1) -> list[dict]:
         job(kd["tied"], None, kd["data"], root / "ce"),
         job(kd["tied"], kd["teacher"], kd["data"], root / "first_stage_pairs",
             loss={"intermediate": {"pairs": FIRST_STAGE_PAIRS, "loss": "mse", "weight": 0.3}}),
+        # At PP=2 the first stage's pair is weighted before the last stage knows this step's logit loss.
+        job(kd["student"], kd["teacher"], kd["data"], root / "dynamic",
+            loss={"intermediate": {"pairs": PAIRS, "loss": "mse", "weight": 0.5, "balancing": "dynamic"}}),
         {**job(kd["pruned"], kd["teacher"], kd["data"], root / "resumed"), "interrupt": (world - 1, 3)},
     ]
 
 
-SPEC_NAMES = ["pruned", "tied", "intermediate", "ce", "first_stage_pairs"]
+SPEC_NAMES = ["pruned", "tied", "intermediate", "ce", "first_stage_pairs", "dynamic"]
 RESUMED = len(SPEC_NAMES)
 
 
@@ -487,24 +490,60 @@ def test_ce_mode_trains_one_model_on_the_lm_loss(kd, tmp_path, single_rank):
     assert abs(rows[0]["loss"] - want) <= 1e-4 * want, (rows[0]["loss"], want)
 
 
-def test_dynamic_balancing_matches_the_logit_loss_in_value(kd, tmp_path, single_rank):
-    """dynamic: the intermediate term has the value weight * logit loss (its gradient is the intermediate
-    loss's). One student layer in two pairs."""
+def test_dynamic_balancing_matches_the_previous_logit_loss_in_value(kd, tmp_path, single_rank):
+    """dynamic: the intermediate term has the value weight * (the previous step's logit loss); the first step,
+    which has none, weights it as fixed. One student layer in two pairs."""
     pairs = [{"student_layer": 0, "teacher_layer": 1}, {"student_layer": 0, "teacher_layer": 2}]
     spec = job(kd["student"], kd["teacher"], kd["data"], tmp_path / "run", steps=3,
                loss={"intermediate": {"pairs": pairs, "loss": "mse", "weight": 0.5, "balancing": "dynamic"}})
     trainer = make_trainer(spec)
     result = trainer.run()
     assert result.steps == 3
-    for row in (r for r in metrics(spec["output"]) if "loss" in r):
-        assert row["intermediate"] > 0
-        assert abs(row["loss"] - 1.5 * row["logit_loss"]) <= 1e-6 * row["loss"], row
+    rows = [r for r in metrics(spec["output"]) if "loss" in r]
+    assert all(row["intermediate"] > 0 for row in rows)
+    first = rows[0]
+    assert abs(first["loss"] - (first["logit_loss"] + 0.5 * first["intermediate"])) <= 1e-6 * first["loss"], first
+    for previous, row in zip(rows, rows[1:]):
+        want = row["logit_loss"] + 0.5 * previous["logit_loss"]
+        assert abs(row["loss"] - want) <= 1e-6 * row["loss"], (row, previous)
     for module in trainer.intermediate.module.projections:
         assert module.weight.shape == (64, 32) and module.weight.main_grad.abs().sum() > 0
 
 
+def test_distill_returns_the_student_without_training_hooks(kd, tmp_path, single_rank):
+    """The Python API hands the student back as a plain model: no forward hooks (intermediate losses), no
+    gradient hooks or main_grad buffers (the optimizer), and logits, not hidden states, from its forward."""
+    from nemo_minitron.checkpoint.io import load_model, save_checkpoint
+    from nemo_minitron.distill import trainer as T
+    from nemo_minitron.parallel.schedule import split_tokens
+
+    spec = job(kd["student"], kd["teacher"], kd["data"], tmp_path / "run", steps=2,
+               loss={"intermediate": {"pairs": PAIRS, "loss": "cosine", "weight": 1.0}})
+    student, teacher = load_model(spec["student"]), load_model(spec["teacher"])
+    T.distill(student, teacher, spec["data"], spec["output"], T.TrainConfig(**spec["train"]),
+              T.OptimConfig(**spec["optim"]), T.LossConfig(**spec["loss"]), T.CheckpointConfig(**spec["checkpoint"]),
+              T.EvalDuringTraining(**spec["evaluation"]), T.LogConfig(**spec["log"]))
+    for model in (student.model, teacher.model):
+        for name, module in model.named_modules():
+            assert not module._forward_hooks and not module._forward_pre_hooks, name
+            assert "forward" not in module.__dict__, name
+    for name, param in student.model.named_parameters():
+        assert not getattr(param, "_post_accumulate_grad_hooks", None), name
+        assert not hasattr(param, "main_grad"), name
+    save_checkpoint(student, tmp_path / "trained")
+    fresh = load_model(str(tmp_path / "trained"))
+    tokens = fixed_batches(kd["data"], n=1, seed=3)[0]
+    inputs, positions, _ = split_tokens(tokens)
+    with torch.no_grad():
+        got = student.model.eval()(inputs, positions, None)
+        want = fresh.model.eval()(inputs, positions, None)
+    assert got.shape[-1] == want.shape[-1] >= 49152
+    assert torch.equal(got, want)
+
+
 def test_pairs_on_different_pipeline_stages_are_rejected_before_compute(kd, tmp_path):
-    from nemo_minitron.distill.trainer import DistillConfig, validate
+    from nemo_minitron.distill.config import DistillConfig
+    from nemo_minitron.distill.trainer import validate
     from nemo_minitron.errors import UserError
 
     base = dict(student=str(kd["student"]), teacher=str(kd["teacher"]), data=str(kd["data"]),
@@ -667,8 +706,9 @@ def test_cli_end_to_end_and_rerun_resumes(kd, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
 
     def run() -> dict:
-        proc = subprocess.run(_cli() + ["distill"] + cli_args(kd, out), capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=300)
+        # 5 held-out windows in micro-batches of 2: the last micro-batch is a partial one.
+        proc = subprocess.run(_cli() + ["distill"] + cli_args(kd, out, **{"eval.max_windows": 5}),
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return _printed_json(proc.stdout)
 
@@ -687,6 +727,14 @@ def test_cli_end_to_end_and_rerun_resumes(kd, tmp_path):
     assert {"model_config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
     tensors = load_file(final / "model.safetensors")
     assert tensors["embedding.word_embeddings.weight"].shape == (49152, 32)
+    # The trainer's held-out loss is the eval stage's on the same windows (all 5, in the training dtype).
+    proc = subprocess.run(_cli() + ["eval", f"model={final}", f"data={kd['data']}", f"seq_length={SEQ}",
+                                    "max_windows=5", f"micro_batch_size={MB}", "dtype=bfloat16"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = _printed_json(proc.stdout)
+    assert evaluated["windows"] == 5
+    assert abs(evaluated["loss"] - result["eval_loss"]) <= 1e-6 * evaluated["loss"], (evaluated, result["eval_loss"])
     before = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
 
     # The same command again: it resumes at its last step, trains nothing, and reports the same run.

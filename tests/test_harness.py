@@ -16,7 +16,7 @@ import torch
 
 from nemo_minitron import embedded
 from nemo_minitron.cli import main
-from nemo_minitron.harness import held_out_documents, lambada_passages
+from nemo_minitron.evaluation.harness import held_out_documents, lambada_passages
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements/cpu.txt)")
 
@@ -152,7 +152,7 @@ def test_standard_task_without_its_dataset_is_one_line_and_exit_2(tmp_path: Path
 
 def test_other_backends_dump_their_config_as_before() -> None:
     """Finished `run` stages are recognised by the digest of their eval config: it must not gain a key."""
-    from nemo_minitron.eval import EvalConfig
+    from nemo_minitron.evaluation.config import EvalConfig
 
     keys = {"model", "data", "split", "seq_length", "micro_batch_size", "max_windows", "dtype", "backend",
             "parallel", "output", "seed"}

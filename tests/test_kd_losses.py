@@ -1,10 +1,12 @@
 """Distillation losses: FusedLogitKD against a full-softmax reference over materialised logits (loss and the
 student's gradients, every divergence, temperatures 1 and 2, top-k, loss mask, padded vocabulary), chunking,
 cross-entropy (with and without a teacher), TP=2 against TP=1 (one spawn for all options), and
-IntermediateStateLoss / balance by hand.
+IntermediateStateLoss / balance_weight by hand.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -12,14 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import destroy_state
-from nemo_minitron.distill.losses import (
-    FusedLogitKD,
-    IntermediateConfig,
-    IntermediatePair,
-    IntermediateStateLoss,
-    LogitKDConfig,
-    balance,
-)
+from nemo_minitron.distill.config import IntermediateConfig, IntermediatePair, LogitKDConfig
+from nemo_minitron.distill.intermediate import IntermediateStateLoss, balance_weight
+from nemo_minitron.distill.losses import FusedLogitKD
 
 # 10 tokens, 3 of them masked; 16 output-layer rows of which 13 are vocabulary: at TP=2 rank 1 holds 5 real rows
 # of its 8 (fewer than top_k=6: padded top-k candidates).
@@ -362,20 +359,14 @@ def test_intermediate_checks():
         module([torch.randn(1, 1, 4)], [torch.randn(1, 1, 4)] * 2)
 
 
-def test_balance_fixed_and_dynamic():
-    logit = torch.tensor(3.0, requires_grad=True)
-    inter = torch.tensor(0.5, requires_grad=True)
-    fixed = balance(logit, inter, IntermediateConfig(weight=2.0))
-    assert float(fixed) == 1.0
-    fixed.backward()
-    assert float(inter.grad) == 2.0 and logit.grad is None
-
-    inter.grad = None
-    dynamic = balance(logit, inter, IntermediateConfig(weight=2.0, balancing="dynamic"))
-    # The value is the logit loss's magnitude (times the weight); the ratio is a constant for autograd.
-    assert abs(float(dynamic) - 6.0) <= 1e-6
-    dynamic.backward()
-    assert logit.grad is None
-    assert abs(float(inter.grad) - 2.0 * 3.0 / 0.5) <= 1e-5
-    zero = balance(logit.detach(), torch.tensor(0.0), IntermediateConfig(balancing="dynamic"))
-    assert float(zero) == 0.0
+def test_balance_weight_fixed_and_dynamic():
+    fixed = IntermediateConfig(weight=2.0)
+    assert balance_weight(fixed, 3.0, 0.5) == 2.0
+    dynamic = IntermediateConfig(weight=2.0, balancing="dynamic")
+    # weight * L_is then has the magnitude of the previous step's logit loss (times the weight).
+    assert balance_weight(dynamic, 3.0, 0.5) * 0.5 == pytest.approx(6.0)
+    # The first step has no previous logit loss: the fixed weight.
+    assert balance_weight(dynamic, None, 0.5) == 2.0
+    # An intermediate loss of exactly 0 keeps the factor finite (and the term 0).
+    factor = balance_weight(dynamic, 3.0, 0.0)
+    assert math.isfinite(factor) and factor * 0.0 == 0.0

@@ -23,7 +23,8 @@ from typing import Optional
 import pytest
 
 from conftest import DIST_ENV
-from nemo_minitron.cli import _stages, main
+from nemo_minitron.cli import main
+from nemo_minitron.stages import STAGES
 from nemo_minitron.config import load_config
 from nemo_minitron.errors import UserError
 from nemo_minitron.launch.slurm import ClusterConfig, SlurmLaunch, launch_slurm
@@ -110,7 +111,7 @@ def test_dgx_two_node_render(tmp_path, capsys, fake_sbatch) -> None:
     assert f"bash -c '{RANK_LINE}; exec nemo-minitron prune \"$0\"' {run_dir}/job.yaml" in srun
     assert subprocess.run(["bash", "-n", result["script"]]).returncode == 0
     # job.yaml is the job's config as given: it loads back to the same validated config.
-    stage_config = _stages()["prune"].config
+    stage_config = STAGES["prune"].config_class()
     assert load_config(stage_config, run_dir / "job.yaml") == load_config(stage_config, LLAMA_PRUNE)
 
 
@@ -140,7 +141,7 @@ def test_overrides_and_torchrun_launcher(tmp_path, capsys) -> None:
     assert f"export PATH={Path(sys.executable).parent}:$PATH" in script
     assert ('exec torchrun --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" --nproc-per-node=4 '
             '--master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --no-python nemo-minitron prune "$0"') in script
-    job = load_config(_stages()["prune"].config, Path(result["job_config"]))
+    job = load_config(STAGES["prune"].config_class(), Path(result["job_config"]))
     assert job.target.hidden_size == 2048 and job.parallel.tensor_model_parallel_size == 4
     assert subprocess.run(["bash", "-n", result["script"]]).returncode == 0
 
@@ -203,7 +204,7 @@ def test_invalid_command_line(capsys, args, message) -> None:
 
 def test_api_refuses_existing_run_dir_mistyped_job_and_whitespace(tmp_path) -> None:
     cluster = load_config(ClusterConfig, DGX)
-    job = load_config(_stages()["prune"].config, LLAMA_PRUNE)
+    job = load_config(STAGES["prune"].config_class(), LLAMA_PRUNE)
     (tmp_path / "run").mkdir()
     with pytest.raises(UserError, match="run directory already exists"):
         launch_slurm(SlurmLaunch(stage="prune", job=job, cluster=cluster, dry_run=True, run_dir=tmp_path / "run"))
@@ -223,7 +224,7 @@ def test_example_sbatch(path: Path) -> None:
     assert sbatch["--ntasks-per-node"] == sbatch["--gpus-per-node"], "one rank per GPU"
     assert RANK_LINE in script and MASTER_LINE in script and "--kill-on-bad-exit=1" in script
     stage, config = re.search(r"exec nemo-minitron (\S+) (conf/\S+\.yaml)", script).groups()
-    job = load_config(_stages()[stage].config, ROOT / config)
+    job = load_config(STAGES[stage].config_class(), ROOT / config)
     assert int(sbatch["--nodes"]) * int(sbatch["--ntasks-per-node"]) % job.parallel.model_parallel_size == 0
 
 
@@ -338,11 +339,11 @@ def test_nemo_run_registers_stages_and_recipes() -> None:
         pytest.skip(NEMO_RUN_MISSING)
     module = next(ep for ep in entry_points().select(group="nemo_run.cli") if ep.name == "minitron").load()
     assert set(run.cli.list_entrypoints()["minitron"]) == {"prune", "distill", "eval"}
-    stages = _stages()
+    stages = STAGES
     for stage in ("prune", "distill", "eval"):
         for path in sorted((ROOT / "conf" / stage).glob("*.yaml")):
-            recipe = run.cli.resolve_factory(stages[stage].config, path.stem)
-            assert fdl.build(recipe()) == load_config(stages[stage].config, path), path
+            recipe = run.cli.resolve_factory(stages[stage].config_class(), path.stem)
+            assert fdl.build(recipe()) == load_config(stages[stage].config_class(), path), path
     partial = run.cli.parse_cli_args(module.prune, ["config=llama31_8b_width_4b", "config.target.hidden_size=2048",
                                                     "config.parallel.tensor_model_parallel_size=4"])
     config = fdl.build(partial).keywords["config"]

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from exports import held_out_ids, megatron_window_logits, run_export
 from nemo_minitron import embedded
 from nemo_minitron.checkpoint.gguf_export import LLAMA3_SPLIT_REGEX
-from nemo_minitron.eval import EvalConfig, eval_tokens, evaluate
+from nemo_minitron.evaluation.config import EvalConfig
+from nemo_minitron.evaluation.stage import eval_tokens, evaluate
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-llama-cpp)")
 

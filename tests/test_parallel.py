@@ -257,7 +257,8 @@ def test_cli_eval_tensor_parallel_matches_hf_backend(tmp_path):
     from tiny import write_tiny_hf
 
     from nemo_minitron import embedded
-    from nemo_minitron.eval import EvalConfig, evaluate
+    from nemo_minitron.evaluation.config import EvalConfig
+    from nemo_minitron.evaluation.stage import evaluate
 
     model = write_tiny_hf(tmp_path / "model", vocab_size=49152, with_tokenizer=True, seed=6)
     text = tmp_path / "eval.txt"

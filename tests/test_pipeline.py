@@ -54,7 +54,7 @@ def tiny_run(inputs: dict[str, Path], output: Path, **changes) -> Path:
                       "teacher_dtype": "float32"},
             "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
             "checkpoint": {"every_steps": 1, "keep_last": 1},
-            "eval": {"every_steps": 4, "max_windows": 4},
+            "eval": {"every_steps": 4},
             "log": {"progress": False, "tensorboard": False},
         },
         "eval": {"seq_length": 32, "micro_batch_size": 2, "max_windows": 8},
@@ -115,6 +115,13 @@ def test_run_end_to_end_skip_resume_and_changed_config(inputs) -> None:
     records = [json.loads(line) for line in (run / "step1/distill/metrics.jsonl").read_text().splitlines()]
     kd = [r["kd"] for r in records if "kd" in r]
     assert len(kd) == 8 and kd[-1] < kd[0]
+    # One evaluation for every point of the loss-curve plot: the distillation's held-out curve uses the eval
+    # stages' windows, so it ends where the distilled model's eval stage stands.
+    held_out = [r["eval_loss"] for r in records if "eval_loss" in r]
+    final_eval = ledger["step1.eval_distilled"]["result"]["loss"]
+    assert len(held_out) == 2 and abs(held_out[-1] - final_eval) <= 1e-6 * final_eval, (held_out, final_eval)
+    assert ledger["step1.distill"]["config"]["eval"] == {"every_steps": 4, "max_windows": 8, "seq_length": 32,
+                                                         "micro_batch_size": 2}
 
     # The exported student is the distilled checkpoint, as transformers computes it.
     from transformers import AutoModelForCausalLM
@@ -230,3 +237,16 @@ def test_shipped_llama_pipelines_run_scaled_down(inputs, name: str) -> None:
     assert (shape["hidden_size"], shape["num_layers"]) == ((48, 4) if "width" in name else (64, 2))
     assert report["kd_tokens"] == 64
     assert (run / "teacher_correction" / "final").is_dir()
+
+
+def test_run_refuses_its_own_windows_for_the_periodic_evaluation() -> None:
+    """The distillations' periodic held-out loss uses the run's eval windows: setting others is a config error."""
+    from nemo_minitron.config import build_config
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.pipeline.config import RunConfig
+
+    base = {"output": "out", "teacher": "t", "data": {"input": "x"},
+            "schedule": [{"target": {"hidden_size": 8}, "kd_tokens": 0}]}
+    assert build_config(RunConfig, base, ["distill.eval.every_steps=5"]).distill.eval.every_steps == 5
+    with pytest.raises(UserError, match=r"distill\.eval\.max_windows: the periodic evaluation uses the run's eval"):
+        build_config(RunConfig, base, ["distill.eval.max_windows=4"])

@@ -7,10 +7,11 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
-from nemo_minitron.pipeline.config import Dtype, RunCalibration, RunData, RunDistill, RunEval
+from nemo_minitron.dtypes import Dtype
+from nemo_minitron.pipeline.config import RunCalibration, RunData, RunDistill, RunEval
 from nemo_minitron.prune import importance as imp_lib
 from nemo_minitron.prune.stage import ImportanceConfig, PruneTarget
-from nemo_minitron.parallel.state import ParallelConfig
+from nemo_minitron.parallel.config import ParallelConfig
 
 
 class Budgets(StrictModel):

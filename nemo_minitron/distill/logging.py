@@ -7,18 +7,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch.distributed as dist
 
+from nemo_minitron.distill.config import LogConfig
 from nemo_minitron.fsutil import atomic_write_text
-
-if TYPE_CHECKING:
-    from nemo_minitron.distill.trainer import LogConfig
 
 
 class RunLogger:
-    def __init__(self, output: Path, cfg: "LogConfig", total_steps: int, start_step: int) -> None:
+    def __init__(self, output: Path, cfg: LogConfig, total_steps: int, start_step: int) -> None:
         self.cfg = cfg
         self.active = not dist.is_initialized() or dist.get_rank() == 0
         self.bar = self.writer = self.file = None

@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses: logit KD fused with the output projection, and intermediate-state matching.
+"""Logit knowledge distillation fused with the output projection (intermediate states: :mod:`~nemo_minitron.distill.intermediate`).
 
 Shapes: ``T`` tokens (sequence and batch flattened), ``h_s`` / ``h_t`` student / teacher hidden sizes, ``V`` the
 padded vocabulary, ``tp`` the tensor-parallel size; each TP rank holds the output-layer rows
@@ -16,53 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from nemo_minitron.config import StrictModel
+from nemo_minitron.distill.config import LogitKDConfig
 from nemo_minitron.parallel import state
-
-
-class LogitKDConfig(StrictModel):
-    """Logit distillation (Minitron: forward KL at temperature 1, logits only)."""
-
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # Minitron: forward KL, tau=1
-    temperature: float = Field(1.0, gt=0)
-    jsd_beta: float = Field(0.5, gt=0, lt=1)
-    top_k: Optional[int] = Field(None, gt=0)  # keep only the teacher's top-k logits (renormalised)
-    chunk_tokens: int = Field(1024, gt=0)  # tokens per chunk: bounds peak memory
-    kd_weight: float = Field(1.0, ge=0)
-    ce_weight: float = Field(0.0, ge=0)  # optional LM cross-entropy on the labels, mixed in
-
-    @model_validator(mode="after")
-    def _top_k_only_with_forward_kl(self) -> "LogitKDConfig":
-        # The truncated teacher has zero probability outside its top-k tokens. Reverse KL and JSD weight log p_t
-        # by the student's probabilities over the whole vocabulary, where log p_t = -inf: reverse KL is infinite
-        # and JSD would silently become a divergence to a different (student-restricted) distribution.
-        if self.top_k is not None and self.divergence != "forward_kl":
-            raise ValueError(f"top_k is only defined for divergence 'forward_kl', not '{self.divergence}'")
-        return self
-
-
-class IntermediatePair(StrictModel):
-    student_layer: int = Field(ge=0)
-    teacher_layer: int = Field(ge=0)
-
-
-class IntermediateConfig(StrictModel):
-    """Intermediate-state distillation: match chosen student layer outputs to teacher layer outputs."""
-
-    pairs: list[IntermediatePair] = []
-    loss: Literal["cosine", "mse"] = "cosine"
-    weight: float = Field(1.0, ge=0)
-    # dynamic: scale L_is to the magnitude of L_logits (ratio detached)
-    balancing: Literal["fixed", "dynamic"] = "fixed"
 
 
 # ------------------------------------------------------------------------------------------ logit KD
@@ -620,63 +583,3 @@ class FusedLogitKD(nn.Module):
         if labels is not None:
             out["ce"] = ce
         return out
-
-
-# ------------------------------------------------------------------------------ intermediate states
-
-
-class IntermediateStateLoss(nn.Module):
-    """Distance between chosen student and teacher layer outputs, mean over ``cfg.pairs``.
-
-    One learned ``nn.Linear(h_s, h_t, bias=False)`` per pair maps the student state to the teacher's width when
-    the widths differ (identity otherwise). Computed in fp32: the projections are fp32 parameters. A config
-    without pairs builds an empty module (e.g. a pipeline stage that holds none of the paired layers); it has
-    nothing to compute.
-    """
-
-    def __init__(self, cfg: IntermediateConfig, student_hidden_size: int, teacher_hidden_size: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.projections = nn.ModuleList(
-            nn.Linear(student_hidden_size, teacher_hidden_size, bias=False)
-            if student_hidden_size != teacher_hidden_size
-            else nn.Identity()
-            for _ in cfg.pairs
-        )
-
-    def forward(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> Tensor:
-        """Scalar loss; ``student_states[i]`` [s, b, h_s] and ``teacher_states[i]`` [s, b, h_t] are the outputs of
-        ``cfg.pairs[i]``'s student and teacher layers (one entry per pair, in the pairs' order).
-
-        cosine: 1 - cos(proj(student), teacher) along the hidden size, mean over the s*b tokens; mse: mean
-        squared error over all elements. Then the mean over pairs. The teacher states are detached.
-        """
-        n = len(self.cfg.pairs)
-        if n == 0 or len(student_states) != n or len(teacher_states) != n:
-            raise ValueError(
-                f"need one student and one teacher state per pair ({n} pairs), got {len(student_states)} "
-                f"and {len(teacher_states)}"
-            )
-        losses = []
-        for proj, student, teacher in zip(self.projections, student_states, teacher_states):
-            s = proj(student.float())
-            t = teacher.detach().float()
-            if self.cfg.loss == "cosine":
-                losses.append(1 - F.cosine_similarity(s, t, dim=-1).mean())
-            else:
-                losses.append(F.mse_loss(s, t))
-        return torch.stack(losses).mean()
-
-
-def balance(logit_loss: Tensor, is_loss: Tensor, cfg: IntermediateConfig) -> Tensor:
-    """The intermediate-state term to add to ``logit_loss``.
-
-    fixed: ``weight * is_loss``. dynamic: ``weight * is_loss * (logit_loss / is_loss).detach()``, which has the
-    value ``weight * logit_loss`` but carries only the intermediate loss's gradient (rescaled by the detached
-    ratio), so neither loss dominates as their magnitudes drift apart during training. An intermediate loss of
-    exactly 0 stays 0 (no 0/0).
-    """
-    if cfg.balancing == "fixed":
-        return cfg.weight * is_loss
-    ratio = (logit_loss / is_loss.clamp_min(torch.finfo(is_loss.dtype).tiny)).detach()
-    return is_loss * ratio * cfg.weight

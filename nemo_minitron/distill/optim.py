@@ -16,9 +16,10 @@ class MixedPrecisionAdamW:
                  weight_decay: float) -> None:
         self.params = params
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
+        self.hooks = []
         for p in params:
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)  # on the parameter's device
-            p.register_post_accumulate_grad_hook(self._accumulate)
+            self.hooks.append(p.register_post_accumulate_grad_hook(self._accumulate))
         # The fused kernel (CPU and CUDA) updates all tensors in one pass: several times faster than the loop.
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                            fused=True)
@@ -27,6 +28,14 @@ class MixedPrecisionAdamW:
     def _accumulate(param: torch.nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
         param.grad = None
+
+    def remove_hooks(self) -> None:
+        """Detach from the parameters (their gradients go to ``.grad`` again); the optimizer is unusable after."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        for p in self.params:
+            del p.main_grad
 
     def zero_grad(self) -> None:
         torch._foreach_zero_([p.main_grad for p in self.params])

@@ -24,6 +24,12 @@ def _hidden_instead_of_logits(model) -> None:
         model.output_layer.forward = lambda hidden, *args, **kwargs: (hidden, None)
 
 
+def _logits_again(model) -> None:
+    """Undo :func:`_hidden_instead_of_logits` (the instance attribute shadows the class's ``forward``)."""
+    if state.is_last_stage():
+        model.output_layer.__dict__.pop("forward", None)
+
+
 def output_weight(model) -> torch.Tensor:
     """This TP rank's vocabulary projection [V/tp, h] (the embedding itself when tied)."""
     if model.share_embeddings_and_output_weights:
@@ -72,6 +78,12 @@ class DistillationPair(nn.Module):
         self.h_student = student.config.hidden_size
         self.h_teacher = teacher.config.hidden_size if teacher is not None else 0
         self.teacher_hidden: Optional[torch.Tensor] = None
+
+    def restore(self) -> None:
+        """Both models return logits again."""
+        for model in (self.student, self.teacher):
+            if model is not None:
+                _logits_again(model)
 
     def set_input_tensor(self, tensor) -> None:
         tensor = tensor[0] if isinstance(tensor, list) else tensor

@@ -18,11 +18,10 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
 
 from nemo_minitron.checkpoint.integrity import check_model
 from nemo_minitron.checkpoint.io import (
@@ -33,137 +32,32 @@ from nemo_minitron.checkpoint.io import (
     resolve_model_dir,
     save_checkpoint,
 )
-from nemo_minitron.config import StrictModel
 from nemo_minitron.data import SequenceSampler, TokenDataset, eval_windows
 from nemo_minitron.data.prepare import META_FILE
 from nemo_minitron.distill import checkpointing
-from nemo_minitron.distill.losses import (
-    FusedLogitKD,
-    IntermediateConfig,
-    IntermediateStateLoss,
-    LogitKDConfig,
-    balance,
+from nemo_minitron.distill.config import (
+    CheckpointConfig,
+    DistillConfig,
+    EvalDuringTraining,
+    LogConfig,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
 )
+from nemo_minitron.distill.intermediate import IntermediateLosses
+from nemo_minitron.distill.logging import RunLogger
+from nemo_minitron.distill.losses import FusedLogitKD
 from nemo_minitron.distill.optim import MixedPrecisionAdamW
 from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_weight, pipeline_shapes
+from nemo_minitron.dtypes import Fp8, torch_dtype
 from nemo_minitron.errors import UserError
-from nemo_minitron.eval import DTYPES
+from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.fsutil import atomic_write_text, check_can_create, remove_leftovers
-from nemo_minitron.models.builder import FP8_MULTIPLE, Fp8, check_fp8_shapes, compile_layers, te_available
+from nemo_minitron.models.builder import FP8_MULTIPLE, check_fp8_shapes, compile_layers, te_available
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import grads, state
 from nemo_minitron.parallel.schedule import forward_backward
 from nemo_minitron.parallel.sharding import check_divisible
-
-Dtype = Literal["float32", "bfloat16"]
-
-
-class TrainConfig(StrictModel):
-    seq_length: int = Field(512, ge=2)
-    micro_batch_size: int = Field(4, gt=0)
-    global_batch_size: int = Field(16, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)
-    max_tokens: Optional[int] = Field(None, gt=0, description="alternative to max_steps")
-    dtype: Dtype = Field("bfloat16", description="student compute dtype (fp32 master weights and gradients)")
-    teacher_dtype: Dtype = "bfloat16"
-    seed: int = 1234
-    max_skipped_steps: int = Field(10, ge=0, description="non-finite steps skipped in a row before stopping")
-    compile: bool = Field(False, description="torch.compile each transformer layer (TP = PP = 1, no "
-                                             "intermediate losses): fused element-wise work, compiled in the "
-                                             "first steps")
-    fp8: Optional[Fp8] = Field(None, description="FP8 GEMMs in the transformer layers of student and teacher "
-                                                 "(Transformer Engine, delayed scaling; needs CUDA and TE): "
-                                                 "hybrid (E4M3 forward, E5M2 gradients) or e4m3")
-
-    @model_validator(mode="after")
-    def _length(self) -> "TrainConfig":
-        if (self.max_steps is None) == (self.max_tokens is None):
-            raise ValueError("give exactly one of max_steps and max_tokens")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size {self.micro_batch_size}"
-            )
-        return self
-
-    def steps(self) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        return math.ceil(self.max_tokens / (self.global_batch_size * self.seq_length))
-
-
-class OptimConfig(StrictModel):
-    lr: float = Field(1e-4, gt=0)
-    min_lr: float = Field(1e-5, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    clip_grad: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
-
-    @model_validator(mode="after")
-    def _lrs(self) -> "OptimConfig":
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
-        return self
-
-    def lr_at(self, step: int, total: int) -> float:
-        """Linear warmup over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` at ``total``."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(total - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / span, 1.0)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-class LossConfig(StrictModel):
-    logits: LogitKDConfig = LogitKDConfig()
-    intermediate: IntermediateConfig = IntermediateConfig()
-
-
-class CheckpointConfig(StrictModel):
-    every_steps: int = Field(100, gt=0)
-    keep_last: int = Field(2, gt=0)
-    resume: bool = True
-
-
-class EvalDuringTraining(StrictModel):
-    every_steps: int = Field(100, ge=0, description="0: only at the end")
-    max_windows: int = Field(16, gt=0)
-
-
-class LogConfig(StrictModel):
-    every_steps: int = Field(1, gt=0)
-    tensorboard: bool = True
-    progress: bool = True
-
-
-class DistillConfig(StrictModel):
-    """The ``distill`` stage. ``mode: ce`` trains ``student`` alone with the LM loss (no teacher)."""
-
-    mode: Literal["kd", "ce"] = "kd"
-    student: str = Field(min_length=1)
-    student_init: Literal["checkpoint", "random"] = Field(
-        "checkpoint", description="random: the student's architecture from freshly initialised weights (a "
-                                  "from-scratch baseline)")
-    teacher: Optional[str] = None
-    data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
-    output: str = Field(min_length=1)
-    train: TrainConfig
-    optim: OptimConfig = OptimConfig()
-    loss: LossConfig = LossConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    eval: EvalDuringTraining = EvalDuringTraining()
-    log: LogConfig = LogConfig()
-    parallel: state.ParallelConfig = state.ParallelConfig()
-
-    @model_validator(mode="after")
-    def _teacher(self) -> "DistillConfig":
-        if self.mode == "kd" and not self.teacher:
-            raise ValueError("mode kd needs a teacher")
-        if self.mode == "ce" and self.teacher:
-            raise ValueError("mode ce trains without a teacher: remove teacher")
-        return self
 
 
 @dataclass
@@ -262,55 +156,6 @@ def validate(cfg: DistillConfig) -> None:
             raise UserError(f"teacher: {exc}") from None
 
 
-class _Intermediate:
-    """Collects the configured layers' outputs on this stage and turns them into the intermediate loss.
-
-    A stage holds only some of the pairs; its share of the loss is ``fraction`` (local pairs / all pairs) of
-    the mean over its pairs, so the shares of all stages add up to the mean over all pairs whatever the
-    pipeline layout. Each pair's projection is initialised from ``seed`` and the pair's index alone, so it is
-    the same at every TP / PP layout.
-    """
-
-    def __init__(self, pair: DistillationPair, cfg: IntermediateConfig, seed: int) -> None:
-        self.cfg = cfg
-        local = {layer.layer_number - 1: layer for layer in pair.student.decoder.layers}
-        t_local = {layer.layer_number - 1: layer for layer in pair.teacher.decoder.layers}
-        indices = [i for i, p in enumerate(cfg.pairs) if p.student_layer in local]
-        self.pairs = [(cfg.pairs[i].student_layer, cfg.pairs[i].teacher_layer) for i in indices]
-        self.fraction = len(indices) / len(cfg.pairs)
-        self.states: dict[tuple[str, int], torch.Tensor] = {}
-        self.module = IntermediateStateLoss(
-            cfg.model_copy(update={"pairs": [cfg.pairs[i] for i in indices]}),
-            pair.h_student,
-            pair.h_teacher,
-        )
-        for index, projection in zip(indices, self.module.projections):
-            if isinstance(projection, torch.nn.Linear):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed + index)
-                    projection.reset_parameters()
-        self.module.to(next(pair.student.parameters()).device)
-        for s, t in self.pairs:
-            local[s].register_forward_hook(self._keep("student", s))
-            t_local[t].register_forward_hook(self._keep("teacher", t))
-
-    def _keep(self, side: str, index: int):
-        def hook(_module, _args, output):
-            self.states[(side, index)] = output[0]
-
-        return hook
-
-    def loss(self) -> Optional[torch.Tensor]:
-        """Mean over this stage's pairs (None without any); the caller weights it by ``fraction``."""
-        if not self.pairs:
-            return None
-        # A layer may appear in several pairs: read every state, then forget them all.
-        student = [self.states[("student", s)] for s, _ in self.pairs]
-        teacher = [self.states[("teacher", t)].detach() for _, t in self.pairs]
-        self.states.clear()
-        return self.module(student, teacher)
-
-
 class Trainer:
     """State of one distillation run on this rank (built by :func:`distill`)."""
 
@@ -339,9 +184,8 @@ class Trainer:
         if teacher is None:
             logit_cfg = logit_cfg.model_copy(update={"kd_weight": 0.0, "ce_weight": 1.0})
         self.logit_loss = FusedLogitKD(logit_cfg, student.cfg.vocab_size)
-        self.ce_loss = FusedLogitKD(LogitKDConfig(kd_weight=0.0, ce_weight=1.0), student.cfg.vocab_size)
         self.intermediate = (
-            _Intermediate(self.pair, loss.intermediate, train.seed)
+            IntermediateLosses(self.pair, loss.intermediate, train.seed)
             if teacher is not None and loss.intermediate.pairs
             else None
         )
@@ -360,12 +204,14 @@ class Trainer:
         # Fixed held-out windows, read now: a split too short for one fails before any training. (The dataset
         # stays referenced: its memory map closes when it is collected.)
         self.valid = TokenDataset(str(data / "valid"))
-        self.eval_windows = list(eval_windows(self.valid, train.seq_length + 1, evaluation.max_windows))
+        self.eval_windows = list(eval_windows(self.valid, evaluation.seq_length or train.seq_length,
+                                              evaluation.max_windows))
+        self.eval_micro_batch_size = evaluation.micro_batch_size or train.micro_batch_size
         self.total_steps = train.steps()
         self.step = 0
         self.skipped_in_a_row = 0
         self.skipped = 0
-        self.last_logit_loss = 1.0
+        self.last_logit_loss: Optional[float] = None  # of the previous step (dynamic intermediate-loss balancing)
         self.last_loss = float("nan")  # of the last step: the result of a finished run that is run again
         self.stop_requested = False
         self.stage_module = self._stage_module()
@@ -389,10 +235,11 @@ class Trainer:
         if "ce" in out:
             report["ce"] = out["ce"].detach().clone()
         if self.intermediate is not None:
-            is_loss = self.intermediate.loss()
-            if is_loss is not None:
+            terms = self.intermediate.loss(self.last_logit_loss)
+            if terms is not None:
                 share = self.intermediate.fraction
-                total = total + share * balance(total, is_loss, self.loss_cfg.intermediate)
+                is_loss, balanced = terms
+                total = total + share * balanced
                 report["intermediate"] = share * is_loss.detach().clone()
         report["loss"] = total.detach().clone()
         return total, report
@@ -415,15 +262,13 @@ class Trainer:
             def forward(self, input_ids, position_ids, attention_mask=None):
                 out = self.inner(input_ids, position_ids, attention_mask)
                 if trainer.intermediate is not None and not state.is_last_stage():
-                    is_loss = trainer.intermediate.loss()
-                    if is_loss is not None:
+                    terms = trainer.intermediate.loss(trainer.last_logit_loss)
+                    if terms is not None:
                         share = trainer.intermediate.fraction
-                        weight = trainer.loss_cfg.intermediate.weight * share
-                        if trainer.loss_cfg.intermediate.balancing == "dynamic":
-                            weight *= trainer.last_logit_loss / max(float(is_loss.detach()), 1e-12)
-                        value = float(is_loss.detach())
-                        trainer.mid_stage_losses.append((share * value, weight * value))
-                        out = AttachAuxLoss.apply(out, is_loss, weight / trainer.num_micro)
+                        is_loss, balanced = terms
+                        trainer.mid_stage_losses.append(
+                            (share * float(is_loss.detach()), share * float(balanced.detach())))
+                        out = AttachAuxLoss.apply(out, balanced, share / trainer.num_micro)
                 return out
 
         return StageModule()
@@ -488,31 +333,16 @@ class Trainer:
     # ------------------------------------------------------------------ held-out evaluation
 
     def evaluate(self) -> tuple[float, float]:
-        """Student's held-out loss and perplexity on the valid split (same windows every time)."""
-        mine = self.eval_windows[state.dp_rank() :: state.dp_size()]
-        mb = self.train_cfg.micro_batch_size
-        # Equal micro-batches for the pipeline schedule; a remainder smaller than one is left out. A DP rank
-        # without a window (fewer windows than DP ranks) contributes nothing.
-        batches = [torch.stack(mine[i : i + mb]) for i in range(0, len(mine) - len(mine) % mb, mb)]
-        if not batches and mine:
-            batches = [torch.stack(mine)]
+        """Student's held-out loss and perplexity on the valid split: the ``eval`` stage's computation on the
+        same windows every time."""
         student = self.pair.student
         student.eval()
-
-        def loss_fn(hidden, labels):
-            ce = self.ce_loss(hidden.reshape(-1, hidden.shape[-1]), output_weight(student), None, None,
-                              labels.reshape(-1), None)["ce"]
-            n = torch.tensor(float(labels.numel()), dtype=torch.float64)
-            return ce, {"sum": ce.detach().double() * n, "count": n}
-
-        total = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
-            for out in forward_backward(student, batches, loss_fn, forward_only=True) if batches else []:
-                total += torch.stack([out["sum"].cpu(), out["count"]])
-        total = state.broadcast_from_last_stage(total)
-        if state.dp_size() > 1:
-            total = state.all_reduce(total, state.dp_group())
-        loss = float(total[0] / total[1])
+        total, count = windows_loss_sums(
+            student, self.student.cfg.vocab_size, self.eval_windows, self.eval_micro_batch_size,
+            # The student's last stage returns hidden states (the KD loss projects them itself).
+            to_logits=lambda hidden: torch.nn.functional.linear(hidden, output_weight(student)),
+        )
+        loss = total / count
         return loss, math.exp(loss)
 
     # ------------------------------------------------------------------ checkpoints
@@ -553,7 +383,8 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step = int(payload["step"])
         self.skipped, self.skipped_in_a_row = int(payload["skipped"]), int(payload["skipped_in_a_row"])
-        self.last_logit_loss = float(payload["last_logit_loss"])
+        previous = payload["last_logit_loss"]
+        self.last_logit_loss = None if previous is None else float(previous)
         self.last_loss = float(payload.get("last_loss", float("nan")))
         torch.set_rng_state(payload["rng_cpu"])
         if payload["rng_tracker"]:
@@ -563,8 +394,6 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> DistillResult:
-        from nemo_minitron.distill.logging import RunLogger
-
         if not dist.is_initialized() or dist.get_rank() == 0:
             checkpointing.remove_partial(self.output / "checkpoints")  # left by a run killed while saving
         checkpointing.check_resumable(self.output / "checkpoints", self._meta(), self.ckpt_cfg.resume)
@@ -609,6 +438,13 @@ class Trainer:
             stopped_early=stopped_early,
         )
 
+    def release(self) -> None:
+        """Give the models back as they came: no forward or gradient hooks of training, outputs as logits."""
+        if self.intermediate is not None:
+            self.intermediate.remove()
+        self.optimizer.remove_hooks()
+        self.pair.restore()
+
     def _on_sigterm(self, _signum, _frame) -> None:
         self.stop_requested = True
 
@@ -632,20 +468,24 @@ def distill(
     """Train ``student`` from ``teacher`` (or with CE alone when None) on the prepared dataset ``data``.
 
     Checkpoints, ``metrics.jsonl`` and TensorBoard events go under ``output``; an existing checkpoint there is
-    resumed when ``checkpoint.resume``. The trained weights stay in ``student.model``.
+    resumed when ``checkpoint.resume``. The trained weights stay in ``student.model``, which is returned to the
+    caller without the hooks training puts on it.
     """
-    return Trainer(student, teacher, Path(data), Path(output), train, optim, loss, checkpoint, evaluation, log).run()
+    trainer = Trainer(student, teacher, Path(data), Path(output), train, optim, loss, checkpoint, evaluation, log)
+    try:
+        return trainer.run()
+    finally:
+        trainer.release()
 
 
 def run_distill(cfg: DistillConfig) -> dict:
     """CLI stage: load teacher and student, train, save the student as ``<output>/final``."""
-    validate(cfg)
     state.initialize(cfg.parallel, cfg.train.seed)
     fp8 = cfg.train.fp8
     make_student = load_model if cfg.student_init == "checkpoint" else new_model
-    student = make_student(cfg.student, dtype=DTYPES[cfg.train.dtype], fp8=fp8)
+    student = make_student(cfg.student, dtype=torch_dtype(cfg.train.dtype), fp8=fp8)
     student.model.train()
-    teacher = load_model(cfg.teacher, dtype=DTYPES[cfg.train.teacher_dtype], fp8=fp8) if cfg.mode == "kd" else None
+    teacher = load_model(cfg.teacher, dtype=torch_dtype(cfg.train.teacher_dtype), fp8=fp8) if cfg.mode == "kd" else None
     result = distill(student, teacher, cfg.data, cfg.output, cfg.train, cfg.optim, cfg.loss, cfg.checkpoint,
                      cfg.eval, cfg.log)
     final = Path(cfg.output) / "final"

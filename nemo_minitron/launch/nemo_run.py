@@ -17,12 +17,12 @@ from typing import Annotated, Any, get_args
 import nemo_run as run
 from nemo_run.cli.cli_parser import type_parser
 
-from nemo_minitron.cli import _print_result, run_stage
 from nemo_minitron.config import StrictModel, load_config
-from nemo_minitron.distill.trainer import DistillConfig
+from nemo_minitron.distill.config import DistillConfig
 from nemo_minitron.errors import UserError
-from nemo_minitron.eval import EvalConfig
+from nemo_minitron.evaluation.config import EvalConfig
 from nemo_minitron.prune import PruneConfig
+from nemo_minitron.stages import print_result, run_stage
 
 NAMESPACE = "minitron"
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -65,7 +65,7 @@ def _recipe(cls: type[StrictModel], name: str) -> run.Config:
 def _run(stage: str, config: StrictModel) -> None:
     # As the CLI does: a problem the user can fix is one line and exit status 2, not a traceback.
     try:
-        _print_result(run_stage(stage, config))
+        print_result(run_stage(stage, config))
     except UserError as exc:
         print(f"nemo minitron {stage}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

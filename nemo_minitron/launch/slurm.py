@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import Field, StringConstraints, ValidationError
@@ -27,9 +27,7 @@ from pydantic import Field, StringConstraints, ValidationError
 from nemo_minitron.config import StrictModel, format_validation_error, load_config, parse_overrides
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_directory
-
-if TYPE_CHECKING:
-    from nemo_minitron.cli import Stage
+from nemo_minitron.stages import STAGES, Stage
 
 # Values written verbatim into `#SBATCH` lines, which sbatch reads itself: no shell quoting can protect them.
 SlurmWord = Annotated[str, StringConstraints(pattern=r"^[\w.+\-]+$")]
@@ -104,13 +102,11 @@ class SlurmSubmission:
     job_config: Path
 
 
-def _launchable() -> dict[str, "Stage"]:
-    from nemo_minitron.cli import _stages
-
-    return {name: stage for name, stage in _stages().items() if name != "launch"}
+def _launchable() -> dict[str, Stage]:
+    return {name: stage for name, stage in STAGES.items() if name != "launch"}
 
 
-def _stage(name: str) -> "Stage":
+def _stage(name: str) -> Stage:
     stages = _launchable()
     if name not in stages:
         raise UserError(f"stage: '{name}' is not a stage (one of {', '.join(sorted(stages))})")
@@ -119,10 +115,10 @@ def _stage(name: str) -> "Stage":
 
 def _check(request: SlurmLaunch) -> None:
     """What the schemas cannot see: the job's type, one rank per GPU, and world size against TP x PP."""
-    stage = _stage(request.stage)
-    if not isinstance(request.job, stage.config):
+    expected = _stage(request.stage).config_class()
+    if not isinstance(request.job, expected):
         raise UserError(
-            f"job: a {type(request.job).__name__}, but stage {request.stage} takes a {stage.config.__name__}"
+            f"job: a {type(request.job).__name__}, but stage {request.stage} takes a {expected.__name__}"
         )
     cluster = request.cluster
     if cluster.gpus_per_node and cluster.gpus_per_node != cluster.tasks_per_node:
@@ -305,7 +301,7 @@ def parse_cli(args: Sequence[str]) -> SlurmLaunch:
     stage_name = own.get("stage") or job_path.parent.name.replace("_", "-")
     if "stage" not in own and stage_name not in _launchable():
         raise UserError(f"stage=NAME is required: the folder of {job_path} names no stage")
-    job = _load(_stage(stage_name).config, job_path, job_overrides, "job")
+    job = _load(_stage(stage_name).config_class(), job_path, job_overrides, "job")
     try:
         return SlurmLaunch(
             stage=stage_name,

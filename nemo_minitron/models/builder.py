@@ -12,17 +12,17 @@ sets ``fp8``, so the forward needs no wrapping here; the embedding and the outpu
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from nemo_minitron.dtypes import Fp8
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.cpu import cuda_available
 
-Fp8 = Literal["hybrid", "e4m3"]
 # Transformer Engine's FP8 GEMMs need every matrix dimension to be a multiple of 16.
 FP8_MULTIPLE = 16
 

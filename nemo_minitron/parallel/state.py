@@ -14,22 +14,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
-
-from nemo_minitron.config import StrictModel
 from nemo_minitron.errors import UserError
+from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.cpu import apply_cpu_patches, cuda_available, install_rng_tracker
-
-
-class ParallelConfig(StrictModel):
-    """Model-parallel sizes; data parallelism takes the remaining ranks (world / (TP * PP))."""
-
-    tensor_model_parallel_size: int = Field(1, ge=1)
-    pipeline_model_parallel_size: int = Field(1, ge=1)
-
-    @property
-    def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
 
 def _free_port() -> int:

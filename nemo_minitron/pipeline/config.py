@@ -13,19 +13,17 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
-from nemo_minitron.distill.trainer import (
+from nemo_minitron.distill.config import (
     CheckpointConfig,
     EvalDuringTraining,
     LogConfig,
     LossConfig,
     OptimConfig,
-    TrainConfig,
+    TrainSettings,
 )
-from nemo_minitron.models.builder import Fp8
-from nemo_minitron.parallel.state import ParallelConfig
+from nemo_minitron.dtypes import Dtype
+from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.prune.stage import ImportanceConfig, PruneTarget
-
-Dtype = Literal["float32", "bfloat16"]
 
 
 class RunData(StrictModel):
@@ -46,36 +44,11 @@ class RunCalibration(StrictModel):
     seed: int = 1234
 
 
-class RunTrain(StrictModel):
-    """Batch shape and precision of every distillation (and teacher correction) in the run; token budgets
-    are given per use (``kd_tokens``, ``teacher_correction.tokens``, ``nas.short_kd_tokens``)."""
-
-    seq_length: int = Field(512, ge=2)
-    micro_batch_size: int = Field(4, gt=0)
-    global_batch_size: int = Field(16, gt=0)
-    dtype: Dtype = "bfloat16"
-    teacher_dtype: Dtype = "bfloat16"
-    seed: int = 1234
-    max_skipped_steps: int = Field(10, ge=0)
-    compile: bool = Field(False, description="torch.compile the layers (see distill's train.compile)")
-    fp8: Optional[Fp8] = Field(None, description="FP8 transformer layers (see distill's train.fp8)")
-
-    @model_validator(mode="after")
-    def _batches(self) -> "RunTrain":
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
-                             f"{self.micro_batch_size}")
-        return self
-
-    def for_tokens(self, tokens: int) -> TrainConfig:
-        """The distill stage's ``train`` section for a run of ``tokens`` tokens."""
-        return TrainConfig(**self.model_dump(), max_tokens=tokens)
-
-
 class RunDistill(StrictModel):
-    """How every distillation of the run trains (its length is the schedule step's ``kd_tokens``)."""
+    """How every distillation of the run trains (its length is the schedule step's ``kd_tokens``; its periodic
+    held-out loss uses the run's ``eval`` windows)."""
 
-    train: RunTrain = RunTrain()
+    train: TrainSettings = TrainSettings()
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -174,6 +147,15 @@ class RunConfig(StrictModel):
     rerun_from: Optional[str] = Field(None, description="redo this stage and every later one")
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234
+
+    @model_validator(mode="after")
+    def _one_evaluation(self) -> "RunConfig":
+        # The loss curve of every distillation is drawn against the eval stages' results: one set of windows.
+        taken = sorted({"seq_length", "max_windows", "micro_batch_size"} & self.distill.eval.model_fields_set)
+        if taken:
+            raise ValueError(f"distill.eval.{taken[0]}: the periodic evaluation uses the run's eval section "
+                             "(eval.seq_length, eval.max_windows, eval.micro_batch_size)")
+        return self
 
     @model_validator(mode="after")
     def _nas_when_searched(self) -> "RunConfig":

@@ -21,12 +21,15 @@ from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data import TokenDataset, eval_windows
-from nemo_minitron.distill.trainer import CheckpointConfig, LogConfig, check_fp8_train, distill
+from nemo_minitron.distill.config import CheckpointConfig, LogConfig
+from nemo_minitron.distill.trainer import check_fp8_train, distill
+from nemo_minitron.dtypes import torch_dtype
 from nemo_minitron.errors import UserError
-from nemo_minitron.eval import DTYPES, windows_loss_sums
+from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
+from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.sharding import check_divisible
 from nemo_minitron.pipeline.config import NASConfig, RunDistill
 from nemo_minitron.prune.stage import (
@@ -58,7 +61,7 @@ class NASStageConfig(StrictModel):
     distill: RunDistill = RunDistill()
     prune_dtype: str = Field("float32", pattern="^(float32|bfloat16)$")
     overwrite: bool = False
-    parallel: state.ParallelConfig = state.ParallelConfig()
+    parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234
 
 
@@ -97,24 +100,30 @@ def name_of(target: PruneTarget) -> str:
     return "-".join(f"{short[k]}{getattr(target, k)}" for k in SEARCH_KEYS)
 
 
-def validate(cfg: NASStageConfig) -> list[PruneTarget]:
-    """The candidates; a one-line error when there are none or the inputs are missing."""
+def _search(cfg: NASStageConfig) -> list[PruneTarget]:
+    """The candidates of ``cfg`` in the model's parameter budget (none: a one-line error)."""
+    src = read_model_config(resolve_model_dir(cfg.model))
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    limit = budget(cfg.params, src)
+    found = candidates(src, cfg.nas, limit, tp, pp, fp8=bool(cfg.distill.train.fp8))
+    if not found:
+        raise UserError(f"nas: no candidate of the search space has {limit * (1 - cfg.nas.tolerance):,.0f}.."
+                        f"{limit:,} parameters (the model has {src.num_params():,}); widen nas.search or tolerance")
+    return found
+
+
+def validate(cfg: NASStageConfig) -> None:
+    """Every check that needs no compute: the inputs exist, the model splits into TP/PP, there are candidates."""
     src = read_model_config(resolve_model_dir(cfg.model))
     read_model_config(resolve_model_dir(cfg.teacher))
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    check_divisible(src, tp, pp)
-    limit = budget(cfg.params, src)
+    check_divisible(src, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     train = cfg.distill.train
     if train.fp8:
         # Candidates are distilled in FP8 here or, the winner, later in the run: only FP8-able shapes qualify.
         check_fp8_train(train.fp8, train.seq_length, train.compile)
-    found = candidates(src, cfg.nas, limit, tp, pp, fp8=bool(train.fp8))
-    if not found:
-        raise UserError(f"nas: no candidate of the search space has {limit * (1 - cfg.nas.tolerance):,.0f}.."
-                        f"{limit:,} parameters (the model has {src.num_params():,}); widen nas.search or tolerance")
+    _search(cfg)
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
-    return found
 
 
 def _heldout_windows(cfg: NASStageConfig) -> list[torch.Tensor]:
@@ -135,14 +144,14 @@ def _is_writer() -> bool:
 def run_nas(cfg: NASStageConfig) -> dict:
     """Rank every candidate after pruning, distil the ``top_k`` briefly, rank again; write ``nas.json`` and
     the short-listed candidates (``candidates/<name>/pruned`` and ``.../short_kd``) under ``output``."""
-    found = validate(cfg)
+    found = _search(cfg)
     state.initialize(cfg.parallel, cfg.seed)
     out = Path(cfg.output)
     if _is_writer() and out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
-    loaded = load_model(cfg.model, dtype=DTYPES[cfg.prune_dtype], use_te=False)
-    scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance)
+    loaded = load_model(cfg.model, dtype=torch_dtype(cfg.prune_dtype), use_te=False)
+    scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance, progress=cfg.calibration.progress)
     if _is_writer():
         out.mkdir(parents=True, exist_ok=True)
         heatmap = {"importance": scored.scores.to_json(loaded.cfg.num_query_groups), "dropped_layers": []}
@@ -169,7 +178,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
     for rank, row in enumerate(table, 1):
         row["rank_pruned"] = rank
     fp8 = cfg.distill.train.fp8
-    teacher = (load_model(cfg.teacher, dtype=DTYPES[cfg.distill.train.teacher_dtype], fp8=fp8)
+    teacher = (load_model(cfg.teacher, dtype=torch_dtype(cfg.distill.train.teacher_dtype), fp8=fp8)
                if cfg.nas.short_kd_tokens else None)
     shortlist = table[: cfg.nas.top_k]
     for row in shortlist:
@@ -181,7 +190,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
         if teacher is None:
             row["loss_short_kd"], row["student"] = row["loss_pruned"], row["pruned"]
             continue
-        student = load_model(row["pruned"], dtype=DTYPES[cfg.distill.train.dtype], fp8=fp8)
+        student = load_model(row["pruned"], dtype=torch_dtype(cfg.distill.train.dtype), fp8=fp8)
         result = distill(
             student, teacher, cfg.data, home / "short_kd",
             cfg.distill.train.for_tokens(cfg.nas.short_kd_tokens),
@@ -195,7 +204,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
         row["student"] = str(home / "short_kd" / "final")
         # Scored like the pruned candidates: a plain model (the trainer's student computes the loss from hidden
         # states) in the same precision, on the same windows.
-        distilled = load_model(row["student"], dtype=DTYPES[cfg.prune_dtype], use_te=False)
+        distilled = load_model(row["student"], dtype=torch_dtype(cfg.prune_dtype), use_te=False)
         row["loss_short_kd"] = _heldout_loss(distilled, windows, mb)
         row["short_kd_tokens"] = result.tokens
         del distilled

@@ -1,63 +1,15 @@
 """What a run shows: ``report.md`` and ``report.json`` in the run directory, with PNG plots (importance
-heatmaps, loss curves) and the before/after table; plus the ``generation-speed`` stage it quotes."""
+heatmaps, loss curves) and the before/after table."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Optional
 
-from pydantic import Field
-
-from nemo_minitron.config import StrictModel
 from nemo_minitron.pipeline.config import RunConfig
 from nemo_minitron.pipeline.ledger import Ledger
-
-
-class GenerationConfig(StrictModel):
-    """The ``generation-speed`` stage: greedy decoding speed of two HF models on this machine (transformers,
-    fp32, batch 1), measured alternately in one process."""
-
-    teacher: str = Field(min_length=1, description="HF model directory")
-    student: str = Field(min_length=1, description="HF model directory")
-    prompts: list[str] = Field(min_length=1)
-    new_tokens: int = Field(64, gt=0)
-    repeats: int = Field(2, gt=0)
-
-
-def generation_speed(cfg: GenerationConfig) -> dict:
-    """Tokens/s of greedy generation (``new_tokens`` per prompt) for both models; the best of ``repeats``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from nemo_minitron.checkpoint.io import resolve_model_dir
-
-    paths = {"teacher": resolve_model_dir(cfg.teacher), "student": resolve_model_dir(cfg.student)}
-    tokenizer = AutoTokenizer.from_pretrained(paths["student"])
-    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-              for name, path in paths.items()}
-    prompts = [tokenizer(p, return_tensors="pt").input_ids for p in cfg.prompts]
-
-    def one_pass(model) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            for ids in prompts:
-                model.generate(ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.eos_token_id)
-        return time.perf_counter() - start
-
-    for model in models.values():  # warm-up
-        model.generate(prompts[0], max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    best = {name: float("inf") for name in models}
-    for _ in range(cfg.repeats):
-        for name, model in models.items():
-            best[name] = min(best[name], one_pass(model))
-    tokens = cfg.new_tokens * len(prompts)
-    speed = {name: tokens / seconds for name, seconds in best.items()}
-    return {"teacher_tokens_per_second": speed["teacher"], "student_tokens_per_second": speed["student"],
-            "speedup": speed["student"] / speed["teacher"], "new_tokens": tokens}
 
 
 def _result(ledger: Ledger, key: str) -> Optional[dict]:
@@ -65,7 +17,7 @@ def _result(ledger: Ledger, key: str) -> Optional[dict]:
     return None if entry is None else entry["result"]
 
 
-def _loss_curves_png(path: Path, steps: list[dict], teacher_loss: float) -> None:
+def _loss_curves_png(path: Path, steps: list[dict], teacher_loss: float, held_out_label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +38,7 @@ def _loss_curves_png(path: Path, steps: list[dict], teacher_loss: float) -> None
         if train:
             ax.plot(*zip(*train), color="tab:blue", alpha=0.7, label="student KD loss (train)" if step["index"] == 1 else None)
         if held:
-            ax.plot(*zip(*held), color="tab:orange", marker="o", label="student held-out loss" if step["index"] == 1 else None)
+            ax.plot(*zip(*held), color="tab:orange", marker="o", label=held_out_label if step["index"] == 1 else None)
         offset += step.get("kd_tokens") or 0
     ax.axhline(teacher_loss, color="black", linestyle="--", label="teacher held-out loss")
     ax.set(xlabel="distillation tokens", ylabel="loss (nats/token)", title="Distillation")
@@ -153,7 +105,11 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
         })
     final = dict(rows[-1], name="final student")
     rows.append(final)
-    _loss_curves_png(files / "loss_curves.png", steps, teacher_eval["loss"])
+    # The distillations evaluate on the eval stages' windows, in their own compute dtype.
+    held_out_label = "student held-out loss"
+    if cfg.distill.train.dtype != cfg.eval.dtype:
+        held_out_label += f" ({cfg.distill.train.dtype}; eval stages: {cfg.eval.dtype})"
+    _loss_curves_png(files / "loss_curves.png", steps, teacher_eval["loss"], held_out_label)
     images.append(("Loss curves", "report_files/loss_curves.png"))
     kd_tokens = sum(s["kd_tokens"] + s["nas_short_kd_tokens"] for s in steps)
     stages = [{"stage": key, "seconds": entry["seconds"]} for key, entry in ledger.stages.items()]

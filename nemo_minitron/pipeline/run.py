@@ -19,9 +19,10 @@ from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 from nemo_minitron.config import StrictModel
 from nemo_minitron.convert import ConvertConfig
 from nemo_minitron.data.prepare import PrepareDataConfig, list_input_files
-from nemo_minitron.distill.trainer import DistillConfig, LossConfig, check_fp8_train
+from nemo_minitron.distill.config import DistillConfig, LossConfig
+from nemo_minitron.distill.trainer import check_fp8_train
 from nemo_minitron.errors import StoppedEarly, UserError
-from nemo_minitron.eval import EvalConfig
+from nemo_minitron.evaluation.config import EvalConfig, GenerationConfig
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline import report
@@ -29,6 +30,7 @@ from nemo_minitron.pipeline.config import RunConfig, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
 from nemo_minitron.pipeline.nas import NASStageConfig, budget, candidates
 from nemo_minitron.prune.stage import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget, target_config
+from nemo_minitron.stages import run_stage
 
 
 def stage_keys(cfg: RunConfig) -> list[str]:
@@ -109,8 +111,6 @@ class Runner:
 
     def stage(self, key: str, cli_name: str, config: StrictModel, outputs: list[Path]) -> Any:
         """Run ``config`` as CLI stage ``cli_name`` unless ``key`` already finished with it."""
-        from nemo_minitron.cli import run_stage
-
         return self.task(key, config.model_dump(mode="json"), lambda: run_stage(cli_name, config), outputs)
 
     def task(self, key: str, config: dict, work: Callable[[], Any], outputs: list[Path]) -> Any:
@@ -158,18 +158,21 @@ class Runner:
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
                 optim=None, student_init: str = "checkpoint") -> dict:
-        d = self.cfg.distill
+        """The distillation's periodic held-out loss is measured on the windows of the run's ``eval`` section,
+        as the ``eval`` stages are: every point of the report's loss curve is one evaluation."""
+        d, e = self.cfg.distill, self.cfg.eval
+        periodic = d.eval.model_copy(update={"seq_length": e.seq_length, "max_windows": e.max_windows,
+                                             "micro_batch_size": e.micro_batch_size})
         config = DistillConfig(mode=mode, student=student, student_init=student_init, teacher=teacher,
                                data=self.data, output=str(output), train=d.train.for_tokens(tokens),
                                optim=optim or d.optim, loss=d.loss if mode == "kd" else LossConfig(),
-                               checkpoint=d.checkpoint, eval=d.eval, log=d.log, parallel=self.cfg.parallel)
+                               checkpoint=d.checkpoint, eval=periodic, log=d.log, parallel=self.cfg.parallel)
         return self.stage(key, "distill", config, [output])
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
     """data -> [teacher correction] -> eval teacher -> (prune | NAS -> eval -> distill -> eval) per schedule
     step -> export HF -> generation speed -> report. Returns the report's summary."""
-    validate(cfg)
     r = Runner(cfg)
     out, data, calibration = r.out, r.data, r.calibration
     r.prepare_data()
@@ -211,7 +214,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
                 [teacher_hf])
     generation = None
     if cfg.report.generation_tokens:
-        generation = r.stage("generation", "generation-speed", report.GenerationConfig(
+        generation = r.stage("generation", "generation-speed", GenerationConfig(
             teacher=str(teacher_hf), student=str(student_hf), prompts=cfg.report.generation_prompts,
             new_tokens=cfg.report.generation_tokens), [])
     return report.write(cfg, r.ledger, r.log, generation, student_hf)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
-from nemo_minitron.eval import reduce_loss_sums, token_loss_sums
+from nemo_minitron.evaluation.loss import reduce_loss_sums, token_loss_sums
 
 Agg = Literal["mean", "l2", "var"]
 

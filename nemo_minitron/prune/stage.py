@@ -23,11 +23,12 @@ from nemo_minitron.config import StrictModel
 from nemo_minitron.data import SequenceSampler, TokenDataset
 from nemo_minitron.data.prepare import META_FILE
 from nemo_minitron.errors import UserError
-from nemo_minitron.eval import DTYPES
+from nemo_minitron.dtypes import Dtype, torch_dtype
 from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.models.builder import build_model
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
+from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
 from nemo_minitron.prune import importance as imp_lib
 from nemo_minitron.prune.slicing import bottom_k, select, slice_canonical
@@ -92,11 +93,11 @@ class PruneConfig(StrictModel):
     target: PruneTarget
     calibration: CalibrationConfig
     importance: ImportanceConfig = ImportanceConfig()
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     overwrite: bool = False
     pruned_loss: bool = Field(True, description="report the pruned model's calibration loss "
                                                 "(one more forward pass over the calibration set)")
-    parallel: state.ParallelConfig = state.ParallelConfig()
+    parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234
 
 
@@ -312,10 +313,9 @@ def heatmap_png(report: dict) -> bytes:
 
 def run_prune(cfg: PruneConfig) -> dict:
     """CLI stage: load, calibrate, prune, write the pruned checkpoint with its importance and report."""
-    validate(cfg)
     state.initialize(cfg.parallel, cfg.seed)
     # Hooks read the norms' outputs, which Transformer Engine fuses away: calibrate on the local spec.
-    loaded = load_model(cfg.model, dtype=DTYPES[cfg.dtype], use_te=False)
+    loaded = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), use_te=False)
     pruned, report = prune(loaded, cfg.target, calibration_batches(cfg.calibration), cfg.importance, cfg.pruned_loss,
                            progress=cfg.calibration.progress)
     summary = {k: v for k, v in report.items() if k not in ("importance", "selection", "source", "target")}

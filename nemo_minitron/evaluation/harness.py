@@ -21,36 +21,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 
-from nemo_minitron.config import StrictModel
 from nemo_minitron.errors import UserError
+from nemo_minitron.evaluation.config import LAMBADA_LOCAL, EvalConfig
 
-if TYPE_CHECKING:
-    from nemo_minitron.eval import EvalConfig
 
-LAMBADA_LOCAL = "lambada_local"
 LOCAL_TASKS = (LAMBADA_LOCAL,)
 
 # A target: a word (letters, inner apostrophes) right after a single space and right before the end of a
 # sentence, as in LAMBADA, where the last word of the passage's last sentence is predicted.
 _TARGET = re.compile(r"(?<=\S )([A-Za-z]+(?:['’][A-Za-z]+)*)(?=[.!?])")
-
-
-class HarnessConfig(StrictModel):
-    """The ``harness`` section of an ``eval`` config (``backend: lm-eval``)."""
-
-    tasks: list[str] = Field([LAMBADA_LOCAL], min_length=1,
-                             description="lambada_local (built from `data`) and/or lm-eval task or group names")
-    num_fewshot: Optional[int] = Field(None, ge=0, description="none: each task's own default (0 for most)")
-    limit: Optional[int] = Field(None, ge=1, description="at most this many examples per task (the first ones)")
-    batch_size: int = Field(8, ge=1)
-    device: Literal["cpu", "cuda"] = "cpu"
-    context_words: int = Field(48, ge=1, description="lambada_local: words of context before each target")
-    bootstrap_iters: int = Field(1000, ge=0, description="resamples for stderrs like perplexity's (0: no stderr)")
 
 
 @dataclass
@@ -123,7 +106,7 @@ def _lambada_local_task(examples: Path, cache: Path) -> dict[str, Any]:
     }
 
 
-def write_lambada_local(cfg: "EvalConfig", folder: Path) -> dict[str, Any]:
+def write_lambada_local(cfg: EvalConfig, folder: Path) -> dict[str, Any]:
     """Write ``lambada_local``'s examples under ``folder``; return its lm-eval task config."""
     passages = [p for doc in held_out_documents(Path(cfg.data).expanduser(), cfg.split)
                 for p in lambada_passages(doc, cfg.harness.context_words)]
@@ -135,7 +118,7 @@ def write_lambada_local(cfg: "EvalConfig", folder: Path) -> dict[str, Any]:
     return _lambada_local_task(examples, folder / "datasets_cache")
 
 
-def validate(cfg: "EvalConfig") -> None:
+def validate(cfg: EvalConfig) -> None:
     """Checks that need neither lm-eval's task index nor the model's weights."""
     import torch
 
@@ -189,7 +172,7 @@ def _metrics(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_harness(cfg: "EvalConfig") -> HarnessResult:
+def run_harness(cfg: EvalConfig) -> HarnessResult:
     """Run ``cfg.harness.tasks`` with lm-eval's Hugging Face model class on ``cfg.model``."""
     from nemo_minitron.checkpoint.io import resolve_model_dir
 

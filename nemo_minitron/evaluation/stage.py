@@ -1,8 +1,8 @@
 """The ``eval`` stage: held-out loss and perplexity over non-overlapping windows, at any TP/PP/DP.
 
-Each window of ``seq_length`` tokens is scored on predicting its tokens 2..L from the ones before them
-(the same windows and the same tokens that ``transformers``' ``model(ids, labels=ids)`` scores), and the
-perplexity is exp of the mean loss over all scored tokens.
+Each window of ``seq_length`` tokens is scored as :mod:`nemo_minitron.evaluation.loss` describes (the same
+windows and the same tokens that ``transformers``' ``model(ids, labels=ids)`` scores), and the perplexity is
+exp of the mean loss over all scored tokens.
 """
 
 from __future__ import annotations
@@ -12,50 +12,22 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_serializer
 
-from nemo_minitron.config import StrictModel
+from nemo_minitron.checkpoint.integrity import check_model
+from nemo_minitron.checkpoint.io import load_model, read_model_config, resolve_model_dir
 from nemo_minitron.data import TokenDataset, eval_windows, load_tokenizer, text_file_tokens
 from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.dtypes import torch_dtype
 from nemo_minitron.errors import UserError
-from nemo_minitron.harness import HarnessConfig, HarnessResult, run_harness, validate as validate_harness
+from nemo_minitron.evaluation.config import EvalConfig
+from nemo_minitron.evaluation.harness import HarnessResult, run_harness, validate as validate_harness
+from nemo_minitron.evaluation.loss import windows_loss_sums
+from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.parallel import state
-from nemo_minitron.parallel.schedule import forward_backward
-from nemo_minitron.parallel.vocab import token_cross_entropy
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class EvalConfig(StrictModel):
-    """What to evaluate (``model``), on what (``data``: a prepared dataset directory or a text file)."""
-
-    model: str = Field(min_length=1, description="HF or nemo_minitron model directory, or embedded:...")
-    data: Optional[str] = Field(None, min_length=1,
-                                description="prepared dataset directory (see prepare-data) or a text file")
-    split: Literal["train", "valid"] = "valid"
-    seq_length: int = Field(512, ge=2)
-    micro_batch_size: int = Field(4, ge=1)
-    max_windows: Optional[int] = Field(None, ge=1)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    backend: Literal["megatron", "hf", "lm-eval"] = Field(
-        "megatron", description="hf: run transformers (HF models only); lm-eval: the `harness` tasks instead")
-    harness: HarnessConfig = HarnessConfig()
-    parallel: state.ParallelConfig = state.ParallelConfig()
-    output: Optional[str] = Field(None, description="write the result as JSON here")
-    seed: int = 1234
-
-    @model_serializer(mode="wrap")
-    def _harness_only_for_lm_eval(self, handler):
-        # Configs of the other backends dump as they did before `harness` existed: the digests of finished
-        # `run` stages in pipeline.json stay valid. (validate rejects a harness section they would lose.)
-        data = handler(self)
-        if self.backend != "lm-eval":
-            data.pop("harness", None)
-        return data
+from nemo_minitron.parallel.sharding import check_divisible
 
 
 @dataclass
@@ -84,44 +56,6 @@ def eval_tokens(cfg: EvalConfig, tokenizer_dir: Path) -> list[torch.Tensor]:
     return list(eval_windows(source, cfg.seq_length, cfg.max_windows))
 
 
-def token_loss_sums(model, vocab_size: int, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-    """[2] float64: (sum of token losses, token count) over ``micro_batches`` [b, s+1] of this rank's pipeline,
-    on its last stage (zeros elsewhere). No reduction: see :func:`reduce_loss_sums`."""
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor):
-        losses = token_cross_entropy(logits, labels, vocab_size)
-        return losses.mean(), {"sum": losses.sum().detach().double(), "count": torch.tensor(float(losses.numel()))}
-
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for out in forward_backward(model, micro_batches, loss_fn, forward_only=True):
-            total += torch.stack([out["sum"].cpu(), out["count"].double()])
-    return total
-
-
-def reduce_loss_sums(total: torch.Tensor) -> tuple[float, int]:
-    """(sum, count) of :func:`token_loss_sums` from the last stage, summed over data-parallel ranks."""
-    total = state.all_reduce(state.broadcast_from_last_stage(total), state.dp_group())
-    return float(total[0]), int(total[1])
-
-
-def windows_loss_sums(model, vocab_size: int, windows: list[torch.Tensor], mb: int) -> tuple[float, int]:
-    """(sum of token losses, number of tokens) of ``model`` over all ``windows`` [s] in micro-batches of
-    ``mb``, split over data-parallel ranks; identical on every rank."""
-    mine = windows[state.dp_rank() :: state.dp_size()]
-    full = len(mine) // mb * mb
-    # Pipeline schedules need equal micro-batches: the remainder runs as one smaller micro-batch. DP ranks
-    # may differ in their remainder, so the reduction over them comes once, after all local sums.
-    groups = [[torch.stack(mine[i : i + mb]) for i in range(0, full, mb)]]
-    if full < len(mine):
-        groups.append([torch.stack(mine[full:])])
-    total = torch.zeros(2, dtype=torch.float64)
-    for micro_batches in groups:
-        if micro_batches:
-            total += token_loss_sums(model, vocab_size, micro_batches)
-    return reduce_loss_sums(total)
-
-
 def _hf_loss_sums(cfg: EvalConfig, model, windows: list[torch.Tensor]) -> tuple[float, int]:
     total, count = 0.0, 0
     with torch.no_grad():
@@ -138,11 +72,6 @@ def _hf_loss_sums(cfg: EvalConfig, model, windows: list[torch.Tensor]) -> tuple[
 
 def validate(cfg: EvalConfig) -> None:
     """Checks that need no compute: model and data exist, the model splits into the requested TP/PP."""
-    from nemo_minitron.checkpoint.integrity import check_model
-    from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
-    from nemo_minitron.fsutil import check_can_create
-    from nemo_minitron.parallel.sharding import check_divisible
-
     if cfg.backend != "lm-eval" and "harness" in cfg.model_fields_set:
         raise UserError("harness: only used with backend=lm-eval")
     if cfg.backend == "lm-eval":
@@ -163,9 +92,6 @@ def validate(cfg: EvalConfig) -> None:
 
 def evaluate(cfg: EvalConfig) -> EvalResult | HarnessResult:
     """Held-out loss and perplexity of ``cfg.model`` on ``cfg.data`` (lm-eval's metrics with backend=lm-eval)."""
-    from nemo_minitron.checkpoint.io import load_model, resolve_model_dir
-
-    validate(cfg)
     if cfg.backend == "lm-eval":
         return _write_output(cfg, run_harness(cfg))
     model_dir = resolve_model_dir(cfg.model)
@@ -175,12 +101,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult | HarnessResult:
             raise UserError("backend=hf runs on one process: set parallel sizes to 1")
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.dtype]).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype)).eval()
         start = time.perf_counter()
         total, count = _hf_loss_sums(cfg, model, windows)
     else:
         state.initialize(cfg.parallel, cfg.seed)
-        loaded = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+        loaded = load_model(cfg.model, dtype=torch_dtype(cfg.dtype))
         start = time.perf_counter()
         total, count = windows_loss_sums(loaded.model, loaded.cfg.vocab_size, windows, cfg.micro_batch_size)
     seconds = time.perf_counter() - start

@@ -1,0 +1,182 @@
+"""Configs of the ``distill`` stage and of every distillation that ``run``, ``nas`` and ``bench`` start.
+
+Plain data: reading a config imports neither torch nor megatron. The machinery that uses them is
+:mod:`nemo_minitron.distill.trainer` (the loop), :mod:`~nemo_minitron.distill.losses` (logit KD) and
+:mod:`~nemo_minitron.distill.intermediate` (intermediate-state distillation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from nemo_minitron.config import StrictModel
+from nemo_minitron.dtypes import Dtype, Fp8
+from nemo_minitron.parallel.config import ParallelConfig
+
+
+class TrainSettings(StrictModel):
+    """Batch shape, precision and seed of a distillation; how long it runs is given apart (``TrainConfig``'s
+    ``max_steps`` / ``max_tokens``, or a token budget of the ``run`` job)."""
+
+    seq_length: int = Field(512, ge=2)
+    micro_batch_size: int = Field(4, gt=0)
+    global_batch_size: int = Field(16, gt=0)
+    dtype: Dtype = Field("bfloat16", description="student compute dtype (fp32 master weights and gradients)")
+    teacher_dtype: Dtype = "bfloat16"
+    seed: int = 1234
+    max_skipped_steps: int = Field(10, ge=0, description="non-finite steps skipped in a row before stopping")
+    compile: bool = Field(False, description="torch.compile each transformer layer (TP = PP = 1, no "
+                                             "intermediate losses): fused element-wise work, compiled in the "
+                                             "first steps")
+    fp8: Optional[Fp8] = Field(None, description="FP8 GEMMs in the transformer layers of student and teacher "
+                                                 "(Transformer Engine, delayed scaling; needs CUDA and TE): "
+                                                 "hybrid (E4M3 forward, E5M2 gradients) or e4m3")
+
+    @model_validator(mode="after")
+    def _batches(self) -> "TrainSettings":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size {self.micro_batch_size}"
+            )
+        return self
+
+    def for_tokens(self, tokens: int) -> "TrainConfig":
+        """The ``train`` section of a distillation of ``tokens`` tokens with these settings."""
+        return TrainConfig(**self.model_dump(), max_tokens=tokens)
+
+
+class TrainConfig(TrainSettings):
+    """:class:`TrainSettings` and the length of the run: exactly one of ``max_steps`` and ``max_tokens``."""
+
+    max_steps: Optional[int] = Field(None, gt=0)
+    max_tokens: Optional[int] = Field(None, gt=0, description="alternative to max_steps")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of max_steps and max_tokens")
+        return self
+
+    def steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(self.max_tokens / (self.global_batch_size * self.seq_length))
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
+
+    @model_validator(mode="after")
+    def _lrs(self) -> "OptimConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
+        return self
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Linear warmup over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` at ``total``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(total - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class LogitKDConfig(StrictModel):
+    """Logit distillation (Minitron: forward KL at temperature 1, logits only)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # Minitron: forward KL, tau=1
+    temperature: float = Field(1.0, gt=0)
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    top_k: Optional[int] = Field(None, gt=0)  # keep only the teacher's top-k logits (renormalised)
+    chunk_tokens: int = Field(1024, gt=0)  # tokens per chunk: bounds peak memory
+    kd_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0)  # optional LM cross-entropy on the labels, mixed in
+
+    @model_validator(mode="after")
+    def _top_k_only_with_forward_kl(self) -> "LogitKDConfig":
+        # The truncated teacher has zero probability outside its top-k tokens. Reverse KL and JSD weight log p_t
+        # by the student's probabilities over the whole vocabulary, where log p_t = -inf: reverse KL is infinite
+        # and JSD would silently become a divergence to a different (student-restricted) distribution.
+        if self.top_k is not None and self.divergence != "forward_kl":
+            raise ValueError(f"top_k is only defined for divergence 'forward_kl', not '{self.divergence}'")
+        return self
+
+
+class IntermediatePair(StrictModel):
+    student_layer: int = Field(ge=0)
+    teacher_layer: int = Field(ge=0)
+
+
+class IntermediateConfig(StrictModel):
+    """Intermediate-state distillation: match chosen student layer outputs to teacher layer outputs."""
+
+    pairs: list[IntermediatePair] = []
+    loss: Literal["cosine", "mse"] = "cosine"
+    weight: float = Field(1.0, ge=0)
+    # dynamic: scale L_is to the magnitude of the previous step's L_logits (see distill.intermediate)
+    balancing: Literal["fixed", "dynamic"] = "fixed"
+
+
+class LossConfig(StrictModel):
+    logits: LogitKDConfig = LogitKDConfig()
+    intermediate: IntermediateConfig = IntermediateConfig()
+
+
+class CheckpointConfig(StrictModel):
+    every_steps: int = Field(100, gt=0)
+    keep_last: int = Field(2, gt=0)
+    resume: bool = True
+
+
+class EvalDuringTraining(StrictModel):
+    """Held-out loss of the student during and at the end of training, computed exactly as the ``eval`` stage
+    computes it on the same windows (``seq_length`` tokens each, the first ``max_windows`` of the valid split)."""
+
+    every_steps: int = Field(100, ge=0, description="0: only at the end")
+    max_windows: Optional[int] = Field(16, gt=0, description="none: every window of the valid split")
+    seq_length: Optional[int] = Field(None, ge=2, description="tokens per window; none: train.seq_length")
+    micro_batch_size: Optional[int] = Field(None, gt=0, description="none: train.micro_batch_size")
+
+
+class LogConfig(StrictModel):
+    every_steps: int = Field(1, gt=0)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class DistillConfig(StrictModel):
+    """The ``distill`` stage. ``mode: ce`` trains ``student`` alone with the LM loss (no teacher)."""
+
+    mode: Literal["kd", "ce"] = "kd"
+    student: str = Field(min_length=1)
+    student_init: Literal["checkpoint", "random"] = Field(
+        "checkpoint", description="random: the student's architecture from freshly initialised weights (a "
+                                  "from-scratch baseline)")
+    teacher: Optional[str] = None
+    data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
+    output: str = Field(min_length=1)
+    train: TrainConfig
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalDuringTraining = EvalDuringTraining()
+    log: LogConfig = LogConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+    @model_validator(mode="after")
+    def _teacher(self) -> "DistillConfig":
+        if self.mode == "kd" and not self.teacher:
+            raise ValueError("mode kd needs a teacher")
+        if self.mode == "ce" and self.teacher:
+            raise ValueError("mode ce trains without a teacher: remove teacher")
+        return self
