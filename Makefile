@@ -28,7 +28,9 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/nemo-minitron run conf/run/smollm2_width_55.yaml
 
+# Lints first (ruff, pinned in requirements/cpu.txt, with the rules of pyproject.toml), then the tests.
 test: $(STAMP)
+	$(BIN)/ruff check nemo_minitron tests benchmarks
 	$(BIN)/python -m pytest -q -m "not slow and not modelopt" tests
 
 # Kill and resume, bad inputs, untrusted files, non-finite steps, a full disk (also part of `make test`).

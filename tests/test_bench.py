@@ -14,13 +14,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_pipeline import cli, inputs, skipped  # noqa: F401  (the tiny teacher and corpus fixture)
+import test_pipeline
+from test_pipeline import cli, skipped
 
 from nemo_minitron.bench.config import BenchConfig
 from nemo_minitron.bench.report import splice_readme
 from nemo_minitron.bench.run import depth_target, stage_keys
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
+
+# test_pipeline's tiny teacher and corpus, under the fixture name the tests ask for.
+inputs = test_pipeline.inputs
 
 
 def tiny_bench(inputs: dict[str, Path], output: Path, **changes) -> Path:
@@ -64,7 +68,7 @@ def test_depth_target_is_the_nearest_parameter_count():
     assert all(abs(params(n) - width.num_params()) <= abs(params(k) - width.num_params()) for k in range(1, 10))
 
 
-def test_bench_end_to_end(inputs, tmp_path):  # noqa: F811
+def test_bench_end_to_end(inputs, tmp_path):
     out = tmp_path / "bench"
     config = tiny_bench(inputs, out)
     proc = cli("bench", str(config), "--quick")
@@ -123,7 +127,7 @@ def test_bench_end_to_end(inputs, tmp_path):  # noqa: F811
     ({"aggregations": [["l2", "l2"]]}, "aggregations: include importance's own (mean, l2)"),
     ({"rerun_from": "ours.distill"}, "rerun_from: no stage 'ours.distill'; stages: data, eval.teacher, ours.prune"),
 ])
-def test_bad_bench_config_is_one_line(inputs, tmp_path, changes, message):  # noqa: F811
+def test_bad_bench_config_is_one_line(inputs, tmp_path, changes, message):
     proc = cli("bench", str(tiny_bench(inputs, tmp_path / "bench", **changes)))
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -136,7 +140,7 @@ def test_quick_is_a_bench_option():
 
 
 @pytest.mark.modelopt
-def test_bench_with_the_modelopt_peer(inputs, tmp_path):  # noqa: F811
+def test_bench_with_the_modelopt_peer(inputs, tmp_path):
     pytest.importorskip("modelopt", reason="NVIDIA ModelOpt is not installed (make install-modelopt)")
     out = tmp_path / "bench"
     proc = cli("bench", str(tiny_bench(inputs, out, peers={"modelopt": True})))

@@ -661,13 +661,15 @@ def cli_args(kd: dict, output: Path, **changes) -> list[str]:
         ({"train.max_stepz": 3}, "train.max_stepz: unknown key"),
         ({"data": "/nonexistent/data"}, "data: /nonexistent/data is not a prepared dataset (run prepare-data first)"),
         ({"student": "/nonexistent/student"}, "model directory not found: /nonexistent/student"),
-        ({"parallel.tensor_model_parallel_size": 4}, "num_query_groups 2 is not divisible by tensor_model_parallel_size 4"),
+        ({"parallel.tensor_model_parallel_size": 4},
+         "num_query_groups 2 is not divisible by tensor_model_parallel_size 4"),
         ({"teacher": "one_group", "parallel.tensor_model_parallel_size": 2},
          "teacher: num_query_groups 1 is not divisible by tensor_model_parallel_size 2"),
         ({"teacher": "three_layers", "parallel.pipeline_model_parallel_size": 2},
          "teacher: num_layers 3 is not divisible by pipeline_model_parallel_size 2"),
         ({"teacher": "vocab_256"}, "teacher vocab_size 256 differs from the student's 49152"),
-        ({"parallel.pipeline_model_parallel_size": 2, "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 3}]"},
+        ({"parallel.pipeline_model_parallel_size": 2,
+          "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 3}]"},
          "are on different pipeline stages"),
         ({"loss.intermediate.pairs": "[{student_layer: 4, teacher_layer: 0}]"}, "student_layer 4 does not exist"),
         ({"mode": "ce", "teacher": None, "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 0}]"},
@@ -715,11 +717,13 @@ def test_cli_end_to_end_and_rerun_resumes(kd, tmp_path):
     printed = run()
     result = json.loads((out / "result.json").read_text())
     assert printed == {k: v for k, v in result.items() if k != "config"}
-    assert (result["steps"], result["tokens"], result["skipped_steps"], result["stopped_early"]) == (4, 4 * GBS * SEQ, 0, False)
+    assert ((result["steps"], result["tokens"], result["skipped_steps"], result["stopped_early"])
+            == (4, 4 * GBS * SEQ, 0, False))
     assert result["config"]["train"]["dtype"] == "bfloat16" and math.isfinite(result["eval_loss"])
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4]
-    assert "eval_loss" in rows[1] and "eval_loss" not in rows[2] and set(rows[4]) == {"step", "eval_loss", "eval_ppl", "tokens"}
+    assert ("eval_loss" in rows[1] and "eval_loss" not in rows[2]
+            and set(rows[4]) == {"step", "eval_loss", "eval_ppl", "tokens"})
     assert rows[3]["loss"] == result["final_loss"] and rows[4]["eval_loss"] == result["eval_loss"]
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
     assert checkpoint_steps(out) == [2, 4]

@@ -101,10 +101,12 @@ WIDTH_AND_DEPTH = PruneTarget(hidden_size=48, ffn_hidden_size=64, num_attention_
 @pytest.mark.parametrize("criterion", ["activation", "magnitude", "random"])
 def test_pruned_model_equals_hand_sliced_reference(tiny_hf_dirs, single_rank, tmp_path, name, criterion):
     loaded = io.load_model(str(tiny_hf_dirs[name]))
-    pruned, report = prune(loaded, WIDTH_AND_DEPTH, calibration(loaded.cfg.vocab_size), ImportanceConfig(criterion=criterion))
+    pruned, report = prune(loaded, WIDTH_AND_DEPTH, calibration(loaded.cfg.vocab_size),
+                           ImportanceConfig(criterion=criterion))
     assert (pruned.cfg.hidden_size, pruned.cfg.ffn_hidden_size, pruned.cfg.num_layers) == (48, 64, 3)
     assert report["target_params"] == pruned.cfg.num_params() == sum(
-        p.numel() for n, p in pruned.model.named_parameters() if not (pruned.cfg.tie_word_embeddings and "output_layer" in n)
+        p.numel() for n, p in pruned.model.named_parameters()
+        if not (pruned.cfg.tie_word_embeddings and "output_layer" in n)
     ) - (pruned.cfg.padded_vocab_size(1) - pruned.cfg.vocab_size) * 48
     ids = torch.randint(0, loaded.cfg.vocab_size, (2, 20))
     ref = hf_logits(hand_sliced_hf(tiny_hf_dirs[name], tmp_path / "hand", report), ids)

@@ -125,6 +125,8 @@ def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tupl
              f"it needs more than {s['ratio']:.1f}x ours' tokens (the paper reports 40x at scale)")
     arms += ["", f"From scratch: {reach}."]
     c = d["claims"]
+    agg = c["best_aggregation"]
+    one_shot = "agrees (within 0.05)" if abs(c["iterative_minus_one_shot"]) < 0.05 else "differs (by 0.05 or more)"
     claims = ["", "| claim (paper) | measured | direction |", "|---|---|---|",
               f"| width beats depth after KD | width - depth = {c['width_minus_depth']:+.4f} | "
               f"{'agrees' if c['width_minus_depth'] < 0 else 'disagrees'} |",
@@ -134,10 +136,9 @@ def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tupl
               f"{'agrees' if c['corrected_minus_none'] < 0 else 'disagrees'} |",
               f"| iterative importance = one-shot (pruned loss) | iterative - one-shot = "
               f"{c['iterative_minus_one_shot']:+.4f} | "
-              f"{'agrees (within 0.05)' if abs(c['iterative_minus_one_shot']) < 0.05 else 'differs (by 0.05 or more)'} |",
-              f"| mean over sequence, L2 over batch is best | best: {c['best_aggregation']['seq_agg']} / "
-              f"{c['best_aggregation']['batch_agg']} | "
-              f"{'agrees' if (c['best_aggregation']['seq_agg'], c['best_aggregation']['batch_agg']) == ('mean', 'l2') else 'disagrees'} |"]
+              f"{one_shot} |",
+              f"| mean over sequence, L2 over batch is best | best: {agg['seq_agg']} / {agg['batch_agg']} | "
+              f"{'agrees' if (agg['seq_agg'], agg['batch_agg']) == ('mean', 'l2') else 'disagrees'} |"]
     details = ["", "| aggregation (seq / batch) | loss after pruning |", "|---|---|"]
     details += [f"| {a['seq_agg']} / {a['batch_agg']} | {a['pruned_loss']:.4f} |" for a in results["aggregation"]]
     details.append(f"\nCorrected teacher held-out loss: {results['corrected']['teacher_loss']:.4f} "

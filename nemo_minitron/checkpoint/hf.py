@@ -49,7 +49,8 @@ def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Our :class:`ModelConfig` from a Hugging Face ``config.json`` dict (one-line error if unsupported)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{source}: unsupported model_type '{model_type}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise UserError(f"{source}: unsupported model_type '{model_type}' "
+                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise UserError(f"{source}: {flag}=true is not supported")

@@ -52,7 +52,8 @@ def resolve_model_dir(ref: str) -> Path:
     if not path.is_dir():
         raise UserError(f"model directory not found: {path}")
     if not ((path / NATIVE_CONFIG).is_file() or is_hf_dir(path)):
-        raise UserError(f"{path}: neither a Hugging Face model (config.json) nor a nemo_minitron checkpoint ({NATIVE_CONFIG})")
+        raise UserError(f"{path}: neither a Hugging Face model (config.json) "
+                        f"nor a nemo_minitron checkpoint ({NATIVE_CONFIG})")
     return path
 
 

@@ -208,5 +208,6 @@ def load_latest(root: Path, expect_meta: dict[str, Any]) -> Optional[tuple[int, 
         # It names a Python object to build: that runs code, which a checkpoint never needs.
         raise UserError(f"{file}: refused: it holds objects other than tensors and plain data") from None
     except Exception as exc:  # a truncated or foreign file: torch raises several types
-        raise UserError(f"{file}: unreadable checkpoint shard ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise UserError(f"{file}: unreadable checkpoint shard "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     return step, payload

@@ -39,7 +39,8 @@ class TrainSettings(StrictModel):
     def _batches(self) -> "TrainSettings":
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size {self.micro_batch_size}"
+                f"global_batch_size {self.global_batch_size} is not divisible by "
+                f"micro_batch_size {self.micro_batch_size}"
             )
         return self
 

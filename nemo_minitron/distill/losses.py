@@ -1,4 +1,5 @@
-"""Logit knowledge distillation fused with the output projection (intermediate states: :mod:`~nemo_minitron.distill.intermediate`).
+"""Logit knowledge distillation fused with the output projection (intermediate states:
+:mod:`~nemo_minitron.distill.intermediate`).
 
 Shapes: ``T`` tokens (sequence and batch flattened), ``h_s`` / ``h_t`` student / teacher hidden sizes, ``V`` the
 padded vocabulary, ``tp`` the tensor-parallel size; each TP rank holds the output-layer rows

@@ -368,7 +368,8 @@ class Trainer:
         }
 
     def save(self) -> None:
-        checkpointing.save(self.output / "checkpoints", self.step, self._payload(), self._meta(), self.ckpt_cfg.keep_last)
+        checkpointing.save(self.output / "checkpoints", self.step, self._payload(), self._meta(),
+                           self.ckpt_cfg.keep_last)
 
     def resume(self) -> bool:
         from megatron.core.tensor_parallel import random as mrandom
@@ -411,7 +412,8 @@ class Trainer:
                 self.step += 1
                 self.last_loss = metrics["loss"]
                 metrics["tokens"] = float(self.step * tokens_per_step)
-                if self.eval_cfg.every_steps and self.step % self.eval_cfg.every_steps == 0 and self.step < self.total_steps:
+                if (self.eval_cfg.every_steps and self.step % self.eval_cfg.every_steps == 0
+                        and self.step < self.total_steps):
                     metrics["eval_loss"], metrics["eval_ppl"] = self.evaluate()
                 logger.log(self.step, metrics)
                 # Not amid non-finite steps: the newest checkpoints stay the last good ones. The last step
@@ -425,7 +427,8 @@ class Trainer:
                     self.save()
             else:
                 eval_loss, eval_ppl = self.evaluate()
-                logger.log(self.step, {"eval_loss": eval_loss, "eval_ppl": eval_ppl, "tokens": float(self.step * tokens_per_step)})
+                logger.log(self.step, {"eval_loss": eval_loss, "eval_ppl": eval_ppl,
+                                       "tokens": float(self.step * tokens_per_step)})
         finally:
             signal.signal(signal.SIGTERM, previous)
             logger.close()
@@ -495,5 +498,6 @@ def run_distill(cfg: DistillConfig) -> dict:
         save_checkpoint(student, final, overwrite=True)
     summary = {**result.__dict__, "final": str(final)}
     if not dist.is_initialized() or dist.get_rank() == 0:
-        atomic_write_text(Path(cfg.output) / "result.json", json.dumps({**summary, "config": cfg.model_dump()}, indent=2))
+        atomic_write_text(Path(cfg.output) / "result.json",
+                          json.dumps({**summary, "config": cfg.model_dump()}, indent=2))
     return summary

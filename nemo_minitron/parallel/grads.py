@@ -46,7 +46,8 @@ def grad_norm(model, params: list[torch.nn.Parameter]) -> torch.Tensor:
     from megatron.core import parallel_state
 
     skip = None
-    if state.pp_size() > 1 and model.share_embeddings_and_output_weights and state.is_last_stage() and not state.is_first_stage():
+    if (state.pp_size() > 1 and model.share_embeddings_and_output_weights and state.is_last_stage()
+            and not state.is_first_stage()):
         skip = model.shared_embedding_or_output_weight()  # the first stage counts the tied weight
     # On the gradients' device: a CUDA scalar cannot be added into a CPU one, and NCCL reduces CUDA tensors only.
     mine = [p.main_grad for p in params if p is not skip and (_sharded(p) or state.tp_rank() == 0)]

@@ -38,7 +38,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
             dist.init_process_group(backend=backend)
         else:
             # A lone process: no launcher variables are written, so later stages still see no launcher.
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1)
     world = dist.get_world_size()
     if world % parallel.model_parallel_size:
         raise UserError(

@@ -36,7 +36,8 @@ def _loss_curves_png(path: Path, steps: list[dict], teacher_loss: float, held_ou
         train = [(offset + r["tokens"], r.get("kd", r["loss"])) for r in records if "loss" in r and "tokens" in r]
         held = [(offset + r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r and "tokens" in r]
         if train:
-            ax.plot(*zip(*train), color="tab:blue", alpha=0.7, label="student KD loss (train)" if step["index"] == 1 else None)
+            ax.plot(*zip(*train), color="tab:blue", alpha=0.7,
+                    label="student KD loss (train)" if step["index"] == 1 else None)
         if held:
             ax.plot(*zip(*held), color="tab:orange", marker="o", label=held_out_label if step["index"] == 1 else None)
         offset += step.get("kd_tokens") or 0
@@ -132,15 +133,17 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
           + f"; corpus `{cfg.data.input}`; held-out split of `{out / 'data'}`.", "", "## Before / after", "",
           table, "", f"Distillation tokens: {kd_tokens:,}."]
     if generation:
-        md += ["", f"Greedy generation on this machine (transformers, fp32, batch 1, {generation['new_tokens']} tokens): "
-               f"student {generation['speedup']:.2f}x the teacher's tokens/s."]
+        md += ["", f"Greedy generation on this machine (transformers, fp32, batch 1, {generation['new_tokens']} "
+               f"tokens): student {generation['speedup']:.2f}x the teacher's tokens/s."]
     for step in steps:
         if step["nas"]:
             md += ["", f"## Step {step['index']}: architecture search", "",
-                   "| candidate | parameters | loss after pruning (rank) | loss after short KD (rank) |", "|---|---|---|---|"]
+                   "| candidate | parameters | loss after pruning (rank) | loss after short KD (rank) |",
+                   "|---|---|---|---|"]
             for c in step["nas"]["candidates"]:
                 short = f"{c['loss_short_kd']:.4f} ({c['rank_short_kd']})" if "rank_short_kd" in c else "-"
-                md.append(f"| {c['name']} | {c['params'] / 1e6:.1f}M | {c['loss_pruned']:.4f} ({c['rank_pruned']}) | {short} |")
+                pruned = f"{c['loss_pruned']:.4f} ({c['rank_pruned']})"
+                md.append(f"| {c['name']} | {c['params'] / 1e6:.1f}M | {pruned} | {short} |")
             md += ["", f"Best: {step['nas']['best']}; ranking changed by the short distillation: "
                    f"{'yes' if step['nas']['ranking_changed'] else 'no'}."]
     md += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]

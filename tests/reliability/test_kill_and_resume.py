@@ -230,7 +230,8 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(runs):
     assert runs["final"].returncode == 0, runs["final"].stderr[-3000:]
     output, reference = runs["output"], runs["reference"]
     assert metrics(output) == metrics(reference)  # every loss, gradient norm, lr and eval value
-    assert (output / "final" / "model.safetensors").read_bytes() == (reference / "final" / "model.safetensors").read_bytes()
+    assert ((output / "final" / "model.safetensors").read_bytes()
+            == (reference / "final" / "model.safetensors").read_bytes())
     got, want = load_file(output / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in want)
     # The last checkpoint too: weights and optimizer state.

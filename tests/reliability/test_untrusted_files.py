@@ -178,7 +178,8 @@ def test_a_python_yaml_tag_is_refused_in_a_file_and_in_an_override(models, tmp_p
     assert capsys.readouterr().err.strip().splitlines() == [
         f"nemo-minitron distill: error: {config}: not valid YAML ({tag})"]
     override = f'student=!!python/object/apply:os.system ["touch {marker}"]'
-    assert run_main(distill_args(models, tmp_path / "out")[:1] + [override] + distill_args(models, tmp_path / "out")[2:]) == 2
+    assert run_main(distill_args(models, tmp_path / "out")[:1] + [override]
+                    + distill_args(models, tmp_path / "out")[2:]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"nemo-minitron distill: error: bad override: {tag}"]
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -230,8 +231,8 @@ def test_no_config_names_code_to_instantiate():
                 stack.extend(get_args(t))
 
 
-LAUNCH = ["launch", "slurm", str(ROOT / "conf/prune/smollm2_width_55.yaml"), f"cluster={ROOT / 'conf/cluster/local_cpu.yaml'}",
-          "dry_run=true"]
+LAUNCH = ["launch", "slurm", str(ROOT / "conf/prune/smollm2_width_55.yaml"),
+          f"cluster={ROOT / 'conf/cluster/local_cpu.yaml'}", "dry_run=true"]
 DISTILL = ["distill", str(ROOT / "conf/distill/smollm2_width_55.yaml")]
 PRUNE = ["prune", str(ROOT / "conf/prune/smollm2_width_55.yaml")]
 
@@ -239,7 +240,8 @@ PRUNE = ["prune", str(ROOT / "conf/prune/smollm2_width_55.yaml")]
 @pytest.mark.parametrize(
     "args, message",
     [
-        (DISTILL + ["_target_=os.system"], "_target_: unknown key (configs never name a class or function to instantiate)"),
+        (DISTILL + ["_target_=os.system"],
+         "_target_: unknown key (configs never name a class or function to instantiate)"),
         (PRUNE + ["target._target_=builtins.exec"], "target._target_: unknown key (configs never name"),
         (LAUNCH + ["cluster._target_=subprocess.run"], "cluster: _target_: unknown key (configs never name"),
     ],

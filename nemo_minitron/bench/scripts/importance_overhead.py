@@ -36,7 +36,8 @@ def main() -> None:
     state.initialize(state.ParallelConfig())
     loaded = load_model(embedded.TEACHER, use_te=False)
     batches = calibration_batches(
-        CalibrationConfig(data=args.data, num_samples=args.samples, seq_length=args.seq, micro_batch_size=args.micro_batch)
+        CalibrationConfig(data=args.data, num_samples=args.samples, seq_length=args.seq,
+                          micro_batch_size=args.micro_batch)
     )
     lm_loss(loaded.model, loaded.cfg, batches[:1])  # warm-up
     plain, hooked = [], []
@@ -50,8 +51,10 @@ def main() -> None:
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
     best_plain, best_hooked = min(plain), min(hooked)
     print(f"calibration: {len(batches)} micro-batches, {tokens} tokens, teacher {embedded.TEACHER}")
-    print(f"plain forward       best {best_plain:7.2f} s  ({tokens / best_plain:7.1f} tok/s)  runs {['%.2f' % x for x in plain]}")
-    print(f"importance (hooks)  best {best_hooked:7.2f} s  ({tokens / best_hooked:7.1f} tok/s)  runs {['%.2f' % x for x in hooked]}")
+    print(f"plain forward       best {best_plain:7.2f} s  ({tokens / best_plain:7.1f} tok/s)  "
+          f"runs {['%.2f' % x for x in plain]}")
+    print(f"importance (hooks)  best {best_hooked:7.2f} s  ({tokens / best_hooked:7.1f} tok/s)  "
+          f"runs {['%.2f' % x for x in hooked]}")
     print(f"ratio importance / plain = {best_hooked / best_plain:.3f}  (target <= 1.15)")
     if args.json:
         Path(args.json).write_text(json.dumps({"tokens": tokens, "plain_s": best_plain, "importance_s": best_hooked,

@@ -96,7 +96,8 @@ def main() -> None:
     def trainer_for(compiled: bool) -> Trainer:
         train = TrainConfig(seq_length=args.seq, micro_batch_size=args.batch, global_batch_size=args.batch,
                             max_steps=10**6, dtype="bfloat16", compile=compiled)
-        return Trainer(load_model(args.student, dtype=torch.bfloat16), load_model(embedded.TEACHER, dtype=torch.bfloat16),
+        return Trainer(load_model(args.student, dtype=torch.bfloat16),
+                       load_model(embedded.TEACHER, dtype=torch.bfloat16),
                        Path(args.data), tmp / f"run{compiled}", train, OptimConfig(lr=1e-4), LossConfig(),
                        CheckpointConfig(resume=False), EvalDuringTraining(every_steps=0),
                        LogConfig(progress=False, tensorboard=False))
@@ -138,7 +139,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "batch": args.batch, "seq": args.seq, "steps": args.steps, "gemm_flops": peak,
             "loops": {name: {"best_step_s": sec, "tokens_per_second": n_tok / sec,
-                             "fraction_of_gemm_peak": flops_per_tok * n_tok / sec / peak} for name, sec in best.items()},
+                             "fraction_of_gemm_peak": flops_per_tok * n_tok / sec / peak}
+                      for name, sec in best.items()},
         }, indent=2))
 
 

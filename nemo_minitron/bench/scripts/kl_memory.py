@@ -108,7 +108,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"tokens": args.tokens, "vocab": args.vocab, **results,
                        "ratio": fused["extra_bytes"] / naive["extra_bytes"],
-                       "relative_loss_difference": abs(fused["loss"] - naive["loss"]) / abs(naive["loss"])}, f, indent=2)
+                       "relative_loss_difference": abs(fused["loss"] - naive["loss"]) / abs(naive["loss"])},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def require_modelopt() -> None:
     try:
         import modelopt
     except ImportError:
-        raise UserError(f"NVIDIA ModelOpt is not installed (make install-modelopt: nvidia-modelopt=={MODELOPT_VERSION})") from None
+        raise UserError("NVIDIA ModelOpt is not installed "
+                        f"(make install-modelopt: nvidia-modelopt=={MODELOPT_VERSION})") from None
     if modelopt.__version__ != MODELOPT_VERSION:
         raise UserError(f"nvidia-modelopt {modelopt.__version__} is installed; this comparison runs {MODELOPT_VERSION}")
 
@@ -125,7 +126,8 @@ def export_config(src: ModelConfig, target: PruneTarget) -> dict[str, int]:
     return {k: getattr(new, k) for k in keys if getattr(target, k) is not None}
 
 
-def modelopt_prune(loaded: LoadedModel, target: PruneTarget, calibration: list[torch.Tensor]) -> tuple[LoadedModel, dict]:
+def modelopt_prune(loaded: LoadedModel, target: PruneTarget,
+                   calibration: list[torch.Tensor]) -> tuple[LoadedModel, dict]:
     """``loaded`` pruned IN PLACE by ModelOpt's ``mcore_minitron`` to ``target``, its importance estimated on
     ``calibration`` micro-batches [b, s+1] (forward passes through our pipeline schedule, as our pruner does).
 
@@ -337,7 +339,8 @@ def compare(cfg: PruneConfig, workdir: Path, eval_cfg: EvalConfig | None = None,
     for _ in range(repeats - 1):
         for runs, seconds in zip((ours_importance, ours_prune, modelopt_seconds), timed_repeat(cfg, batches)):
             runs.append(seconds)
-    best = {"ours_importance": min(ours_importance), "ours_prune": min(ours_prune), "modelopt_prune": min(modelopt_seconds)}
+    best = {"ours_importance": min(ours_importance), "ours_prune": min(ours_prune),
+            "modelopt_prune": min(modelopt_seconds)}
     result = {
         "teacher": cfg.model,
         "target": report["target"],
@@ -366,8 +369,10 @@ def main() -> None:
     parser.add_argument("prune_config", help="a prune config (conf/prune/*.yaml): teacher, target, calibration")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the prune config")
     parser.add_argument("--workdir", default="runs/bench/modelopt", help="both students and comparison.json go here")
-    parser.add_argument("--eval", metavar="EVAL_CONFIG", help="an eval config (conf/eval/*.yaml) to score both students with")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each pruner, alternating; the fastest counts")
+    parser.add_argument("--eval", metavar="EVAL_CONFIG",
+                        help="an eval config (conf/eval/*.yaml) to score both students with")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs of each pruner, alternating; the fastest counts")
     parser.add_argument("--overwrite", action="store_true", help="replace the students of an earlier run")
     args = parser.parse_args()
     workdir = Path(args.workdir)

@@ -35,7 +35,8 @@ def step_seconds(student: str, teacher: str, data: str, tp: int, args: argparse.
         "eval.max_windows=1", "log.progress=false", "log.tensorboard=false",
         f"parallel.tensor_model_parallel_size={tp}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // tp))})
+    threads = max(1, (os.cpu_count() or 2) // tp)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         sys.exit(f"TP={tp} distillation failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
