@@ -119,8 +119,8 @@ def logits_parity(cfg, with_te: bool, batch: int = 2, seq_length: int = 256, see
     import torch
 
     from nemo_minitron.models.builder import build_model
-    from nemo_minitron.parallel.sharding import gather_canonical, load_canonical
     from nemo_minitron.parallel.schedule import split_tokens
+    from nemo_minitron.parallel.sharding import gather_canonical, load_canonical
 
     torch.manual_seed(seed)
     reference = build_model(cfg, torch.float32, use_te=False)

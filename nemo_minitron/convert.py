@@ -4,10 +4,8 @@ nemo_minitron checkpoints."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
 
-from pydantic import Field
-
+from nemo_minitron.checkpoint.config import HF_WEIGHT_DTYPES, ConvertConfig, ExportConfig
 from nemo_minitron.checkpoint.gguf_export import read_tokenizer
 from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.integrity import check_model
@@ -19,24 +17,12 @@ from nemo_minitron.checkpoint.io import (
     resolve_model_dir,
     save_checkpoint,
 )
-from nemo_minitron.config import StrictModel
+from nemo_minitron.dtypes import torch_dtype
 from nemo_minitron.errors import UserError
-from nemo_minitron.dtypes import Dtype, torch_dtype
 from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
-from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.sharding import check_divisible
-
-
-class ConvertConfig(StrictModel):
-    """Load ``source`` at the given TP/PP split and write it to ``output``."""
-
-    source: str = Field(min_length=1, description="model directory or embedded:...")
-    output: str = Field(min_length=1)
-    dtype: Dtype = "float32"
-    overwrite: bool = False
-    parallel: ParallelConfig = ParallelConfig()
 
 
 def validate(cfg: ConvertConfig, output_is_directory: bool = True) -> ModelConfig:
@@ -67,22 +53,6 @@ def export_hf_dir(cfg: ConvertConfig) -> Path:
     loaded = load_model(cfg.source, dtype=torch_dtype(cfg.dtype))
     export_hf(loaded, Path(cfg.output), cfg.overwrite, dtype=torch_dtype(cfg.dtype))
     return Path(cfg.output)
-
-
-class ExportConfig(ConvertConfig):
-    """Export ``source`` (a checkpoint, or any supported model) for deployment: an HF directory or a GGUF file."""
-
-    format: Literal["hf", "gguf"]
-    dtype: Optional[Literal["float32", "float16", "bfloat16", "q8_0"]] = Field(
-        None, description="weights' type; default float32 for hf, float16 for gguf (q8_0: gguf only)"
-    )
-
-    @property
-    def weight_dtype(self) -> str:
-        return self.dtype or {"hf": "float32", "gguf": "float16"}[self.format]
-
-
-HF_WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def validate_export_any(cfg: ExportConfig) -> None:

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from nemo_minitron import embedded
 from nemo_minitron.checkpoint import io
-from nemo_minitron.stages import run_stage
+from nemo_minitron.checkpoint.config import ExportConfig
 from nemo_minitron.config import build_config
-from nemo_minitron.convert import ExportConfig
 from nemo_minitron.parallel import state
+from nemo_minitron.stages import run_stage
 from tiny import write_tiny_hf
 
 TEACHER_VOCAB = 49152

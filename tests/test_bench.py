@@ -15,13 +15,12 @@ import pytest
 import yaml
 
 import test_pipeline
-from test_pipeline import cli, skipped
-
 from nemo_minitron.bench.config import BenchConfig
 from nemo_minitron.bench.report import splice_readme
 from nemo_minitron.bench.run import depth_target, stage_keys
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
+from test_pipeline import cli, skipped
 
 # test_pipeline's tiny teacher and corpus, under the fixture name the tests ask for.
 inputs = test_pipeline.inputs

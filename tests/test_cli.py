@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from nemo_minitron.cli import main
-from nemo_minitron.stages import STAGES
 from nemo_minitron.config import load_config
 from nemo_minitron.errors import UserError
+from nemo_minitron.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 # conf/cluster holds the cluster configs of `launch` (tests/test_launch.py validates them), not a stage's config.

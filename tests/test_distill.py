@@ -38,13 +38,12 @@ def kd(tmp_path_factory) -> dict[str, Path]:
     """A prepared corpus, a tiny teacher (hidden 64, 4 layers, untied) and three students: ``pruned`` (the teacher
     width-pruned to hidden 48 / ffn 64 by ``prune``, head_dim 16 kept), and random ``student`` / ``tied``
     (hidden 32, 4 layers; untied / tied embeddings)."""
-    from tiny import write_tiny_hf
-
     from nemo_minitron import embedded
     from nemo_minitron.checkpoint import io
     from nemo_minitron.data import PrepareDataConfig, prepare_data
     from nemo_minitron.parallel import state
     from nemo_minitron.prune import PruneTarget, prune
+    from tiny import write_tiny_hf
 
     root = tmp_path_factory.mktemp("kd")
     common = dict(vocab_size=49152, with_tokenizer=True)

@@ -86,9 +86,8 @@ def test_local_and_cached_standard_lambada_on_a_prepared_dataset_match_transform
     """A tiny Llama with the real tokenizer, the held-out split of two plays: `nemo-minitron eval` gives for
     `lambada_local`, and for lm-eval's own `lambada_openai` over the same passages put in a local datasets
     cache, the accuracy and perplexity that transformers gives."""
-    from tiny import write_tiny_hf
-
     from nemo_minitron.data import PrepareDataConfig, prepare_data
+    from tiny import write_tiny_hf
 
     model = write_tiny_hf(tmp_path / "tiny", vocab_size=49152, with_tokenizer=True, seed=7)
     plays = tmp_path / "plays"

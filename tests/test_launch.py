@@ -24,10 +24,10 @@ import pytest
 
 from conftest import DIST_ENV
 from nemo_minitron.cli import main
-from nemo_minitron.stages import STAGES
 from nemo_minitron.config import load_config
 from nemo_minitron.errors import UserError
 from nemo_minitron.launch.slurm import ClusterConfig, SlurmLaunch, launch_slurm
+from nemo_minitron.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DGX = ROOT / "conf/cluster/dgx_h100_2node.yaml"
@@ -514,10 +514,9 @@ def _finished(cluster: LocalSlurm, job_id: str, run_dir: Path, succeeded: bool =
 def test_real_slurm_prune_distill_eval(slurm, tmp_path) -> None:
     """Rendered scripts on a real Slurm, two gloo ranks each: prune at PP=2, distill at TP=2, eval with DP=2 under
     one torchrun per node; a failing job's exit status reaches Slurm."""
-    from tiny import write_tiny_hf
-
     from nemo_minitron import embedded
     from nemo_minitron.data import PrepareDataConfig, prepare_data
+    from tiny import write_tiny_hf
 
     teacher = write_tiny_hf(tmp_path / "tiny", vocab_size=49152, with_tokenizer=True, seed=7)
     corpus = tmp_path / "corpus"

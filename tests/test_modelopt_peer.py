@@ -20,13 +20,15 @@ import torch.distributed as dist
 from nemo_minitron import embedded
 from nemo_minitron.bench.scripts import modelopt_peer
 from nemo_minitron.checkpoint import io
-from nemo_minitron.data.prepare import PrepareDataConfig, prepare_data
+from nemo_minitron.data.config import PrepareDataConfig
+from nemo_minitron.data.prepare import prepare_data
 from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.config import EvalConfig
 from nemo_minitron.evaluation.stage import evaluate
 from nemo_minitron.parallel.sharding import gather_canonical
 from nemo_minitron.prune import PruneTarget, prune
-from nemo_minitron.prune.stage import CalibrationConfig, target_config
+from nemo_minitron.prune.config import CalibrationConfig
+from nemo_minitron.prune.stage import target_config
 
 pytest.importorskip("modelopt", reason="NVIDIA ModelOpt is not installed (make install-modelopt)")
 

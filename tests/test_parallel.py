@@ -254,11 +254,10 @@ def _printed_json(stdout: str) -> dict:
 
 
 def test_cli_eval_tensor_parallel_matches_hf_backend(tmp_path):
-    from tiny import write_tiny_hf
-
     from nemo_minitron import embedded
     from nemo_minitron.evaluation.config import EvalConfig
     from nemo_minitron.evaluation.stage import evaluate
+    from tiny import write_tiny_hf
 
     model = write_tiny_hf(tmp_path / "model", vocab_size=49152, with_tokenizer=True, seed=6)
     text = tmp_path / "eval.txt"

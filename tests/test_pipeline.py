@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from tiny import write_tiny_hf
-
     from nemo_minitron import embedded
+    from tiny import write_tiny_hf
 
     root = tmp_path_factory.mktemp("pipeline")
     teacher = write_tiny_hf(root / "teacher", vocab_size=49152, hidden_size=64, intermediate_size=96, seed=31,

@@ -22,9 +22,10 @@ from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.prune import ImportanceConfig, PruneTarget, prune
 from nemo_minitron.prune import importance as imp_lib
+from nemo_minitron.prune.config import CalibrationConfig
 from nemo_minitron.prune.importance import Importance, _Moments, finalize, reduce_sequence
 from nemo_minitron.prune.slicing import select
-from nemo_minitron.prune.stage import CalibrationConfig, _layers_to_drop, target_config
+from nemo_minitron.prune.stage import _layers_to_drop, target_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -318,9 +319,8 @@ def test_tp2_and_pp2_choose_what_tp1_chooses(tiny_hf_dirs):
 
 def test_prune_cli_end_to_end(tmp_path):
     """prepare-data -> prune (writes checkpoint, importance.json/.png, report) -> eval of the pruned model."""
-    from tiny import write_tiny_hf
-
     from nemo_minitron import embedded
+    from tiny import write_tiny_hf
 
     model = write_tiny_hf(tmp_path / "tiny", vocab_size=49152, with_tokenizer=True, seed=7)
     corpus = tmp_path / "corpus"

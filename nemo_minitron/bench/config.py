@@ -8,10 +8,9 @@ from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
 from nemo_minitron.dtypes import Dtype
-from nemo_minitron.pipeline.config import RunCalibration, RunData, RunDistill, RunEval
-from nemo_minitron.prune import importance as imp_lib
-from nemo_minitron.prune.stage import ImportanceConfig, PruneTarget
 from nemo_minitron.parallel.config import ParallelConfig
+from nemo_minitron.pipeline.config import RunCalibration, RunData, RunDistill, RunEval
+from nemo_minitron.prune.config import Agg, ImportanceConfig, PruneTarget
 
 
 class Budgets(StrictModel):
@@ -48,7 +47,7 @@ class BenchConfig(StrictModel):
     target: PruneTarget = Field(description="the width target of every width arm")
     iterative_steps: list[PruneTarget] = Field(
         min_length=1, description="intermediate width targets of the iterative-importance arm (then target)")
-    aggregations: list[tuple[imp_lib.Agg, imp_lib.Agg]] = Field(
+    aggregations: list[tuple[Agg, Agg]] = Field(
         min_length=1, description="(seq_agg, batch_agg) pairs compared after pruning")
     importance: ImportanceConfig = ImportanceConfig()
     calibration: RunCalibration = RunCalibration()

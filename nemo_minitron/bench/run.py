@@ -31,7 +31,8 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline.config import RunConfig, RunReport, ScheduleStep
 from nemo_minitron.pipeline.run import Runner
-from nemo_minitron.prune.stage import ImportanceConfig, PruneConfig, PruneTarget, target_config
+from nemo_minitron.prune.config import ImportanceConfig, PruneConfig, PruneTarget
+from nemo_minitron.prune.stage import target_config
 
 # Packaged (not read from a checkout's benchmarks/), so that an installed wheel runs the whole bench.
 SCRIPTS = "nemo_minitron.bench.scripts"

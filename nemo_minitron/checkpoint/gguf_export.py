@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterator
 
 import gguf
-import numpy as np
 import torch
 
 from nemo_minitron.checkpoint.hf import hf_state_dict

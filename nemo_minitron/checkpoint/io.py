@@ -17,6 +17,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError
 
 from nemo_minitron import embedded
+from nemo_minitron.checkpoint.gguf_export import read_tokenizer, write_gguf
 from nemo_minitron.checkpoint.hf import (
     HFTensors,
     canonical_getter,
@@ -27,7 +28,6 @@ from nemo_minitron.checkpoint.hf import (
     is_hf_dir,
     read_hf_config,
 )
-from nemo_minitron.checkpoint.gguf_export import read_tokenizer, write_gguf
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_directory, atomic_file
 from nemo_minitron.models.builder import Fp8, build_model

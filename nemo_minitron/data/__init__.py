@@ -1,16 +1,23 @@
 """The data stage: tokenize a corpus into train/valid indexed datasets, then read them as token streams."""
 
-from nemo_minitron.data.dataset import SequenceSampler, TokenDataset, eval_windows, text_file_tokens
-from nemo_minitron.data.prepare import PrepareDataConfig, PreparedData, load_tokenizer, prepare_data, read_text
+from typing import Any
 
-__all__ = [
-    "PrepareDataConfig",
-    "PreparedData",
-    "SequenceSampler",
-    "TokenDataset",
-    "eval_windows",
-    "load_tokenizer",
-    "prepare_data",
-    "read_text",
-    "text_file_tokens",
-]
+from nemo_minitron.data.config import PrepareDataConfig
+
+_PREPARE = ("PreparedData", "load_tokenizer", "prepare_data", "read_text")
+_DATASET = ("SequenceSampler", "TokenDataset", "eval_windows", "text_file_tokens")
+
+__all__ = ["PrepareDataConfig", *_PREPARE, *_DATASET]
+
+
+def __getattr__(name: str) -> Any:
+    # These modules bring torch and megatron: imported on first use, so that reading a config does not.
+    if name in _PREPARE:
+        from nemo_minitron.data import prepare
+
+        return getattr(prepare, name)
+    if name in _DATASET:
+        from nemo_minitron.data import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,11 +19,10 @@ from typing import Iterator
 import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from pydantic import Field, field_validator
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from nemo_minitron.config import StrictModel
+from nemo_minitron.data.config import PrepareDataConfig
 from nemo_minitron.embedded import resolve_path
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_directory, check_can_create
@@ -31,24 +30,6 @@ from nemo_minitron.fsutil import atomic_directory, check_can_create
 SUFFIXES = (".txt", ".md", ".jsonl")
 SPLITS = ("train", "valid")
 META_FILE = "meta.json"
-
-
-class PrepareDataConfig(StrictModel):
-    """The ``prepare-data`` stage: which corpus, which tokenizer, where to write, how to split."""
-
-    input: str = Field(min_length=1, description="file, folder (recursive *.txt/*.md/*.jsonl), glob, embedded:...")
-    tokenizer: str = Field(min_length=1, description="Hugging Face tokenizer folder or embedded: reference")
-    output_dir: str = Field(min_length=1)
-    valid_fraction: float = 0.1
-    split_seed: int = 1234
-    jsonl_text_key: str = Field("text", min_length=1)
-
-    @field_validator("valid_fraction")
-    @classmethod
-    def _open_unit_interval(cls, value: float) -> float:
-        if not 0.0 < value < 1.0:
-            raise ValueError("must be strictly between 0 and 1")
-        return value
 
 
 @dataclass(frozen=True)

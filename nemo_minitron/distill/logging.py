@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
 import torch.distributed as dist
 
 from nemo_minitron.distill.config import LogConfig

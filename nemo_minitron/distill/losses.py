@@ -28,7 +28,6 @@ from torch.autograd.function import once_differentiable
 from nemo_minitron.distill.config import LogitKDConfig
 from nemo_minitron.parallel import state
 
-
 # ------------------------------------------------------------------------------------------ logit KD
 
 

@@ -28,7 +28,6 @@ import numpy as np
 from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.config import LAMBADA_LOCAL, EvalConfig
 
-
 LOCAL_TASKS = (LAMBADA_LOCAL,)
 
 # A target: a word (letters, inner apostrophes) right after a single space and right before the end of a

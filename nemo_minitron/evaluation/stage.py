@@ -23,7 +23,8 @@ from nemo_minitron.data.prepare import META_FILE
 from nemo_minitron.dtypes import torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.config import EvalConfig
-from nemo_minitron.evaluation.harness import HarnessResult, run_harness, validate as validate_harness
+from nemo_minitron.evaluation.harness import HarnessResult, run_harness
+from nemo_minitron.evaluation.harness import validate as validate_harness
 from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.parallel import state

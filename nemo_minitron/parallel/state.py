@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
 from nemo_minitron.errors import UserError
 from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.cpu import apply_cpu_patches, cuda_available, install_rng_tracker

@@ -8,7 +8,7 @@ Paths (prepared data, checkpoints, reports) are all derived from ``output``, the
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 from pydantic import Field, model_validator
 
@@ -23,7 +23,7 @@ from nemo_minitron.distill.config import (
 )
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
-from nemo_minitron.prune.stage import ImportanceConfig, PruneTarget
+from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneTarget
 
 
 class RunData(StrictModel):
@@ -96,6 +96,24 @@ class NASConfig(StrictModel):
     short_kd_tokens: int = Field(16384, ge=0)
     max_candidates: int = Field(32, gt=0)
     eval_windows: int = Field(16, gt=0, description="held-out windows (of train.seq_length) that rank candidates")
+
+
+class NASStageConfig(StrictModel):
+    """The ``nas`` stage: search ``nas.search`` around ``model`` for ``params`` parameters."""
+
+    model: str = Field(min_length=1)
+    teacher: str = Field(min_length=1, description="distils the short-listed candidates")
+    data: str = Field(min_length=1, description="prepared dataset: calibration (train) and ranking (valid)")
+    output: str = Field(min_length=1)
+    params: float = Field(gt=0, description="a fraction of the model's parameters, or an absolute count if > 1")
+    nas: NASConfig
+    calibration: CalibrationConfig
+    importance: ImportanceConfig = ImportanceConfig()
+    distill: RunDistill = RunDistill()
+    prune_dtype: Dtype = "float32"
+    overwrite: bool = False
+    parallel: ParallelConfig = ParallelConfig()
+    seed: int = 1234
 
 
 class ScheduleStep(StrictModel):

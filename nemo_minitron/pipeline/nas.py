@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 
 from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
-from nemo_minitron.config import StrictModel
 from nemo_minitron.data import TokenDataset, eval_windows
 from nemo_minitron.distill.config import CheckpointConfig, LogConfig
 from nemo_minitron.distill.trainer import check_fp8_train, distill
@@ -29,40 +27,12 @@ from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
-from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.sharding import check_divisible
-from nemo_minitron.pipeline.config import NASConfig, RunDistill
-from nemo_minitron.prune.stage import (
-    WIDTH_KEYS,
-    CalibrationConfig,
-    ImportanceConfig,
-    PruneTarget,
-    calibration_batches,
-    cut,
-    heatmap_png,
-    score,
-    target_config,
-)
+from nemo_minitron.pipeline.config import NASConfig, NASStageConfig
+from nemo_minitron.prune.config import WIDTH_KEYS, PruneTarget
+from nemo_minitron.prune.stage import calibration_batches, cut, heatmap_png, score, target_config
 
 SEARCH_KEYS = (*WIDTH_KEYS, "num_layers")
-
-
-class NASStageConfig(StrictModel):
-    """The ``nas`` stage: search ``nas.search`` around ``model`` for ``params`` parameters."""
-
-    model: str = Field(min_length=1)
-    teacher: str = Field(min_length=1, description="distils the short-listed candidates")
-    data: str = Field(min_length=1, description="prepared dataset: calibration (train) and ranking (valid)")
-    output: str = Field(min_length=1)
-    params: float = Field(gt=0, description="a fraction of the model's parameters, or an absolute count if > 1")
-    nas: NASConfig
-    calibration: CalibrationConfig
-    importance: ImportanceConfig = ImportanceConfig()
-    distill: RunDistill = RunDistill()
-    prune_dtype: str = Field("float32", pattern="^(float32|bfloat16)$")
-    overwrite: bool = False
-    parallel: ParallelConfig = ParallelConfig()
-    seed: int = 1234
 
 
 def budget(params: float, reference: ModelConfig) -> int:

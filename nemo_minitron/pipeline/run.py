@@ -8,17 +8,17 @@ records the finished ones; an interrupted distillation resumes from its own chec
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from nemo_minitron.checkpoint.config import ConvertConfig
 from nemo_minitron.checkpoint.hf import check_exportable, is_hf_dir
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 from nemo_minitron.config import StrictModel
-from nemo_minitron.convert import ConvertConfig
-from nemo_minitron.data.prepare import PrepareDataConfig, list_input_files
+from nemo_minitron.data.config import PrepareDataConfig
+from nemo_minitron.data.prepare import list_input_files
 from nemo_minitron.distill.config import DistillConfig, LossConfig
 from nemo_minitron.distill.trainer import check_fp8_train
 from nemo_minitron.errors import StoppedEarly, UserError
@@ -29,7 +29,8 @@ from nemo_minitron.pipeline import report
 from nemo_minitron.pipeline.config import RunConfig, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
 from nemo_minitron.pipeline.nas import NASStageConfig, budget, candidates
-from nemo_minitron.prune.stage import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget, target_config
+from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
+from nemo_minitron.prune.stage import target_config
 from nemo_minitron.stages import run_stage
 
 

@@ -20,17 +20,16 @@ scores — and the pruning they choose — do not depend on the parallel layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nemo_minitron.evaluation.loss import reduce_loss_sums, token_loss_sums
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
-from nemo_minitron.evaluation.loss import reduce_loss_sums, token_loss_sums
-
-Agg = Literal["mean", "l2", "var"]
+from nemo_minitron.prune.config import Agg
 
 
 def reduce_sequence(values: torch.Tensor, how: Agg) -> torch.Tensor:

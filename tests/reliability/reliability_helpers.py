@@ -24,10 +24,9 @@ TIMING = ("tokens_per_second",)
 
 def make_models(root: Path) -> dict[str, Path]:
     """``teacher``, ``student`` (Hugging Face directories) and ``data`` (prepared, train and valid splits)."""
-    from tiny import write_tiny_hf
-
     from nemo_minitron import embedded
     from nemo_minitron.data import PrepareDataConfig, prepare_data
+    from tiny import write_tiny_hf
 
     common = dict(vocab_size=49152, with_tokenizer=True)
     dirs = {

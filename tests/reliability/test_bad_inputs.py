@@ -14,8 +14,8 @@ import pytest
 import torch.distributed as dist
 
 from conftest import destroy_state
-from .reliability_helpers import distill_args
 
+from .reliability_helpers import distill_args
 
 # ------------------------------------------------------------------------------------------ broken inputs
 

@@ -9,8 +9,6 @@ import resource
 import signal
 from pathlib import Path
 
-import pytest
-
 from .reliability_helpers import (
     STEPS,
     checkpoint_dirs,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import destroy_state
+
 from .reliability_helpers import distill_args
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nemo_minitron"
@@ -211,8 +212,8 @@ def test_no_config_names_code_to_instantiate():
 
     from pydantic import ImportString
 
-    from nemo_minitron.stages import STAGES
     from nemo_minitron.launch.slurm import ClusterConfig
+    from nemo_minitron.stages import STAGES
 
     seen: set = set()
     for stage in STAGES.values():

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from nemo_minitron import embedded
 from nemo_minitron.checkpoint.io import load_model
-from nemo_minitron.data.prepare import PrepareDataConfig, prepare_data
+from nemo_minitron.data.config import PrepareDataConfig
+from nemo_minitron.data.prepare import prepare_data
 from nemo_minitron.parallel import state
+from nemo_minitron.prune.config import CalibrationConfig
 from nemo_minitron.prune.importance import activation_importance, lm_loss
-from nemo_minitron.prune.stage import CalibrationConfig, calibration_batches
+from nemo_minitron.prune.stage import calibration_batches
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ import torch
 from nemo_minitron import embedded
 from nemo_minitron.bench.flops import flops_per_token
 from nemo_minitron.checkpoint.io import export_hf, load_model
-from nemo_minitron.data.prepare import PrepareDataConfig, prepare_data
+from nemo_minitron.data.config import PrepareDataConfig
+from nemo_minitron.data.prepare import prepare_data
 from nemo_minitron.distill.config import (
     CheckpointConfig,
     EvalDuringTraining,

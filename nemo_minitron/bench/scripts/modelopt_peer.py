@@ -36,8 +36,8 @@ import torch.distributed as dist
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import load_config
 from nemo_minitron.data.prepare import META_FILE
-from nemo_minitron.errors import UserError
 from nemo_minitron.dtypes import DTYPE_NAMES, torch_dtype
+from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.config import EvalConfig
 from nemo_minitron.evaluation.loss import token_loss_sums
 from nemo_minitron.evaluation.stage import evaluate
@@ -45,17 +45,9 @@ from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.cpu import cuda_available
 from nemo_minitron.parallel.sharding import gather_canonical
+from nemo_minitron.prune.config import CalibrationConfig, PruneConfig, PruneTarget
 from nemo_minitron.prune.slicing import Selection, slice_canonical
-from nemo_minitron.prune.stage import (
-    CalibrationConfig,
-    PruneConfig,
-    PruneTarget,
-    calibration_batches,
-    cut,
-    score,
-    target_config,
-    validate,
-)
+from nemo_minitron.prune.stage import calibration_batches, cut, score, target_config, validate
 
 MODELOPT_VERSION = "0.43.0"
 # A reloaded checkpoint runs the same weights through the same code: its logits may differ by rounding only.
