@@ -199,14 +199,7 @@ def distill_speed(teacher_cfg, student_cfg, sizes: Sizes, fp8: Optional[str], pe
     import torch
 
     from nemo_minitron.checkpoint.io import LoadedModel
-    from nemo_minitron.distill.config import (
-        CheckpointConfig,
-        EvalDuringTraining,
-        LogConfig,
-        LossConfig,
-        OptimConfig,
-        TrainConfig,
-    )
+    from nemo_minitron.distill import config as dc
     from nemo_minitron.distill.trainer import Trainer
     from nemo_minitron.models.builder import build_model
 
@@ -220,12 +213,13 @@ def distill_speed(teacher_cfg, student_cfg, sizes: Sizes, fp8: Optional[str], pe
     torch.manual_seed(seed)
     teacher = LoadedModel(teacher_cfg, build_model(teacher_cfg, torch.bfloat16, fp8=fp8).eval(), work)
     student = LoadedModel(student_cfg, build_model(student_cfg, torch.bfloat16, fp8=fp8).train(), work)
-    train = TrainConfig(seq_length=sizes.seq_length, micro_batch_size=sizes.micro_batch_size,
-                        global_batch_size=sizes.global_batch_size, max_steps=steps, dtype="bfloat16",
-                        teacher_dtype="bfloat16", seed=seed, fp8=fp8)
-    trainer = Trainer(student, teacher, data, work / f"run-{fp8 or 'bf16'}", train, OptimConfig(lr=1e-4),
-                      LossConfig(), CheckpointConfig(resume=False), EvalDuringTraining(every_steps=0, max_windows=1),
-                      LogConfig(tensorboard=False, progress=False))
+    train = dc.TrainConfig(seq_length=sizes.seq_length, micro_batch_size=sizes.micro_batch_size,
+                           global_batch_size=sizes.global_batch_size, max_steps=steps, dtype="bfloat16",
+                           teacher_dtype="bfloat16", seed=seed, fp8=fp8)
+    trainer = Trainer(student, teacher, data, work / f"run-{fp8 or 'bf16'}", train, dc.OptimConfig(lr=1e-4),
+                      dc.LossConfig(), dc.CheckpointConfig(resume=False),
+                      dc.EvalDuringTraining(every_steps=0, max_windows=1),
+                      dc.LogConfig(tensorboard=False, progress=False))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     batches = trainer.sampler.batches()

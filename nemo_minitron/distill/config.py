@@ -155,7 +155,18 @@ class LogConfig(StrictModel):
     progress: bool = True
 
 
-class DistillConfig(StrictModel):
+class TrainingSections(StrictModel):
+    """What every distillation configures beside its ``train`` section: the ``distill`` stage's config and the
+    ``run`` job's ``distill`` section both have these."""
+
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalDuringTraining = EvalDuringTraining()
+    log: LogConfig = LogConfig()
+
+
+class DistillConfig(TrainingSections):
     """The ``distill`` stage. ``mode: ce`` trains ``student`` alone with the LM loss (no teacher)."""
 
     mode: Literal["kd", "ce"] = "kd"
@@ -167,11 +178,6 @@ class DistillConfig(StrictModel):
     data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
     output: str = Field(min_length=1)
     train: TrainConfig
-    optim: OptimConfig = OptimConfig()
-    loss: LossConfig = LossConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    eval: EvalDuringTraining = EvalDuringTraining()
-    log: LogConfig = LogConfig()
     parallel: ParallelConfig = ParallelConfig()
 
     @model_validator(mode="after")

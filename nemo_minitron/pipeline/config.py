@@ -13,14 +13,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
-from nemo_minitron.distill.config import (
-    CheckpointConfig,
-    EvalDuringTraining,
-    LogConfig,
-    LossConfig,
-    OptimConfig,
-    TrainSettings,
-)
+from nemo_minitron.distill.config import OptimConfig, TrainingSections, TrainSettings
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneTarget
@@ -44,16 +37,11 @@ class RunCalibration(StrictModel):
     seed: int = 1234
 
 
-class RunDistill(StrictModel):
+class RunDistill(TrainingSections):
     """How every distillation of the run trains (its length is the schedule step's ``kd_tokens``; its periodic
     held-out loss uses the run's ``eval`` windows)."""
 
     train: TrainSettings = TrainSettings()
-    optim: OptimConfig = OptimConfig()
-    loss: LossConfig = LossConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    eval: EvalDuringTraining = EvalDuringTraining()
-    log: LogConfig = LogConfig()
 
 
 class TeacherCorrection(StrictModel):
