@@ -2,10 +2,12 @@
 
 megatron-core hard-codes CUDA in a few places on the paths this project uses:
 ``torch.cuda.current_device()`` for buffers (rotary embedding, p2p receive buffers, TP gathers, the global
-memory buffer), ``torch.cuda.synchronize()`` in p2p communication, ``Tensor.cuda()`` (tied embeddings across pipeline
-stages, optimizer state), ``device="cuda"`` literals in the pipeline
-schedules and in the default causal mask, and a CUDA-only RNG tracker. On a machine without CUDA these calls
-can only fail, so redirecting them to the CPU changes nothing for GPU runs.
+memory buffer, DDP's gradient buffers), ``torch.cuda.synchronize()`` in p2p communication, ``Tensor.cuda()``
+(tied embeddings across pipeline stages, optimizer state), ``device="cuda"`` literals in the pipeline
+schedules, the default causal mask, the optimizers, gradient clipping and the L2-norm fallback, the tensor type
+names ``"torch.cuda.FloatTensor"`` by which the mixed-precision and distributed optimizers sort parameters, and a
+CUDA-only RNG tracker. On a machine without CUDA these calls can only fail, so redirecting them to the CPU
+changes nothing for GPU runs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ def _noop(*_args, **_kwargs) -> None:
 
 def _stay(self: torch.Tensor, *_args, **_kwargs) -> torch.Tensor:
     return self
+
+
+_tensor_type = torch.Tensor.type
+
+
+def _cuda_type_name(self: torch.Tensor, dtype=None, non_blocking: bool = False, **kwargs):
+    """``Tensor.type()``: the CUDA name of a CPU tensor's type (``torch.cuda.BFloat16Tensor``), which is what
+    megatron's optimizers test for; with a ``dtype`` it converts as before."""
+    if dtype is None and not kwargs:
+        return _tensor_type(self).replace("torch.", "torch.cuda.", 1)
+    return _tensor_type(self, dtype, non_blocking, **kwargs)
 
 
 class _TorchWithCpuDefaults(types.ModuleType):
@@ -120,15 +133,20 @@ def apply_cpu_patches() -> None:
     global _APPLIED
     if _APPLIED or cuda_available():
         return
+    from megatron.core import utils as core_utils
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer import utils as transformer_utils
 
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = _noop
     torch.Tensor.cuda = _stay
+    torch.Tensor.type = _cuda_type_name
     cpu_torch = _TorchWithCpuDefaults()
     # `fusions.fused_softmax` imports get_default_causal_mask from transformer.utils; the function looks up
     # `torch` in transformer.utils' globals, so one replacement covers both modules.
-    transformer_utils.torch = cpu_torch
-    schedules.torch = cpu_torch
+    for module in (transformer_utils, schedules, core_utils, param_and_grad_buffer, optimizer, distrib_optimizer,
+                   clip_grads):
+        module.torch = cpu_torch
     _APPLIED = True
