@@ -47,9 +47,11 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     fp8: Optional[Fp8] = None,
     init: bool = True,
+    use_te: bool = False,
 ):
     """megatron's ``TransformerConfig`` for ``cfg`` at the current TP/PP sizes; ``init`` False skips the random
-    initialisation of the weights (for a model whose every weight is loaded next)."""
+    initialisation of the weights (for a model whose every weight is loaded next); ``use_te`` for the
+    Transformer Engine layer spec."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = cuda_available()
@@ -89,7 +91,8 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=on_gpu,
+        # A TE norm option: megatron's wrapper of the torch norms of the local spec refuses it.
+        persist_layer_norm=use_te,
         masked_softmax_fusion=on_gpu,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -145,7 +148,7 @@ def build_model(
             raise UserError("fp8 needs the Transformer Engine layer spec (CUDA and transformer_engine)")
         check_fp8_shapes(cfg, state.tp_size())
     model = GPTModel(
-        config=transformer_config(cfg, dtype, fp8, init),
+        config=transformer_config(cfg, dtype, fp8, init, use_te),
         transformer_layer_spec=layer_spec(use_te),
         vocab_size=cfg.padded_vocab_size(state.tp_size()),
         max_sequence_length=cfg.max_position_embeddings,
