@@ -4,8 +4,9 @@ megatron-core hard-codes CUDA in a few places on the paths this project uses:
 ``torch.cuda.current_device()`` for buffers (rotary embedding, p2p receive buffers, TP gathers, the global
 memory buffer), ``torch.cuda.synchronize()`` in p2p communication, ``Tensor.cuda()`` (tied embeddings across pipeline
 stages, optimizer state), ``device="cuda"`` literals in the pipeline
-schedules and in the default causal mask, and a CUDA-only RNG tracker. On a machine without CUDA these calls
-can only fail, so redirecting them to the CPU changes nothing for GPU runs.
+schedules and in the default causal mask, a CUDA-only RNG tracker, and the CUDA generator's state that
+activation recomputation saves before a checkpointed forward and restores to recompute it. On a machine
+without CUDA these calls can only fail, so redirecting them to the CPU changes nothing for GPU runs.
 """
 
 from __future__ import annotations
@@ -121,10 +122,15 @@ def apply_cpu_patches() -> None:
     if _APPLIED or cuda_available():
         return
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import utils as transformer_utils
 
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = _noop
+    # Recomputation also restores the CPU generator and the RNG tracker (CpuRNGStatesTracker), which hold
+    # every random state there is without CUDA.
+    mrandom._get_cuda_rng_state = _noop
+    mrandom._set_cuda_rng_state = _noop
     torch.Tensor.cuda = _stay
     cpu_torch = _TorchWithCpuDefaults()
     # `fusions.fused_softmax` imports get_default_causal_mask from transformer.utils; the function looks up
