@@ -98,7 +98,7 @@ def make_trainer(spec: dict):
     from nemo_minitron.dtypes import torch_dtype
 
     train = T.TrainConfig(**spec["train"])
-    student = load_model(spec["student"], dtype=torch_dtype(train.dtype))
+    student = load_model(spec["student"], dtype=torch_dtype(train.dtype), recompute=train.recompute)
     student.model.train()
     teacher = None if spec["teacher"] is None else load_model(spec["teacher"], dtype=torch_dtype(train.teacher_dtype))
     return T.Trainer(
@@ -275,6 +275,35 @@ def test_compiled_layers_train_like_eager_ones(kd, tmp_path, single_rank):
     # an element by a fraction of lr (3e-3).
     for name, value in eager_weights.items():
         np.testing.assert_allclose(compiled_weights[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_recomputed_activations_train_bit_identically(kd, tmp_path, single_rank):
+    """train.recompute selective (core attention) and full (every layer) recompute in backward what the forward
+    dropped; in fp32 on CPU the recomputation repeats the same operations on the same inputs, so the loss curve
+    and the weights are those of the run without recomputation, bit for bit. The forward calls of the first
+    layer and its core attention show that the recomputation happened: once more per training micro-batch."""
+    runs = {}
+    for recompute in (None, "selective", "full"):
+        spec = job(kd["pruned"], kd["teacher"], kd["data"], tmp_path / str(recompute), steps=3,
+                   train={"recompute": recompute})
+        trainer = make_trainer(spec)
+        layer = trainer.student.model.decoder.layers[0]
+        calls = {"layer": 0, "core_attention": 0}
+        for name, module in (("layer", layer), ("core_attention", layer.self_attention.core_attention)):
+            module.register_forward_hook(lambda *_args, name=name: calls.__setitem__(name, calls[name] + 1))
+        trainer.run()
+        runs[recompute] = (metrics(spec["output"]), canonical(trainer), calls)
+    want_metrics, want_weights, plain = runs[None]
+    extra = 3 * GBS // MB  # training micro-batches: 3 steps of 2
+    expected_calls = {"selective": {"layer": plain["layer"], "core_attention": plain["core_attention"] + extra},
+                      "full": {"layer": plain["layer"] + extra, "core_attention": plain["core_attention"] + extra}}
+    for recompute in ("selective", "full"):
+        got_metrics, got_weights, calls = runs[recompute]
+        assert calls == expected_calls[recompute], (recompute, calls, plain)
+        assert got_metrics == want_metrics, recompute
+        assert sorted(got_weights) == sorted(want_weights)
+        for key, value in want_weights.items():
+            assert np.array_equal(got_weights[key], value), f"{recompute} {key}"
 
 
 # ------------------------------------------------------------------------------------------ 3: resume
@@ -674,6 +703,8 @@ def cli_args(kd: dict, output: Path, **changes) -> list[str]:
         ({"mode": "ce", "teacher": None, "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 0}]"},
          "loss.intermediate needs a teacher (mode kd)"),
         ({"train.seq_length": 100000}, "split of"),
+        ({"train.recompute": "full", "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 0}]"},
+         "train.recompute full cannot be combined with loss.intermediate pairs"),
         ({"student": "vocab_256", "teacher": "vocab_256"},
          "was tokenized with 49152 token ids, more than the student's vocab_size 256"),
     ],

@@ -34,6 +34,9 @@ class TrainSettings(StrictModel):
     fp8: Optional[Fp8] = Field(None, description="FP8 GEMMs in the transformer layers of student and teacher "
                                                  "(Transformer Engine, delayed scaling; needs CUDA and TE): "
                                                  "hybrid (E4M3 forward, E5M2 gradients) or e4m3")
+    recompute: Optional[Literal["selective", "full"]] = Field(
+        None, description="recompute the student's activations in backward instead of keeping them: selective "
+                          "(core attention) or full (every transformer layer from its input)")
 
     @model_validator(mode="after")
     def _batches(self) -> "TrainSettings":
@@ -133,6 +136,15 @@ class LossConfig(StrictModel):
     intermediate: IntermediateConfig = IntermediateConfig()
 
 
+def check_recompute(train: TrainSettings, loss: LossConfig) -> None:
+    """ValueError if ``train.recompute`` would silently drop the intermediate-state losses' gradient."""
+    # Full recomputation runs each layer's forward without autograd and again in backward: the layer
+    # outputs that the intermediate losses read in the forward pass carry no gradient.
+    if train.recompute == "full" and loss.intermediate.pairs:
+        raise ValueError("train.recompute full cannot be combined with loss.intermediate pairs (the layer "
+                         "outputs they compare carry no gradient then): use recompute selective or none")
+
+
 class CheckpointConfig(StrictModel):
     every_steps: int = Field(100, gt=0)
     keep_last: int = Field(2, gt=0)
@@ -186,4 +198,9 @@ class DistillConfig(TrainingSections):
             raise ValueError("mode kd needs a teacher")
         if self.mode == "ce" and self.teacher:
             raise ValueError("mode ce trains without a teacher: remove teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _recompute(self) -> "DistillConfig":
+        check_recompute(self.train, self.loss)
         return self

@@ -13,7 +13,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
-from nemo_minitron.distill.config import OptimConfig, TrainingSections, TrainSettings
+from nemo_minitron.distill.config import OptimConfig, TrainingSections, TrainSettings, check_recompute
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneTarget
@@ -42,6 +42,11 @@ class RunDistill(TrainingSections):
     held-out loss uses the run's ``eval`` windows)."""
 
     train: TrainSettings = TrainSettings()
+
+    @model_validator(mode="after")
+    def _recompute(self) -> "RunDistill":
+        check_recompute(self.train, self.loss)
+        return self
 
 
 class TeacherCorrection(StrictModel):

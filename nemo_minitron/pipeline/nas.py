@@ -160,7 +160,8 @@ def run_nas(cfg: NASStageConfig) -> dict:
         if teacher is None:
             row["loss_short_kd"], row["student"] = row["loss_pruned"], row["pruned"]
             continue
-        student = load_model(row["pruned"], dtype=torch_dtype(cfg.distill.train.dtype), fp8=fp8)
+        student = load_model(row["pruned"], dtype=torch_dtype(cfg.distill.train.dtype), fp8=fp8,
+                             recompute=cfg.distill.train.recompute)
         result = distill(
             student, teacher, cfg.data, home / "short_kd",
             cfg.distill.train.for_tokens(cfg.nas.short_kd_tokens),
