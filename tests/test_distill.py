@@ -98,9 +98,11 @@ def make_trainer(spec: dict):
     from nemo_minitron.dtypes import torch_dtype
 
     train = T.TrainConfig(**spec["train"])
-    student = load_model(spec["student"], dtype=torch_dtype(train.dtype), recompute=train.recompute)
+    student = load_model(spec["student"], dtype=torch_dtype(train.dtype), sequence_parallel=train.sequence_parallel,
+                         recompute=train.recompute)
     student.model.train()
-    teacher = None if spec["teacher"] is None else load_model(spec["teacher"], dtype=torch_dtype(train.teacher_dtype))
+    teacher = None if spec["teacher"] is None else load_model(
+        spec["teacher"], dtype=torch_dtype(train.teacher_dtype), sequence_parallel=train.sequence_parallel)
     return T.Trainer(
         student, teacher, Path(spec["data"]), Path(spec["output"]), train, T.OptimConfig(**spec["optim"]),
         T.LossConfig(**spec["loss"]), T.CheckpointConfig(**spec["checkpoint"]),
@@ -383,8 +385,11 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(kd, tmp_path, 
 
 # ------------------------------------------------------------------------------------------ 4, 6: layouts
 
-# layout -> (TP, PP, world size); DP is world / (TP * PP)
-LAYOUTS = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
+# layout -> (TP, PP, world size, train settings); DP is world / (TP * PP). tp2sp splits the sequence (SEQ = 16
+# tokens) over the 2 TP ranks between the tensor-parallel GEMMs: norms, intermediate states and final hidden
+# states hold 8 tokens per rank.
+LAYOUTS = {"tp2": (2, 1, 2, {}), "pp2": (1, 2, 2, {}), "dp2": (1, 1, 2, {}),
+           "tp2sp": (2, 1, 2, {"sequence_parallel": True})}
 # Student layers 1 and 3 against teacher layers 1 and 3, widths 32 -> 64: at PP=2 one pair is on each stage,
 # so the first stage's loss travels back through the tensor it sends on (pair.AttachAuxLoss).
 PAIRS = [{"student_layer": 1, "teacher_layer": 1}, {"student_layer": 3, "teacher_layer": 3}]
@@ -392,20 +397,21 @@ PAIRS = [{"student_layer": 1, "teacher_layer": 1}, {"student_layer": 3, "teacher
 FIRST_STAGE_PAIRS = [{"student_layer": 0, "teacher_layer": 0}, {"student_layer": 1, "teacher_layer": 1}]
 
 
-def layout_specs(kd: dict, root: Path, world: int = 1) -> list[dict]:
-    """The runs of SPEC_NAMES; and the pruned one again with a SIGTERM on the last rank during step 3."""
+def layout_specs(kd: dict, root: Path, world: int = 1, train: dict | None = None) -> list[dict]:
+    """The runs of SPEC_NAMES; and the pruned one again with a SIGTERM on the last rank during step 3. ``train``:
+    settings of the layout that every run gets."""
     return [
-        job(kd["pruned"], kd["teacher"], kd["data"], root / "pruned"),
-        job(kd["tied"], kd["teacher"], kd["data"], root / "tied"),
-        job(kd["student"], kd["teacher"], kd["data"], root / "intermediate",
+        job(kd["pruned"], kd["teacher"], kd["data"], root / "pruned", train=train),
+        job(kd["tied"], kd["teacher"], kd["data"], root / "tied", train=train),
+        job(kd["student"], kd["teacher"], kd["data"], root / "intermediate", train=train,
             loss={"intermediate": {"pairs": PAIRS, "loss": "cosine", "weight": 1.0}}),
-        job(kd["tied"], None, kd["data"], root / "ce"),
-        job(kd["tied"], kd["teacher"], kd["data"], root / "first_stage_pairs",
+        job(kd["tied"], None, kd["data"], root / "ce", train=train),
+        job(kd["tied"], kd["teacher"], kd["data"], root / "first_stage_pairs", train=train,
             loss={"intermediate": {"pairs": FIRST_STAGE_PAIRS, "loss": "mse", "weight": 0.3}}),
         # At PP=2 the first stage's pair is weighted before the last stage knows this step's logit loss.
-        job(kd["student"], kd["teacher"], kd["data"], root / "dynamic",
+        job(kd["student"], kd["teacher"], kd["data"], root / "dynamic", train=train,
             loss={"intermediate": {"pairs": PAIRS, "loss": "mse", "weight": 0.5, "balancing": "dynamic"}}),
-        {**job(kd["pruned"], kd["teacher"], kd["data"], root / "resumed"), "interrupt": (world - 1, 3)},
+        {**job(kd["pruned"], kd["teacher"], kd["data"], root / "resumed", train=train), "interrupt": (world - 1, 3)},
     ]
 
 
@@ -422,8 +428,9 @@ def layout_reference(kd, tmp_path_factory) -> list[dict]:
 def layout(request, kd, tmp_path_factory) -> tuple[str, list[list[dict]]]:
     from nemo_minitron.parallel import state
 
-    tp, pp, world = LAYOUTS[request.param]
-    reports = state.spawn(run_layout, world, tp, pp, layout_specs(kd, tmp_path_factory.mktemp(request.param), world))
+    tp, pp, world, train = LAYOUTS[request.param]
+    reports = state.spawn(run_layout, world, tp, pp,
+                          layout_specs(kd, tmp_path_factory.mktemp(request.param), world, train))
     return request.param, reports
 
 
@@ -703,6 +710,11 @@ def cli_args(kd: dict, output: Path, **changes) -> list[str]:
         ({"mode": "ce", "teacher": None, "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 0}]"},
          "loss.intermediate needs a teacher (mode kd)"),
         ({"train.seq_length": 100000}, "split of"),
+        ({"train.sequence_parallel": True},
+         "<root>: Value error, train.sequence_parallel needs parallel.tensor_model_parallel_size > 1"),
+        ({"train.sequence_parallel": True, "parallel.tensor_model_parallel_size": 2, "train.seq_length": 15},
+         "train.sequence_parallel splits train.seq_length 15 over parallel.tensor_model_parallel_size 2: it must be "
+         "divisible by it"),
         ({"train.recompute": "full", "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 0}]"},
          "train.recompute full cannot be combined with loss.intermediate pairs"),
         ({"student": "vocab_256", "teacher": "vocab_256"},

@@ -249,3 +249,18 @@ def test_run_refuses_its_own_windows_for_the_periodic_evaluation() -> None:
     assert build_config(RunConfig, base, ["distill.eval.every_steps=5"]).distill.eval.every_steps == 5
     with pytest.raises(UserError, match=r"distill\.eval\.max_windows: the periodic evaluation uses the run's eval"):
         build_config(RunConfig, base, ["distill.eval.max_windows=4"])
+
+
+def test_run_refuses_sequence_parallelism_without_tensor_parallelism() -> None:
+    from nemo_minitron.config import build_config
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.pipeline.config import RunConfig
+
+    base = {"output": "out", "teacher": "t", "data": {"input": "x"},
+            "schedule": [{"target": {"hidden_size": 8}, "kd_tokens": 0}]}
+    with pytest.raises(UserError) as err:
+        build_config(RunConfig, base, ["distill.train.sequence_parallel=true"])
+    assert str(err.value) == ("<root>: Value error, distill.train.sequence_parallel needs "
+                              "parallel.tensor_model_parallel_size > 1")
+    overrides = ["distill.train.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"]
+    assert build_config(RunConfig, base, overrides).distill.train.sequence_parallel

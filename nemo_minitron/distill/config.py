@@ -34,6 +34,9 @@ class TrainSettings(StrictModel):
     fp8: Optional[Fp8] = Field(None, description="FP8 GEMMs in the transformer layers of student and teacher "
                                                  "(Transformer Engine, delayed scaling; needs CUDA and TE): "
                                                  "hybrid (E4M3 forward, E5M2 gradients) or e4m3")
+    sequence_parallel: bool = Field(False, description="split the sequence over the tensor-parallel ranks "
+                                                       "outside the tensor-parallel GEMMs (norms, residual "
+                                                       "additions) in student and teacher; needs TP > 1")
     recompute: Optional[Literal["selective", "full"]] = Field(
         None, description="recompute the student's activations in backward instead of keeping them: selective "
                           "(core attention) or full (every transformer layer from its input)")
@@ -46,6 +49,15 @@ class TrainSettings(StrictModel):
                 f"micro_batch_size {self.micro_batch_size}"
             )
         return self
+
+    def check_parallel(self, parallel: ParallelConfig, prefix: str = "train") -> None:
+        """ValueError unless this training fits the parallel layout (``prefix``: where the section is)."""
+        tp = parallel.tensor_model_parallel_size
+        if self.sequence_parallel and tp == 1:
+            raise ValueError(f"{prefix}.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+        if self.sequence_parallel and self.seq_length % tp:
+            raise ValueError(f"{prefix}.sequence_parallel splits {prefix}.seq_length {self.seq_length} over "
+                             f"parallel.tensor_model_parallel_size {tp}: it must be divisible by it")
 
     def for_tokens(self, tokens: int) -> "TrainConfig":
         """The ``train`` section of a distillation of ``tokens`` tokens with these settings."""
@@ -198,6 +210,11 @@ class DistillConfig(TrainingSections):
             raise ValueError("mode kd needs a teacher")
         if self.mode == "ce" and self.teacher:
             raise ValueError("mode ce trains without a teacher: remove teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "DistillConfig":
+        self.train.check_parallel(self.parallel)
         return self
 
     @model_validator(mode="after")

@@ -108,6 +108,11 @@ class NASStageConfig(StrictModel):
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234
 
+    @model_validator(mode="after")
+    def _parallel(self) -> "NASStageConfig":
+        self.distill.train.check_parallel(self.parallel, "distill.train")
+        return self
+
 
 class ScheduleStep(StrictModel):
     """One prune -> distill round: a fixed ``target``, or ``params`` (a fraction of the original teacher's
@@ -166,6 +171,11 @@ class RunConfig(StrictModel):
         if taken:
             raise ValueError(f"distill.eval.{taken[0]}: the periodic evaluation uses the run's eval section "
                              "(eval.seq_length, eval.max_windows, eval.micro_batch_size)")
+        return self
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "RunConfig":
+        self.distill.train.check_parallel(self.parallel, "distill.train")
         return self
 
     @model_validator(mode="after")
