@@ -98,9 +98,11 @@ def make_trainer(spec: dict):
     from nemo_minitron.dtypes import torch_dtype
 
     train = T.TrainConfig(**spec["train"])
-    student = load_model(spec["student"], dtype=torch_dtype(train.dtype))
+    student = load_model(spec["student"], dtype=torch_dtype(train.dtype), sequence_parallel=train.sequence_parallel,
+                         recompute=train.recompute)
     student.model.train()
-    teacher = None if spec["teacher"] is None else load_model(spec["teacher"], dtype=torch_dtype(train.teacher_dtype))
+    teacher = None if spec["teacher"] is None else load_model(
+        spec["teacher"], dtype=torch_dtype(train.teacher_dtype), sequence_parallel=train.sequence_parallel)
     return T.Trainer(
         student, teacher, Path(spec["data"]), Path(spec["output"]), train, T.OptimConfig(**spec["optim"]),
         T.LossConfig(**spec["loss"]), T.CheckpointConfig(**spec["checkpoint"]),
@@ -277,6 +279,35 @@ def test_compiled_layers_train_like_eager_ones(kd, tmp_path, single_rank):
         np.testing.assert_allclose(compiled_weights[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def test_recomputed_activations_train_bit_identically(kd, tmp_path, single_rank):
+    """train.recompute selective (core attention) and full (every layer) recompute in backward what the forward
+    dropped; in fp32 on CPU the recomputation repeats the same operations on the same inputs, so the loss curve
+    and the weights are those of the run without recomputation, bit for bit. The forward calls of the first
+    layer and its core attention show that the recomputation happened: once more per training micro-batch."""
+    runs = {}
+    for recompute in (None, "selective", "full"):
+        spec = job(kd["pruned"], kd["teacher"], kd["data"], tmp_path / str(recompute), steps=3,
+                   train={"recompute": recompute})
+        trainer = make_trainer(spec)
+        layer = trainer.student.model.decoder.layers[0]
+        calls = {"layer": 0, "core_attention": 0}
+        for name, module in (("layer", layer), ("core_attention", layer.self_attention.core_attention)):
+            module.register_forward_hook(lambda *_args, name=name: calls.__setitem__(name, calls[name] + 1))
+        trainer.run()
+        runs[recompute] = (metrics(spec["output"]), canonical(trainer), calls)
+    want_metrics, want_weights, plain = runs[None]
+    extra = 3 * GBS // MB  # training micro-batches: 3 steps of 2
+    expected_calls = {"selective": {"layer": plain["layer"], "core_attention": plain["core_attention"] + extra},
+                      "full": {"layer": plain["layer"] + extra, "core_attention": plain["core_attention"] + extra}}
+    for recompute in ("selective", "full"):
+        got_metrics, got_weights, calls = runs[recompute]
+        assert calls == expected_calls[recompute], (recompute, calls, plain)
+        assert got_metrics == want_metrics, recompute
+        assert sorted(got_weights) == sorted(want_weights)
+        for key, value in want_weights.items():
+            assert np.array_equal(got_weights[key], value), f"{recompute} {key}"
+
+
 # ------------------------------------------------------------------------------------------ 3: resume
 
 
@@ -354,8 +385,11 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(kd, tmp_path, 
 
 # ------------------------------------------------------------------------------------------ 4, 6: layouts
 
-# layout -> (TP, PP, world size); DP is world / (TP * PP)
-LAYOUTS = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
+# layout -> (TP, PP, world size, train settings); DP is world / (TP * PP). tp2sp splits the sequence (SEQ = 16
+# tokens) over the 2 TP ranks between the tensor-parallel GEMMs: norms, intermediate states and final hidden
+# states hold 8 tokens per rank.
+LAYOUTS = {"tp2": (2, 1, 2, {}), "pp2": (1, 2, 2, {}), "dp2": (1, 1, 2, {}),
+           "tp2sp": (2, 1, 2, {"sequence_parallel": True})}
 # Student layers 1 and 3 against teacher layers 1 and 3, widths 32 -> 64: at PP=2 one pair is on each stage,
 # so the first stage's loss travels back through the tensor it sends on (pair.AttachAuxLoss).
 PAIRS = [{"student_layer": 1, "teacher_layer": 1}, {"student_layer": 3, "teacher_layer": 3}]
@@ -363,20 +397,21 @@ PAIRS = [{"student_layer": 1, "teacher_layer": 1}, {"student_layer": 3, "teacher
 FIRST_STAGE_PAIRS = [{"student_layer": 0, "teacher_layer": 0}, {"student_layer": 1, "teacher_layer": 1}]
 
 
-def layout_specs(kd: dict, root: Path, world: int = 1) -> list[dict]:
-    """The runs of SPEC_NAMES; and the pruned one again with a SIGTERM on the last rank during step 3."""
+def layout_specs(kd: dict, root: Path, world: int = 1, train: dict | None = None) -> list[dict]:
+    """The runs of SPEC_NAMES; and the pruned one again with a SIGTERM on the last rank during step 3. ``train``:
+    settings of the layout that every run gets."""
     return [
-        job(kd["pruned"], kd["teacher"], kd["data"], root / "pruned"),
-        job(kd["tied"], kd["teacher"], kd["data"], root / "tied"),
-        job(kd["student"], kd["teacher"], kd["data"], root / "intermediate",
+        job(kd["pruned"], kd["teacher"], kd["data"], root / "pruned", train=train),
+        job(kd["tied"], kd["teacher"], kd["data"], root / "tied", train=train),
+        job(kd["student"], kd["teacher"], kd["data"], root / "intermediate", train=train,
             loss={"intermediate": {"pairs": PAIRS, "loss": "cosine", "weight": 1.0}}),
-        job(kd["tied"], None, kd["data"], root / "ce"),
-        job(kd["tied"], kd["teacher"], kd["data"], root / "first_stage_pairs",
+        job(kd["tied"], None, kd["data"], root / "ce", train=train),
+        job(kd["tied"], kd["teacher"], kd["data"], root / "first_stage_pairs", train=train,
             loss={"intermediate": {"pairs": FIRST_STAGE_PAIRS, "loss": "mse", "weight": 0.3}}),
         # At PP=2 the first stage's pair is weighted before the last stage knows this step's logit loss.
-        job(kd["student"], kd["teacher"], kd["data"], root / "dynamic",
+        job(kd["student"], kd["teacher"], kd["data"], root / "dynamic", train=train,
             loss={"intermediate": {"pairs": PAIRS, "loss": "mse", "weight": 0.5, "balancing": "dynamic"}}),
-        {**job(kd["pruned"], kd["teacher"], kd["data"], root / "resumed"), "interrupt": (world - 1, 3)},
+        {**job(kd["pruned"], kd["teacher"], kd["data"], root / "resumed", train=train), "interrupt": (world - 1, 3)},
     ]
 
 
@@ -393,8 +428,9 @@ def layout_reference(kd, tmp_path_factory) -> list[dict]:
 def layout(request, kd, tmp_path_factory) -> tuple[str, list[list[dict]]]:
     from nemo_minitron.parallel import state
 
-    tp, pp, world = LAYOUTS[request.param]
-    reports = state.spawn(run_layout, world, tp, pp, layout_specs(kd, tmp_path_factory.mktemp(request.param), world))
+    tp, pp, world, train = LAYOUTS[request.param]
+    reports = state.spawn(run_layout, world, tp, pp,
+                          layout_specs(kd, tmp_path_factory.mktemp(request.param), world, train))
     return request.param, reports
 
 
@@ -674,6 +710,13 @@ def cli_args(kd: dict, output: Path, **changes) -> list[str]:
         ({"mode": "ce", "teacher": None, "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 0}]"},
          "loss.intermediate needs a teacher (mode kd)"),
         ({"train.seq_length": 100000}, "split of"),
+        ({"train.sequence_parallel": True},
+         "<root>: Value error, train.sequence_parallel needs parallel.tensor_model_parallel_size > 1"),
+        ({"train.sequence_parallel": True, "parallel.tensor_model_parallel_size": 2, "train.seq_length": 15},
+         "train.sequence_parallel splits train.seq_length 15 over parallel.tensor_model_parallel_size 2: it must be "
+         "divisible by it"),
+        ({"train.recompute": "full", "loss.intermediate.pairs": "[{student_layer: 0, teacher_layer: 0}]"},
+         "train.recompute full cannot be combined with loss.intermediate pairs"),
         ({"student": "vocab_256", "teacher": "vocab_256"},
          "was tokenized with 49152 token ids, more than the student's vocab_size 256"),
     ],

@@ -278,6 +278,53 @@ def test_token_cross_entropy_leaves_logits_untouched(single_rank):
     assert torch.equal(logits, before)
 
 
+# ---------------------------------------------------------------------------------------------- build options
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_parallel_rmsnorm_is_torch_rmsnorm_with_megatrons_mark(dtype):
+    """The local spec's norm under sequence parallelism: torch.nn.RMSNorm's state dict and values, bit for bit
+    (forward and backward), and the weight marked for the sum of its gradient over TP."""
+    from types import SimpleNamespace
+
+    from nemo_minitron.models.norm import SequenceParallelRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(64, generator=g))
+    ours = SequenceParallelRMSNorm(SimpleNamespace(sequence_parallel=True), hidden_size=64, eps=1e-5)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == ["weight"] and ours.eps == ref.eps
+    assert ours.weight.sequence_parallel is True
+    assert SequenceParallelRMSNorm(SimpleNamespace(sequence_parallel=False), 64).weight.sequence_parallel is False
+
+    x = torch.randn(8, 2, 64, generator=g).to(dtype)
+    grad = torch.randn(8, 2, 64, generator=g).to(dtype)
+    outs = []
+    for norm in (ref, ours):
+        inp = x.clone().requires_grad_()
+        out = norm(inp)
+        out.backward(grad)
+        outs.append((out, inp.grad, norm.weight.grad))
+    for want, got in zip(*outs):
+        assert torch.equal(got, want)
+
+
+def test_build_options_follow_the_layer_spec(single_rank):
+    from nemo_minitron.models.builder import build_model, transformer_config
+
+    # persist_layer_norm is a TE norm option; megatron's wrapper of the local spec's torch norms refuses it.
+    assert not transformer_config(_cfg(), use_te=False).persist_layer_norm
+    assert transformer_config(_cfg(), use_te=True).persist_layer_norm
+    full = transformer_config(_cfg(), recompute="full")
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == ("full", "uniform", 1)
+    selective = transformer_config(_cfg(), recompute="selective")
+    assert (selective.recompute_granularity, selective.recompute_modules) == ("selective", ["core_attn"])
+    with pytest.raises(UserError, match="^sequence parallelism needs tensor_model_parallel_size > 1$"):
+        build_model(_cfg(), sequence_parallel=True, use_te=False)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

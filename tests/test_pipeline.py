@@ -213,9 +213,10 @@ def test_nas_then_iterative_step(inputs) -> None:
 
 @pytest.mark.parametrize("name", ["llama31_8b_to_4b_width", "llama31_8b_to_4b_depth"])
 def test_shipped_llama_pipelines_run_scaled_down(inputs, name: str) -> None:
-    """The GPU-scale Llama-3.1-8B -> 4B configs, unchanged but for sizes and paths: a tiny Llama teacher with
-    the same structure (GQA, untied, SwiGLU), the width target scaled by the same ratios (hidden 3/4, MLP 9/14
-    rounded), the depth target dropping the second half of the layers."""
+    """The GPU-scale Llama-3.1-8B -> 4B configs, unchanged but for sizes, paths and parallelism (one rank, so
+    no sequence parallelism): a tiny Llama teacher with the same structure (GQA, untied, SwiGLU), the width
+    target scaled by the same ratios (hidden 3/4, MLP 9/14 rounded), the depth target dropping the second half
+    of the layers."""
     root = inputs["root"]
     run = root / name
     shape = (["schedule.0.target.hidden_size=48", "schedule.0.target.ffn_hidden_size=64"] if "width" in name
@@ -228,7 +229,8 @@ def test_shipped_llama_pipelines_run_scaled_down(inputs, name: str) -> None:
         "distill.train.micro_batch_size=2", "distill.train.dtype=float32", "distill.train.teacher_dtype=float32",
         "distill.loss.logits.chunk_tokens=16", "distill.log.progress=false", "distill.log.tensorboard=false",
         "eval.seq_length=32", "eval.max_windows=4", "eval.dtype=float32", "prune_dtype=float32",
-        "parallel.tensor_model_parallel_size=1", "report.generation_tokens=0",
+        "parallel.tensor_model_parallel_size=1", "distill.train.sequence_parallel=false",
+        "report.generation_tokens=0",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
@@ -249,3 +251,18 @@ def test_run_refuses_its_own_windows_for_the_periodic_evaluation() -> None:
     assert build_config(RunConfig, base, ["distill.eval.every_steps=5"]).distill.eval.every_steps == 5
     with pytest.raises(UserError, match=r"distill\.eval\.max_windows: the periodic evaluation uses the run's eval"):
         build_config(RunConfig, base, ["distill.eval.max_windows=4"])
+
+
+def test_run_refuses_sequence_parallelism_without_tensor_parallelism() -> None:
+    from nemo_minitron.config import build_config
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.pipeline.config import RunConfig
+
+    base = {"output": "out", "teacher": "t", "data": {"input": "x"},
+            "schedule": [{"target": {"hidden_size": 8}, "kd_tokens": 0}]}
+    with pytest.raises(UserError) as err:
+        build_config(RunConfig, base, ["distill.train.sequence_parallel=true"])
+    assert str(err.value) == ("<root>: Value error, distill.train.sequence_parallel needs "
+                              "parallel.tensor_model_parallel_size > 1")
+    overrides = ["distill.train.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"]
+    assert build_config(RunConfig, base, overrides).distill.train.sequence_parallel

@@ -30,7 +30,7 @@ from nemo_minitron.checkpoint.hf import (
 )
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_directory, atomic_file
-from nemo_minitron.models.builder import Fp8, build_model
+from nemo_minitron.models.builder import Fp8, Recompute, build_model
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
@@ -75,22 +75,26 @@ def _tensor_getter(path: Path, cfg: ModelConfig) -> Callable[[str], torch.Tensor
 
 
 def new_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
-              fp8: Optional[Fp8] = None, init: bool = True) -> LoadedModel:
+              fp8: Optional[Fp8] = None, init: bool = True, sequence_parallel: bool = False,
+              recompute: Optional[Recompute] = None) -> LoadedModel:
     """The architecture of the model at ``ref`` with freshly initialised weights (megatron's initialisation,
     seeded by :func:`state.initialize`; with ``init`` False, unset weights to be loaded next); its weights are
-    never read."""
+    never read. The build options as in :func:`build_model`."""
     path = resolve_model_dir(ref)
     cfg = read_model_config(path)
     check_divisible(cfg, state.tp_size(), state.pp_size())
-    model = build_model(cfg, dtype=dtype, use_te=use_te, fp8=fp8, init=init)
+    model = build_model(cfg, dtype=dtype, use_te=use_te, fp8=fp8, init=init, sequence_parallel=sequence_parallel,
+                        recompute=recompute)
     return LoadedModel(cfg=cfg, model=model, tokenizer_dir=path)
 
 
 def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
-               fp8: Optional[Fp8] = None) -> LoadedModel:
+               fp8: Optional[Fp8] = None, sequence_parallel: bool = False,
+               recompute: Optional[Recompute] = None) -> LoadedModel:
     """Build this rank's shard of the model at ``ref`` and fill it (needs :func:`state.initialize`).
-    ``use_te`` and ``fp8`` as in :func:`build_model`."""
-    loaded = new_model(ref, dtype=dtype, use_te=use_te, fp8=fp8, init=False)
+    ``use_te``, ``fp8``, ``sequence_parallel`` and ``recompute`` as in :func:`build_model`."""
+    loaded = new_model(ref, dtype=dtype, use_te=use_te, fp8=fp8, init=False, sequence_parallel=sequence_parallel,
+                       recompute=recompute)
     error = None
     try:
         load_canonical(loaded.model, loaded.cfg, _tensor_getter(loaded.tokenizer_dir, loaded.cfg))

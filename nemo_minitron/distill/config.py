@@ -34,6 +34,12 @@ class TrainSettings(StrictModel):
     fp8: Optional[Fp8] = Field(None, description="FP8 GEMMs in the transformer layers of student and teacher "
                                                  "(Transformer Engine, delayed scaling; needs CUDA and TE): "
                                                  "hybrid (E4M3 forward, E5M2 gradients) or e4m3")
+    sequence_parallel: bool = Field(False, description="split the sequence over the tensor-parallel ranks "
+                                                       "outside the tensor-parallel GEMMs (norms, residual "
+                                                       "additions) in student and teacher; needs TP > 1")
+    recompute: Optional[Literal["selective", "full"]] = Field(
+        None, description="recompute the student's activations in backward instead of keeping them: selective "
+                          "(core attention) or full (every transformer layer from its input)")
 
     @model_validator(mode="after")
     def _batches(self) -> "TrainSettings":
@@ -43,6 +49,15 @@ class TrainSettings(StrictModel):
                 f"micro_batch_size {self.micro_batch_size}"
             )
         return self
+
+    def check_parallel(self, parallel: ParallelConfig, prefix: str = "train") -> None:
+        """ValueError unless this training fits the parallel layout (``prefix``: where the section is)."""
+        tp = parallel.tensor_model_parallel_size
+        if self.sequence_parallel and tp == 1:
+            raise ValueError(f"{prefix}.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+        if self.sequence_parallel and self.seq_length % tp:
+            raise ValueError(f"{prefix}.sequence_parallel splits {prefix}.seq_length {self.seq_length} over "
+                             f"parallel.tensor_model_parallel_size {tp}: it must be divisible by it")
 
     def for_tokens(self, tokens: int) -> "TrainConfig":
         """The ``train`` section of a distillation of ``tokens`` tokens with these settings."""
@@ -133,6 +148,15 @@ class LossConfig(StrictModel):
     intermediate: IntermediateConfig = IntermediateConfig()
 
 
+def check_recompute(train: TrainSettings, loss: LossConfig) -> None:
+    """ValueError if ``train.recompute`` would silently drop the intermediate-state losses' gradient."""
+    # Full recomputation runs each layer's forward without autograd and again in backward: the layer
+    # outputs that the intermediate losses read in the forward pass carry no gradient.
+    if train.recompute == "full" and loss.intermediate.pairs:
+        raise ValueError("train.recompute full cannot be combined with loss.intermediate pairs (the layer "
+                         "outputs they compare carry no gradient then): use recompute selective or none")
+
+
 class CheckpointConfig(StrictModel):
     every_steps: int = Field(100, gt=0)
     keep_last: int = Field(2, gt=0)
@@ -186,4 +210,14 @@ class DistillConfig(TrainingSections):
             raise ValueError("mode kd needs a teacher")
         if self.mode == "ce" and self.teacher:
             raise ValueError("mode ce trains without a teacher: remove teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "DistillConfig":
+        self.train.check_parallel(self.parallel)
+        return self
+
+    @model_validator(mode="after")
+    def _recompute(self) -> "DistillConfig":
+        check_recompute(self.train, self.loss)
         return self

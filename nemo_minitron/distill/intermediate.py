@@ -6,6 +6,13 @@ their magnitudes drift apart. Two choices make every pipeline layout train exact
 pair, so a stage needs only its own pairs' losses; and ``L_logits`` is the *previous* step's logit loss (the
 mean over its micro-batches, the same number on every rank), since a stage before the last computes its pairs
 before the last stage knows the current one. The first step, which has no previous step, uses the fixed weight.
+
+Under sequence parallelism a layer's output on a TP rank holds only that rank's ``s/tp`` tokens. Each rank's
+pair loss is the mean over its own tokens; as every rank holds as many tokens, the mean of these means over
+TP is the mean over all tokens, the value at TP = 1. Each rank's tokens then carry ``1/tp`` of the gradient,
+and a projection's gradient on one rank covers its tokens only: the projections are marked
+``sequence_parallel`` like the norms, so that their gradients are summed over TP
+(:func:`nemo_minitron.parallel.grads.allreduce_sequence_parallel_grads`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from torch import Tensor, nn
 
 from nemo_minitron.distill.config import IntermediateConfig
 from nemo_minitron.distill.pair import DistillationPair
+from nemo_minitron.parallel import state
 
 
 class IntermediateStateLoss(nn.Module):
@@ -29,15 +37,19 @@ class IntermediateStateLoss(nn.Module):
     nothing to compute.
     """
 
-    def __init__(self, cfg: IntermediateConfig, student_hidden_size: int, teacher_hidden_size: int) -> None:
+    def __init__(self, cfg: IntermediateConfig, student_hidden_size: int, teacher_hidden_size: int,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.sequence_parallel = sequence_parallel
         self.projections = nn.ModuleList(
             nn.Linear(student_hidden_size, teacher_hidden_size, bias=False)
             if student_hidden_size != teacher_hidden_size
             else nn.Identity()
             for _ in cfg.pairs
         )
+        for weight in self.parameters():
+            setattr(weight, "sequence_parallel", sequence_parallel)
 
     def forward(self, student_states: list[Tensor], teacher_states: list[Tensor]) -> Tensor:
         """Scalar loss: the mean over pairs of :meth:`per_pair`."""
@@ -48,7 +60,8 @@ class IntermediateStateLoss(nn.Module):
         of ``cfg.pairs[i]``'s student and teacher layers (one entry per pair, in the pairs' order).
 
         cosine: 1 - cos(proj(student), teacher) along the hidden size, mean over the s*b tokens; mse: mean
-        squared error over all elements. The teacher states are detached.
+        squared error over all elements. The teacher states are detached. With ``sequence_parallel`` the states
+        are this TP rank's ``s/tp`` tokens and the means are averaged over TP (see the module docstring).
         """
         n = len(self.cfg.pairs)
         if n == 0 or len(student_states) != n or len(teacher_states) != n:
@@ -64,7 +77,12 @@ class IntermediateStateLoss(nn.Module):
                 losses.append(1 - F.cosine_similarity(s, t, dim=-1).mean())
             else:
                 losses.append(F.mse_loss(s, t))
-        return torch.stack(losses)
+        if not self.sequence_parallel:
+            return torch.stack(losses)
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        # Forward: the sum over TP of mean / tp; backward: each rank's mean gets 1/tp of the gradient.
+        return reduce_from_tensor_model_parallel_region(torch.stack(losses) / state.tp_size())
 
 
 def balance_weight(cfg: IntermediateConfig, previous_logit_loss: Optional[float], is_loss: float) -> float:
@@ -96,6 +114,7 @@ class IntermediateLosses:
             cfg.model_copy(update={"pairs": [cfg.pairs[i] for i in indices]}),
             pair.h_student,
             pair.h_teacher,
+            pair.student.config.sequence_parallel,
         )
         for index, projection in zip(indices, self.module.projections):
             if isinstance(projection, nn.Linear):

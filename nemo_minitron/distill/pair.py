@@ -19,8 +19,19 @@ from nemo_minitron.parallel import state
 
 
 def _hidden_instead_of_logits(model) -> None:
-    """Make a last-stage GPTModel return its final-norm hidden states [b, s, h] instead of logits."""
-    if state.is_last_stage():
+    """Make a last-stage GPTModel return its final-norm hidden states [b, s, h] instead of logits; under
+    sequence parallelism gathered over TP, every token on every rank, as the output layer would gather them."""
+    if not state.is_last_stage():
+        return
+    if model.config.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        # The loss sums each rank's partial gradient of the hidden states over TP itself (it is computed from
+        # one slice of the vocabulary per rank, FusedLogitKD), so the backward of the gather only keeps this
+        # rank's tokens: a reduce-scatter would count the gradient TP times.
+        model.output_layer.forward = lambda hidden, *args, **kwargs: (
+            gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False), None)
+    else:
         model.output_layer.forward = lambda hidden, *args, **kwargs: (hidden, None)
 
 

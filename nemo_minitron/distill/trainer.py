@@ -43,6 +43,7 @@ from nemo_minitron.distill.config import (
     LossConfig,
     OptimConfig,
     TrainConfig,
+    check_recompute,
 )
 from nemo_minitron.distill.intermediate import IntermediateLosses
 from nemo_minitron.distill.logging import RunLogger
@@ -170,6 +171,20 @@ class Trainer:
             if model is not None and built != train.fp8:
                 raise UserError(f"train.fp8 is {train.fp8} but the {name} was built with fp8={built} "
                                 "(load it with load_model(..., fp8=train.fp8))")
+        # The models are built as training asks; the teacher too for sequence parallelism, since both hidden
+        # states travel between pipeline stages as one tensor, split alike along the sequence.
+        built_as = [("student", student, "sequence_parallel", "sequence_parallel"),
+                    ("teacher", teacher, "sequence_parallel", "sequence_parallel"),
+                    ("student", student, "recompute", "recompute_granularity")]
+        for name, model, option, attribute in built_as:
+            built = None if model is None else getattr(model.model.config, attribute)
+            if model is not None and built != getattr(train, option):
+                raise UserError(f"train.{option} is {getattr(train, option)} but the {name} was built with "
+                                f"{option}={built} (load it with load_model(..., {option}=train.{option}))")
+        try:
+            check_recompute(train, loss)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         self.pair = DistillationPair(student.model, teacher.model if teacher else None)
         if train.compile:
             for model in (student, teacher):
@@ -282,6 +297,7 @@ class Trainer:
             adjust_tensor_shapes_fn=pipeline_shapes(self.pair),
         )
         grads.sync_tied_embedding_grads(self.pair.student)
+        grads.allreduce_sequence_parallel_grads(self.params)
         grads.average_data_parallel_grads(self.params)
         metrics = self._mean_metrics(reports)
         norm = float(grads.grad_norm(self.pair.student, self.params))
@@ -484,11 +500,13 @@ def distill(
 def run_distill(cfg: DistillConfig) -> dict:
     """CLI stage: load teacher and student, train, save the student as ``<output>/final``."""
     state.initialize(cfg.parallel, cfg.train.seed)
-    fp8 = cfg.train.fp8
+    fp8, sp = cfg.train.fp8, cfg.train.sequence_parallel
     make_student = load_model if cfg.student_init == "checkpoint" else new_model
-    student = make_student(cfg.student, dtype=torch_dtype(cfg.train.dtype), fp8=fp8)
+    student = make_student(cfg.student, dtype=torch_dtype(cfg.train.dtype), fp8=fp8, sequence_parallel=sp,
+                           recompute=cfg.train.recompute)
     student.model.train()
-    teacher = load_model(cfg.teacher, dtype=torch_dtype(cfg.train.teacher_dtype), fp8=fp8) if cfg.mode == "kd" else None
+    teacher = (load_model(cfg.teacher, dtype=torch_dtype(cfg.train.teacher_dtype), fp8=fp8, sequence_parallel=sp)
+               if cfg.mode == "kd" else None)
     result = distill(student, teacher, cfg.data, cfg.output, cfg.train, cfg.optim, cfg.loss, cfg.checkpoint,
                      cfg.eval, cfg.log)
     final = Path(cfg.output) / "final"

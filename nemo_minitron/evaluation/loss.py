@@ -25,10 +25,17 @@ def token_loss_sums(model, vocab_size: int, micro_batches: list[torch.Tensor],
     on its last stage (zeros elsewhere). No reduction: see :func:`reduce_loss_sums`. ``to_logits`` maps the
     last stage's output to logits when the model returns something else (a distillation student returns its
     final hidden states)."""
+    # A sequence-parallel model splits its inputs' tokens over the TP ranks, so their number must be a multiple
+    # of TP: the windows get extra tokens at their end, whose losses are dropped. Under causal attention no
+    # token sees the ones after it, so the scored tokens' losses stay what they are without them.
+    multiple = state.tp_size() if model.config.sequence_parallel else 1
+    pad = -(micro_batches[0].shape[1] - 1) % multiple
+    if pad:
+        micro_batches = [torch.nn.functional.pad(tokens, (0, pad)) for tokens in micro_batches]
 
     def loss_fn(output: torch.Tensor, labels: torch.Tensor):
         logits = output if to_logits is None else to_logits(output)
-        losses = token_cross_entropy(logits, labels, vocab_size)
+        losses = token_cross_entropy(logits, labels, vocab_size)[:, : labels.shape[1] - pad]
         return losses.mean(), {"sum": losses.sum().detach().double(), "count": torch.tensor(float(losses.numel()))}
 
     total = torch.zeros(2, dtype=torch.float64)

@@ -5,6 +5,11 @@ The Transformer Engine layer spec is used when TE imports and CUDA is present (B
 otherwise megatron-core's local spec (``torch.nn.RMSNorm``) with PyTorch's fused attention
 (:mod:`nemo_minitron.models.attention`), which runs on CPU.
 
+Sequence parallelism (TP > 1) splits the sequence over the TP ranks in the norms and residuals between the
+tensor-parallel GEMMs; the local spec then normalises with :class:`~nemo_minitron.models.norm.SequenceParallelRMSNorm`
+(TE's norms support it themselves). Activation recomputation is megatron's ``recompute_granularity``:
+``selective`` recomputes core attention in backward, ``full`` every transformer layer from its input.
+
 FP8 (``fp8="hybrid"``: E4M3 forward, E5M2 gradients; ``"e4m3"``: E4M3 both ways) uses TE's delayed scaling.
 megatron-core's ``TransformerBlock`` enters TE's ``fp8_autocast`` around its layers itself when the config
 sets ``fp8``, so the forward needs no wrapping here; the embedding and the output projection keep the model dtype.
@@ -12,7 +17,7 @@ sets ``fp8``, so the forward needs no wrapping here; the embedding and the outpu
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +28,14 @@ from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.cpu import cuda_available
 
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
+
 # Transformer Engine's FP8 GEMMs need every matrix dimension to be a multiple of 16.
 FP8_MULTIPLE = 16
+
+# megatron's recompute_granularity.
+Recompute = Literal["selective", "full"]
 
 
 def te_available() -> bool:
@@ -47,9 +58,13 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     fp8: Optional[Fp8] = None,
     init: bool = True,
+    use_te: bool = False,
+    sequence_parallel: bool = False,
+    recompute: Optional[Recompute] = None,
 ):
     """megatron's ``TransformerConfig`` for ``cfg`` at the current TP/PP sizes; ``init`` False skips the random
-    initialisation of the weights (for a model whose every weight is loaded next)."""
+    initialisation of the weights (for a model whose every weight is loaded next); ``use_te`` for the
+    Transformer Engine layer spec."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = cuda_available()
@@ -78,7 +93,10 @@ def transformer_config(
         window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
         tensor_model_parallel_size=state.tp_size(),
         pipeline_model_parallel_size=state.pp_size(),
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity=recompute,
+        # Full recomputation keeps each layer's input only (one layer per checkpointed chunk).
+        **({"recompute_method": "uniform", "recompute_num_layers": 1} if recompute == "full" else {}),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -89,7 +107,8 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=on_gpu,
+        # A TE norm option: megatron's wrapper of the torch norms of the local spec refuses it.
+        persist_layer_norm=use_te,
         masked_softmax_fusion=on_gpu,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -113,7 +132,7 @@ def check_fp8_shapes(cfg: ModelConfig, tp: int, model: str = "") -> None:
                             f"{FP8_MULTIPLE}: {name} is {value}")
 
 
-def layer_spec(use_te: bool):
+def layer_spec(use_te: bool, sequence_parallel: bool = False):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -122,7 +141,27 @@ def layer_spec(use_te: bool):
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if sequence_parallel:
+        from nemo_minitron.models.norm import SequenceParallelRMSNorm
+
+        spec.submodules.input_layernorm = SequenceParallelRMSNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     return spec
+
+
+def block_spec(config: TransformerConfig, use_te: bool):
+    """The decoder spec of this pipeline stage: megatron's layer spec, and with the local spec under sequence
+    parallelism a block spec whose final norm allows it (from a layer spec, megatron picks a final norm that
+    refuses it)."""
+    spec = layer_spec(use_te, config.sequence_parallel)
+    if use_te or not config.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from nemo_minitron.models.norm import SequenceParallelRMSNorm
+
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelRMSNorm)
 
 
 def build_model(
@@ -131,12 +170,15 @@ def build_model(
     use_te: Optional[bool] = None,
     fp8: Optional[Fp8] = None,
     init: bool = True,
+    sequence_parallel: bool = False,
+    recompute: Optional[Recompute] = None,
 ):
     """This rank's part (its pipeline stage, its tensor shard) of the model. Needs :func:`state.initialize`.
 
     ``use_te`` None picks the TE spec when TE and CUDA are present; ``fp8`` needs the TE spec. ``init`` False
     leaves the weights unset (uninitialised memory) for :func:`~nemo_minitron.parallel.sharding.load_canonical`
-    to fill."""
+    to fill. ``sequence_parallel`` needs TP > 1 and inputs whose length is a multiple of TP; ``recompute``
+    (selective or full) takes effect in training mode."""
     from megatron.core.models.gpt import GPTModel
 
     use_te = te_available() if use_te is None else use_te
@@ -144,9 +186,12 @@ def build_model(
         if not use_te:
             raise UserError("fp8 needs the Transformer Engine layer spec (CUDA and transformer_engine)")
         check_fp8_shapes(cfg, state.tp_size())
+    if sequence_parallel and state.tp_size() == 1:
+        raise UserError("sequence parallelism needs tensor_model_parallel_size > 1")
+    config = transformer_config(cfg, dtype, fp8, init, use_te, sequence_parallel, recompute)
     model = GPTModel(
-        config=transformer_config(cfg, dtype, fp8, init),
-        transformer_layer_spec=layer_spec(use_te),
+        config=config,
+        transformer_layer_spec=block_spec(config, use_te),
         vocab_size=cfg.padded_vocab_size(state.tp_size()),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=state.is_first_stage(),

@@ -5,9 +5,10 @@ megatron-core hard-codes CUDA in a few places on the paths this project uses:
 memory buffer, DDP's gradient buffers), ``torch.cuda.synchronize()`` in p2p communication, ``Tensor.cuda()``
 (tied embeddings across pipeline stages, optimizer state), ``device="cuda"`` literals in the pipeline
 schedules, the default causal mask, the optimizers, gradient clipping and the L2-norm fallback, the tensor type
-names ``"torch.cuda.FloatTensor"`` by which the mixed-precision and distributed optimizers sort parameters, and a
-CUDA-only RNG tracker. On a machine without CUDA these calls can only fail, so redirecting them to the CPU
-changes nothing for GPU runs.
+names ``"torch.cuda.FloatTensor"`` by which the mixed-precision and distributed optimizers sort parameters, a
+CUDA-only RNG tracker, and the CUDA generator's state that activation recomputation saves before a
+checkpointed forward and restores to recompute it. On a machine without CUDA these calls can only fail, so
+redirecting them to the CPU changes nothing for GPU runs.
 """
 
 from __future__ import annotations
@@ -137,10 +138,15 @@ def apply_cpu_patches() -> None:
     from megatron.core.distributed import param_and_grad_buffer
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import utils as transformer_utils
 
     torch.cuda.current_device = _cpu_device
     torch.cuda.synchronize = _noop
+    # Recomputation also restores the CPU generator and the RNG tracker (CpuRNGStatesTracker), which hold
+    # every random state there is without CUDA.
+    mrandom._get_cuda_rng_state = _noop
+    mrandom._set_cuda_rng_state = _noop
     torch.Tensor.cuda = _stay
     torch.Tensor.type = _cuda_type_name
     cpu_torch = _TorchWithCpuDefaults()

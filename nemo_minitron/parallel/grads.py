@@ -3,8 +3,10 @@
 - data parallel: every DP rank's gradients are averaged over the DP group;
 - tied embeddings with PP > 1: the first stage's embedding and the last stage's output layer hold copies of
   one weight; their gradients are summed over megatron's embedding group so both copies stay equal;
-- gradient norm: each tensor-parallel shard counted once, replicated parameters (norms) once per TP group,
-  the tied copy once, then summed over the model-parallel ranks.
+- sequence parallelism: a replicated parameter that works on this TP rank's slice of the sequence only (the
+  norms; marked ``sequence_parallel`` as megatron marks them) has a partial gradient, summed over TP;
+- gradient norm: each tensor-parallel shard counted once, replicated parameters (norms; whole again after
+  the sequence-parallel sum) once per TP group, the tied copy once, then summed over the model-parallel ranks.
 
 Gradients are read from ``param.main_grad`` (fp32, see ``distill.optim``).
 """
@@ -31,6 +33,21 @@ def sync_tied_embedding_grads(model) -> None:
         return
     weight = model.shared_embedding_or_output_weight()
     dist.all_reduce(weight.main_grad, group=parallel_state.get_embedding_group())
+
+
+def allreduce_sequence_parallel_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of the ``params`` marked ``sequence_parallel`` over the TP group: the sequence-parallel
+    part of megatron's ``_allreduce_non_tensor_model_parallel_grads`` (``finalize_model_grads``)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.main_grad for p in params if getattr(p, "sequence_parallel", False)]
+    if state.tp_size() == 1 or not grads:
+        return
+    # One collective for all of them: they are small (a norm weight is [h]) and many (two per layer).
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=state.tp_group())
+    for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(summed)
 
 
 def average_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:

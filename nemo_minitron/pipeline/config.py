@@ -13,7 +13,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
-from nemo_minitron.distill.config import OptimConfig, TrainingSections, TrainSettings
+from nemo_minitron.distill.config import OptimConfig, TrainingSections, TrainSettings, check_recompute
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneTarget
@@ -42,6 +42,11 @@ class RunDistill(TrainingSections):
     held-out loss uses the run's ``eval`` windows)."""
 
     train: TrainSettings = TrainSettings()
+
+    @model_validator(mode="after")
+    def _recompute(self) -> "RunDistill":
+        check_recompute(self.train, self.loss)
+        return self
 
 
 class TeacherCorrection(StrictModel):
@@ -103,6 +108,11 @@ class NASStageConfig(StrictModel):
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234
 
+    @model_validator(mode="after")
+    def _parallel(self) -> "NASStageConfig":
+        self.distill.train.check_parallel(self.parallel, "distill.train")
+        return self
+
 
 class ScheduleStep(StrictModel):
     """One prune -> distill round: a fixed ``target``, or ``params`` (a fraction of the original teacher's
@@ -161,6 +171,11 @@ class RunConfig(StrictModel):
         if taken:
             raise ValueError(f"distill.eval.{taken[0]}: the periodic evaluation uses the run's eval section "
                              "(eval.seq_length, eval.max_windows, eval.micro_batch_size)")
+        return self
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "RunConfig":
+        self.distill.train.check_parallel(self.parallel, "distill.train")
         return self
 
     @model_validator(mode="after")

@@ -147,8 +147,9 @@ def run_nas(cfg: NASStageConfig) -> dict:
     table.sort(key=lambda row: row["loss_pruned"])
     for rank, row in enumerate(table, 1):
         row["rank_pruned"] = rank
-    fp8 = cfg.distill.train.fp8
-    teacher = (load_model(cfg.teacher, dtype=torch_dtype(cfg.distill.train.teacher_dtype), fp8=fp8)
+    fp8, sp = cfg.distill.train.fp8, cfg.distill.train.sequence_parallel
+    teacher = (load_model(cfg.teacher, dtype=torch_dtype(cfg.distill.train.teacher_dtype), fp8=fp8,
+                          sequence_parallel=sp)
                if cfg.nas.short_kd_tokens else None)
     shortlist = table[: cfg.nas.top_k]
     for row in shortlist:
@@ -160,7 +161,8 @@ def run_nas(cfg: NASStageConfig) -> dict:
         if teacher is None:
             row["loss_short_kd"], row["student"] = row["loss_pruned"], row["pruned"]
             continue
-        student = load_model(row["pruned"], dtype=torch_dtype(cfg.distill.train.dtype), fp8=fp8)
+        student = load_model(row["pruned"], dtype=torch_dtype(cfg.distill.train.dtype), fp8=fp8, sequence_parallel=sp,
+                             recompute=cfg.distill.train.recompute)
         result = distill(
             student, teacher, cfg.data, home / "short_kd",
             cfg.distill.train.for_tokens(cfg.nas.short_kd_tokens),
