@@ -6,12 +6,16 @@ IntermediateStateLoss / balance_weight by hand.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import destroy_state
 from nemo_minitron.distill.config import IntermediateConfig, IntermediatePair, LogitKDConfig
@@ -87,10 +91,10 @@ def reference_kd(inputs: dict[str, torch.Tensor], cfg: LogitKDConfig) -> tuple[t
     return tau**2 * (div * mask).sum() / mask.sum(), (ce * mask).sum() / mask.sum()
 
 
-def run_fused(
+def fused_step(
     inputs: dict[str, torch.Tensor], cfg: LogitKDConfig, rank: int = 0, size: int = 1, teacher: bool = True, **overrides
-) -> dict:
-    """FusedLogitKD on this rank's shard of the rows, forward and backward; numpy results (spawn-safe)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """FusedLogitKD on this rank's shard of the rows, forward and backward: (its output, the leaf inputs)."""
     rows = slice(rank * ROWS // size, (rank + 1) * ROWS // size)
     leaves = {
         "student_hidden": inputs["student_hidden"].clone(),
@@ -105,6 +109,14 @@ def run_fused(
         kwargs.update(teacher_hidden=None, teacher_weight=None)
     out = FusedLogitKD(cfg, VOCAB)(**{**leaves, **kwargs})
     out["loss"].backward()
+    return out, leaves
+
+
+def run_fused(
+    inputs: dict[str, torch.Tensor], cfg: LogitKDConfig, rank: int = 0, size: int = 1, teacher: bool = True, **overrides
+) -> dict:
+    """:func:`fused_step` with numpy results (spawn-safe)."""
+    out, leaves = fused_step(inputs, cfg, rank, size, teacher, **overrides)
     assert leaves["teacher_hidden"].grad is None and leaves["teacher_weight"].grad is None
     assert not out["kd"].requires_grad and ("ce" not in out or not out["ce"].requires_grad)
     result = {key: float(value.detach()) for key, value in out.items()}
@@ -128,6 +140,39 @@ def reference_run(inputs: dict[str, torch.Tensor], cfg: LogitKDConfig) -> dict:
         "grad_hidden": hidden.grad.numpy(),
         "grad_weight": weight.grad.numpy(),
     }
+
+
+class _HostSyncError(AssertionError):
+    pass
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Raises on every aten op that makes the host wait for a GPU: reading a value (``item``, ``float``,
+    ``bool``, ``if tensor``), ``nonzero``, ``masked_select`` and indexing with a boolean mask (which needs
+    ``nonzero`` to size its result). The CPU counterpart of ``torch.cuda.set_sync_debug_mode("error")``."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select")
+    INDEXING = ("index", "index_put", "index_put_")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        boolean_index = name in self.INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        )
+        if name in self.SYNCING or boolean_index:
+            raise _HostSyncError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Fails on a host synchronisation inside the block; ``tolist`` copies without an aten op, so it is patched."""
+
+    def tolist(self):
+        raise _HostSyncError("host synchronisation: Tensor.tolist")
+
+    with _NoHostSync(), mock.patch.object(torch.Tensor, "tolist", tolist):
+        yield
 
 
 def assert_runs_close(got: dict, ref: dict, atol: float, what: str) -> None:
@@ -238,6 +283,26 @@ def test_without_labels_and_without_grad(tp1):
     # No mask: every token counts.
     mask_free = reference_kd({**inputs, "loss_mask": torch.ones(T)}, cfg)[0]
     assert abs(float(out["kd"]) - float(mask_free)) <= TOL64
+
+
+@pytest.mark.parametrize("name", [*CASES, "ce_only"])
+def test_no_host_sync_in_the_chunk_loop(tp1, name):
+    """Forward and backward over 10 one-token chunks (training quarters chunk_tokens) with a loss mask, with and
+    without CE, and the statistics-only forward: nothing in them waits for the device."""
+    inputs = make_inputs()
+    teacher = name != "ce_only"
+    for ce_weight in (0.0, 0.3) if teacher else (1.0,):
+        fields = CASES[name] if teacher else dict(kd_weight=0.0, temperature=2.0)
+        cfg = LogitKDConfig(**fields, chunk_tokens=4, ce_weight=ce_weight)
+        with no_host_sync():
+            _, leaves = fused_step(inputs, cfg, teacher=teacher)
+            with torch.no_grad():
+                FusedLogitKD(cfg, VOCAB)(*(inputs[k] for k in MODEL_INPUTS), inputs["labels"], inputs["loss_mask"])
+        assert leaves["student_weight"].grad.abs().max() > 0
+    # The guard catches what it is meant to.
+    for sync in (lambda t: t.nonzero(), lambda t: float(t.sum()), lambda t: t[t > 0], lambda t: t.tolist()):
+        with pytest.raises(_HostSyncError), no_host_sync():
+            sync(inputs["student_hidden"])
 
 
 def test_config_and_input_checks(tp1):

@@ -286,9 +286,10 @@ def _backward_chunk(
     else:
         g = zs.sub_(st.logz_s[sl][:, None]).exp_().mul_(plan.ce_weight)
     if plan.with_ce:
+        # Every token adds at its label's column, 0 where another rank owns the label: no nonzero() to find the
+        # owned tokens, whose count the host would have to wait for.
         owned, col = _label_columns(plan, labels)
-        rows = owned.nonzero(as_tuple=True)[0]
-        g[rows, col[rows]] -= plan.ce_weight
+        g.scatter_add_(1, col[:, None], owned.to(g.dtype).mul_(-plan.ce_weight)[:, None])
     return g
 
 
