@@ -1,6 +1,7 @@
 """Distillation losses: FusedLogitKD against a full-softmax reference over materialised logits (loss and the
-student's gradients, every divergence, temperatures 1 and 2, top-k, loss mask, padded vocabulary), chunking,
-cross-entropy (with and without a teacher), TP=2 against TP=1 (one spawn for all options), and
+student's gradients, every divergence, temperatures 1 and 2, top-k, loss mask, padded vocabulary, with and
+without CE), chunking, cross-entropy (with and without a teacher), no host synchronisation in the chunk loop,
+TP=2 against TP=1 (one spawn for all options, which also checks that unweighted CE is not communicated), and
 IntermediateStateLoss / balance_weight by hand.
 """
 
@@ -28,7 +29,7 @@ T, H_S, H_T, ROWS, VOCAB = 10, 8, 12, 16, 13
 MASKED = [1, 4, 5]
 TOL64 = 1e-12
 MODEL_INPUTS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
-# name -> LogitKDConfig fields; every case mixes in CE and runs in chunks of 3 tokens.
+# name -> LogitKDConfig fields; every case runs with and without CE, in chunks of 3 tokens.
 CASES = {
     "forward_kl": dict(divergence="forward_kl"),
     "forward_kl_t2": dict(divergence="forward_kl", temperature=2.0),
@@ -45,6 +46,7 @@ TP_CASES = {
     "reverse_kl_t2": (dict(divergence="reverse_kl", temperature=2.0, ce_weight=0.5), True),
     "jsd": (dict(divergence="jsd", jsd_beta=0.3), True),
     "top6_t2_ce": (dict(top_k=6, temperature=2.0, ce_weight=0.5), True),
+    "top6": (dict(top_k=6), True),
     "ce_only": (dict(kd_weight=0.0, ce_weight=1.0, temperature=2.0), False),
 }
 
@@ -176,7 +178,7 @@ def no_host_sync() -> Iterator[None]:
 
 
 def assert_runs_close(got: dict, ref: dict, atol: float, what: str) -> None:
-    for key in ("loss", "kd", "ce"):
+    for key in ("loss", "kd") + (("ce",) if "ce" in got else ()):
         assert abs(got[key] - ref[key]) <= atol, f"{what} {key}: {got[key]!r} vs {ref[key]!r}"
     for key in ("grad_hidden", "grad_weight"):
         diff = np.abs(got[key] - ref[key]).max()
@@ -198,11 +200,14 @@ def tp1():
 # ------------------------------------------------------------------------------------------ logit KD
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_matches_full_softmax_reference(tp1, name):
-    cfg = LogitKDConfig(**CASES[name], chunk_tokens=3, kd_weight=0.7, ce_weight=0.3)
+def test_fused_matches_full_softmax_reference(tp1, name, ce_weight):
+    cfg = LogitKDConfig(**CASES[name], chunk_tokens=3, kd_weight=0.7, ce_weight=ce_weight)
     inputs = make_inputs()
     got, ref = run_fused(inputs, cfg), reference_run(inputs, cfg)
+    # Unweighted CE next to a teacher is not computed, so not reported.
+    assert ("ce" in got) == (ce_weight > 0)
     assert_runs_close(got, ref, TOL64, name)
     assert ref["kd"] > 0.05 and np.abs(ref["grad_weight"]).max() > 1e-2, "degenerate case proves nothing"
     # Padding rows take no probability, so they get exactly no gradient.
@@ -336,18 +341,42 @@ def test_config_and_input_checks(tp1):
 # ------------------------------------------------------------------------------ TP=2 (one spawn)
 
 
+def _reduced_shapes(inputs: dict[str, torch.Tensor], cfg: LogitKDConfig, **overrides) -> list[tuple[int, ...]]:
+    """Shapes of the tensors that a forward and backward at TP=2 all-reduce, in order."""
+    from nemo_minitron.parallel import state
+
+    shapes = []
+    all_reduce = torch.distributed.all_reduce
+
+    def record(tensor: torch.Tensor, *args, **kwargs):
+        shapes.append(tuple(tensor.shape))
+        return all_reduce(tensor, *args, **kwargs)
+
+    with mock.patch.object(torch.distributed, "all_reduce", record):
+        fused_step(inputs, cfg, state.tp_rank(), 2, **overrides)
+    return shapes
+
+
 def _tp2_worker() -> dict:
-    """Every TP_CASES run on this rank's vocabulary shard (fp64)."""
+    """Every TP_CASES run on this rank's vocabulary shard (fp64), then again without host synchronisation; the
+    all-reduced shapes of forward KL at temperature 2 without labels, with unweighted CE and with CE."""
     from nemo_minitron.parallel import state
 
     state.initialize(state.ParallelConfig(tensor_model_parallel_size=2))
     try:
         inputs = make_inputs()
-        runs = {
-            name: run_fused(inputs, LogitKDConfig(**kw, chunk_tokens=3), state.tp_rank(), 2, teacher)
-            for name, (kw, teacher) in TP_CASES.items()
+        cfgs = {name: (LogitKDConfig(**kw, chunk_tokens=3), teacher) for name, (kw, teacher) in TP_CASES.items()}
+        runs = {name: run_fused(inputs, cfg, state.tp_rank(), 2, teacher) for name, (cfg, teacher) in cfgs.items()}
+        with no_host_sync():
+            for cfg, teacher in cfgs.values():
+                fused_step(inputs, cfg, state.tp_rank(), 2, teacher)
+        cfg = LogitKDConfig(temperature=2.0, chunk_tokens=3)
+        reduced = {
+            "no_labels": _reduced_shapes(inputs, cfg, labels=None),
+            "ce_weight_0": _reduced_shapes(inputs, cfg),
+            "ce_weight_0.5": _reduced_shapes(inputs, cfg.model_copy(update={"ce_weight": 0.5})),
         }
-        return {"rank": state.tp_rank(), "runs": runs}
+        return {"rank": state.tp_rank(), "runs": runs, "reduced": reduced}
     finally:
         state.destroy()
 
@@ -369,6 +398,13 @@ def test_tp2_matches_tp1(tp1):
             assert diff <= 1e-12, f"{name} rank {r['rank']} grad_hidden: max diff {diff:.3g}"
         grad_weight = np.concatenate([r["runs"][name]["grad_weight"] for r in reports])
         assert np.abs(grad_weight - ref["grad_weight"]).max() <= 1e-12, f"{name} grad_weight"
+    # Unweighted CE is not communicated: the loss all-reduces exactly what it does without labels. Weighted CE
+    # adds two rows per token to a SUM (the label logit, and the partition sum at temperature 1).
+    for r in reports:
+        reduced = {key: (len(shapes), sum(math.prod(s) for s in shapes)) for key, shapes in r["reduced"].items()}
+        assert r["reduced"]["ce_weight_0"] == r["reduced"]["no_labels"], reduced
+        calls, elements = reduced["no_labels"]
+        assert reduced["ce_weight_0.5"] == (calls, elements + 2 * T), reduced
 
 
 # ------------------------------------------------------------------------------ intermediate states

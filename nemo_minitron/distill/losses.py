@@ -43,7 +43,7 @@ class _Plan:
     kd_weight: float
     ce_weight: float
     with_kd: bool  # a teacher is given; without one only CE is computed (temperature 1, no top-k)
-    with_ce: bool
+    with_ce: bool  # labels are given and CE is weighted, or there is no teacher: else no CE statistic exists
     row_start: int  # global vocabulary id of this rank's first output-layer row
     n_valid: int  # rows of this rank's shard that are real vocabulary; the rest is padding
     tp_rank: int
@@ -474,8 +474,9 @@ class FusedLogitKD(nn.Module):
       KL becomes sum_k q_k (log q_k - log p_s[k]) with p_s the student's full-vocabulary softmax. Only forward
       KL takes ``top_k`` (:class:`LogitKDConfig` rejects the others: reverse KL and JSD are infinite or
       ill-defined against a teacher with zero mass outside its top-k).
-    - ``ce``: token cross-entropy of the student logits (temperature 1) against ``labels``; present only when
-      ``labels`` are given. Labels of masked tokens are ignored (any value, e.g. -100).
+    - ``ce``: token cross-entropy of the student logits (temperature 1) against ``labels``; computed and present
+      only when ``labels`` are given and ``ce_weight > 0`` or there is no teacher (with a teacher and
+      ``ce_weight`` 0 the labels are not read). Labels of masked tokens are ignored (any value, e.g. -100).
     - ``loss = kd_weight * kd + ce_weight * ce``, differentiable w.r.t. ``student_hidden`` and
       ``student_weight``; ``kd`` and ``ce`` are detached. The teacher inputs never receive gradients.
     - Without a teacher (both teacher inputs None; e.g. training or evaluating on the LM loss alone) only CE is
@@ -562,7 +563,9 @@ class FusedLogitKD(nn.Module):
             kd_weight=cfg.kd_weight,
             ce_weight=cfg.ce_weight,
             with_kd=with_kd,
-            with_ce=labels is not None,
+            # Unweighted CE next to a teacher would only cost: a label gather, a row in every SUM all-reduce and,
+            # at temperature != 1, a [chunk, V/tp] buffer and pass of its own.
+            with_ce=labels is not None and (cfg.ce_weight > 0 or not with_kd),
             row_start=rank * rows,
             n_valid=n_valid,
             tp_rank=rank,
@@ -578,9 +581,10 @@ class FusedLogitKD(nn.Module):
         if with_kd:
             teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
         loss, kd, ce = _FusedLogitKDFunction.apply(
-            hidden, student_weight, teacher_hidden, teacher_weight, labels, loss_mask.detach(), plan
+            hidden, student_weight, teacher_hidden, teacher_weight, labels if plan.with_ce else None,
+            loss_mask.detach(), plan,
         )
         out = {"loss": loss, "kd": kd}
-        if labels is not None:
+        if plan.with_ce:
             out["ce"] = ce
         return out
