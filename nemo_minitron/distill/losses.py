@@ -10,7 +10,9 @@ with id >= ``vocab_size`` are padding.
 chunk's logits from the hidden states and the output-layer weights, reduces the softmax statistics over the TP
 group, and keeps only per-token statistics. In training it also computes each chunk's gradient right away, from the
 logits it has, so no logits are ever recomputed; the extra memory is a few ``[chunk_tokens, V/tp]`` buffers (and
-the fp32 gradients of the hidden states and of the output-weight shard) whatever ``T`` is.
+the fp32 gradients of the hidden states and of the output-weight shard) whatever ``T`` is. Nothing in the chunk loop
+makes the host wait for the device (no value reads, ``nonzero`` or boolean-mask indexing; the label columns are
+found with clamped indices and masks), so on a GPU the host queues every chunk's kernels and collectives ahead.
 """
 
 from __future__ import annotations
@@ -278,8 +280,8 @@ def _backward_chunk(
 ) -> Tensor:
     """[n, v]: d(kd_weight * temperature**2 * D + ce_weight * CE) / dz_s per token of a chunk (in zs's or zt's buffer).
 
-    zs: [n, v] recomputed student logits; zt: the teacher's (None for top-k, which needs only the saved q, and
-    without a teacher). CE's gradient is softmax(z) - onehot(label).
+    zs: [n, v] student logits; zt: the teacher's (None without a teacher; top-k needs only the saved q). Both
+    are overwritten. CE's gradient is softmax(z) - onehot(label).
     """
     if plan.with_kd:
         g = _kd_grad(plan, zs, zt, st, sl)
@@ -488,10 +490,10 @@ class FusedLogitKD(nn.Module):
     rate of bf16, the logits a bf16 output layer would give) and in fp32 (fp64 for fp64 inputs) otherwise; the
     softmax statistics, divergences and their gradients are always fp32 or wider.
 
-    Memory: the forward holds two ``[chunk_tokens, V/tp]`` buffers at a time for forward KL (full or top-k; one
-    more for CE at temperature != 1, reverse KL and JSD), freed chunk by chunk. The backward recomputes the
-    logits rather than keeping them, in half chunks (it also holds the weight gradient). Only per-token
-    statistics (O(T), and O(T k) for top-k) are kept between forward and backward.
+    Memory: without gradients the forward holds two ``[chunk_tokens, V/tp]`` buffers at a time for forward KL
+    (full or top-k; one more for CE at temperature != 1, reverse KL and JSD), freed chunk by chunk. With
+    gradients it holds four (the logits and their copies) over chunks of ``chunk_tokens / 4`` tokens, and keeps
+    the fp32 gradients of the student's hidden states and output-weight shard until the backward.
     """
 
     def __init__(self, cfg: LogitKDConfig, vocab_size: int) -> None:
