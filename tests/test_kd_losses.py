@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any, Optional
 from unittest import mock
 
 import numpy as np
@@ -156,7 +157,8 @@ class _NoHostSync(TorchDispatchMode):
     SYNCING = ("_local_scalar_dense", "nonzero", "masked_select")
     INDEXING = ("index", "index_put", "index_put_")
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: tuple, args: tuple = (),
+                           kwargs: Optional[dict] = None) -> Any:
         name = func.overloadpacket.__name__
         boolean_index = name in self.INDEXING and any(
             isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
@@ -170,7 +172,7 @@ class _NoHostSync(TorchDispatchMode):
 def no_host_sync() -> Iterator[None]:
     """Fails on a host synchronisation inside the block; ``tolist`` copies without an aten op, so it is patched."""
 
-    def tolist(self):
+    def tolist(self: torch.Tensor) -> list:
         raise _HostSyncError("host synchronisation: Tensor.tolist")
 
     with _NoHostSync(), mock.patch.object(torch.Tensor, "tolist", tolist):
@@ -348,7 +350,7 @@ def _reduced_shapes(inputs: dict[str, torch.Tensor], cfg: LogitKDConfig, **overr
     shapes = []
     all_reduce = torch.distributed.all_reduce
 
-    def record(tensor: torch.Tensor, *args, **kwargs):
+    def record(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         shapes.append(tuple(tensor.shape))
         return all_reduce(tensor, *args, **kwargs)
 
