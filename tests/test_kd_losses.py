@@ -1,17 +1,23 @@
 """Distillation losses: FusedLogitKD against a full-softmax reference over materialised logits (loss and the
-student's gradients, every divergence, temperatures 1 and 2, top-k, loss mask, padded vocabulary), chunking,
-cross-entropy (with and without a teacher), TP=2 against TP=1 (one spawn for all options), and
+student's gradients, every divergence, temperatures 1 and 2, top-k, loss mask, padded vocabulary, with and
+without CE), chunking, cross-entropy (with and without a teacher), no host synchronisation in the chunk loop,
+TP=2 against TP=1 (one spawn for all options, which also checks that unweighted CE is not communicated), and
 IntermediateStateLoss / balance_weight by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import Any, Optional
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import destroy_state
 from nemo_minitron.distill.config import IntermediateConfig, IntermediatePair, LogitKDConfig
@@ -24,7 +30,7 @@ T, H_S, H_T, ROWS, VOCAB = 10, 8, 12, 16, 13
 MASKED = [1, 4, 5]
 TOL64 = 1e-12
 MODEL_INPUTS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
-# name -> LogitKDConfig fields; every case mixes in CE and runs in chunks of 3 tokens.
+# name -> LogitKDConfig fields; every case runs with and without CE, in chunks of 3 tokens.
 CASES = {
     "forward_kl": dict(divergence="forward_kl"),
     "forward_kl_t2": dict(divergence="forward_kl", temperature=2.0),
@@ -41,6 +47,7 @@ TP_CASES = {
     "reverse_kl_t2": (dict(divergence="reverse_kl", temperature=2.0, ce_weight=0.5), True),
     "jsd": (dict(divergence="jsd", jsd_beta=0.3), True),
     "top6_t2_ce": (dict(top_k=6, temperature=2.0, ce_weight=0.5), True),
+    "top6": (dict(top_k=6), True),
     "ce_only": (dict(kd_weight=0.0, ce_weight=1.0, temperature=2.0), False),
 }
 
@@ -87,10 +94,10 @@ def reference_kd(inputs: dict[str, torch.Tensor], cfg: LogitKDConfig) -> tuple[t
     return tau**2 * (div * mask).sum() / mask.sum(), (ce * mask).sum() / mask.sum()
 
 
-def run_fused(
+def fused_step(
     inputs: dict[str, torch.Tensor], cfg: LogitKDConfig, rank: int = 0, size: int = 1, teacher: bool = True, **overrides
-) -> dict:
-    """FusedLogitKD on this rank's shard of the rows, forward and backward; numpy results (spawn-safe)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """FusedLogitKD on this rank's shard of the rows, forward and backward: (its output, the leaf inputs)."""
     rows = slice(rank * ROWS // size, (rank + 1) * ROWS // size)
     leaves = {
         "student_hidden": inputs["student_hidden"].clone(),
@@ -105,6 +112,14 @@ def run_fused(
         kwargs.update(teacher_hidden=None, teacher_weight=None)
     out = FusedLogitKD(cfg, VOCAB)(**{**leaves, **kwargs})
     out["loss"].backward()
+    return out, leaves
+
+
+def run_fused(
+    inputs: dict[str, torch.Tensor], cfg: LogitKDConfig, rank: int = 0, size: int = 1, teacher: bool = True, **overrides
+) -> dict:
+    """:func:`fused_step` with numpy results (spawn-safe)."""
+    out, leaves = fused_step(inputs, cfg, rank, size, teacher, **overrides)
     assert leaves["teacher_hidden"].grad is None and leaves["teacher_weight"].grad is None
     assert not out["kd"].requires_grad and ("ce" not in out or not out["ce"].requires_grad)
     result = {key: float(value.detach()) for key, value in out.items()}
@@ -130,8 +145,42 @@ def reference_run(inputs: dict[str, torch.Tensor], cfg: LogitKDConfig) -> dict:
     }
 
 
+class _HostSyncError(AssertionError):
+    pass
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Raises on every aten op that makes the host wait for a GPU: reading a value (``item``, ``float``,
+    ``bool``, ``if tensor``), ``nonzero``, ``masked_select`` and indexing with a boolean mask (which needs
+    ``nonzero`` to size its result). The CPU counterpart of ``torch.cuda.set_sync_debug_mode("error")``."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select")
+    INDEXING = ("index", "index_put", "index_put_")
+
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: tuple, args: tuple = (),
+                           kwargs: Optional[dict] = None) -> Any:
+        name = func.overloadpacket.__name__
+        boolean_index = name in self.INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        )
+        if name in self.SYNCING or boolean_index:
+            raise _HostSyncError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Fails on a host synchronisation inside the block; ``tolist`` copies without an aten op, so it is patched."""
+
+    def tolist(self: torch.Tensor) -> list:
+        raise _HostSyncError("host synchronisation: Tensor.tolist")
+
+    with _NoHostSync(), mock.patch.object(torch.Tensor, "tolist", tolist):
+        yield
+
+
 def assert_runs_close(got: dict, ref: dict, atol: float, what: str) -> None:
-    for key in ("loss", "kd", "ce"):
+    for key in ("loss", "kd") + (("ce",) if "ce" in got else ()):
         assert abs(got[key] - ref[key]) <= atol, f"{what} {key}: {got[key]!r} vs {ref[key]!r}"
     for key in ("grad_hidden", "grad_weight"):
         diff = np.abs(got[key] - ref[key]).max()
@@ -153,11 +202,14 @@ def tp1():
 # ------------------------------------------------------------------------------------------ logit KD
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_matches_full_softmax_reference(tp1, name):
-    cfg = LogitKDConfig(**CASES[name], chunk_tokens=3, kd_weight=0.7, ce_weight=0.3)
+def test_fused_matches_full_softmax_reference(tp1, name, ce_weight):
+    cfg = LogitKDConfig(**CASES[name], chunk_tokens=3, kd_weight=0.7, ce_weight=ce_weight)
     inputs = make_inputs()
     got, ref = run_fused(inputs, cfg), reference_run(inputs, cfg)
+    # Unweighted CE next to a teacher is not computed, so not reported.
+    assert ("ce" in got) == (ce_weight > 0)
     assert_runs_close(got, ref, TOL64, name)
     assert ref["kd"] > 0.05 and np.abs(ref["grad_weight"]).max() > 1e-2, "degenerate case proves nothing"
     # Padding rows take no probability, so they get exactly no gradient.
@@ -240,6 +292,26 @@ def test_without_labels_and_without_grad(tp1):
     assert abs(float(out["kd"]) - float(mask_free)) <= TOL64
 
 
+@pytest.mark.parametrize("name", [*CASES, "ce_only"])
+def test_no_host_sync_in_the_chunk_loop(tp1, name):
+    """Forward and backward over 10 one-token chunks (training quarters chunk_tokens) with a loss mask, with and
+    without CE, and the statistics-only forward: nothing in them waits for the device."""
+    inputs = make_inputs()
+    teacher = name != "ce_only"
+    for ce_weight in (0.0, 0.3) if teacher else (1.0,):
+        fields = CASES[name] if teacher else dict(kd_weight=0.0, temperature=2.0)
+        cfg = LogitKDConfig(**fields, chunk_tokens=4, ce_weight=ce_weight)
+        with no_host_sync():
+            _, leaves = fused_step(inputs, cfg, teacher=teacher)
+            with torch.no_grad():
+                FusedLogitKD(cfg, VOCAB)(*(inputs[k] for k in MODEL_INPUTS), inputs["labels"], inputs["loss_mask"])
+        assert leaves["student_weight"].grad.abs().max() > 0
+    # The guard catches what it is meant to.
+    for sync in (lambda t: t.nonzero(), lambda t: float(t.sum()), lambda t: t[t > 0], lambda t: t.tolist()):
+        with pytest.raises(_HostSyncError), no_host_sync():
+            sync(inputs["student_hidden"])
+
+
 def test_config_and_input_checks(tp1):
     from pydantic import ValidationError
 
@@ -271,18 +343,42 @@ def test_config_and_input_checks(tp1):
 # ------------------------------------------------------------------------------ TP=2 (one spawn)
 
 
+def _reduced_shapes(inputs: dict[str, torch.Tensor], cfg: LogitKDConfig, **overrides) -> list[tuple[int, ...]]:
+    """Shapes of the tensors that a forward and backward at TP=2 all-reduce, in order."""
+    from nemo_minitron.parallel import state
+
+    shapes = []
+    all_reduce = torch.distributed.all_reduce
+
+    def record(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        shapes.append(tuple(tensor.shape))
+        return all_reduce(tensor, *args, **kwargs)
+
+    with mock.patch.object(torch.distributed, "all_reduce", record):
+        fused_step(inputs, cfg, state.tp_rank(), 2, **overrides)
+    return shapes
+
+
 def _tp2_worker() -> dict:
-    """Every TP_CASES run on this rank's vocabulary shard (fp64)."""
+    """Every TP_CASES run on this rank's vocabulary shard (fp64), then again without host synchronisation; the
+    all-reduced shapes of forward KL at temperature 2 without labels, with unweighted CE and with CE."""
     from nemo_minitron.parallel import state
 
     state.initialize(state.ParallelConfig(tensor_model_parallel_size=2))
     try:
         inputs = make_inputs()
-        runs = {
-            name: run_fused(inputs, LogitKDConfig(**kw, chunk_tokens=3), state.tp_rank(), 2, teacher)
-            for name, (kw, teacher) in TP_CASES.items()
+        cfgs = {name: (LogitKDConfig(**kw, chunk_tokens=3), teacher) for name, (kw, teacher) in TP_CASES.items()}
+        runs = {name: run_fused(inputs, cfg, state.tp_rank(), 2, teacher) for name, (cfg, teacher) in cfgs.items()}
+        with no_host_sync():
+            for cfg, teacher in cfgs.values():
+                fused_step(inputs, cfg, state.tp_rank(), 2, teacher)
+        cfg = LogitKDConfig(temperature=2.0, chunk_tokens=3)
+        reduced = {
+            "no_labels": _reduced_shapes(inputs, cfg, labels=None),
+            "ce_weight_0": _reduced_shapes(inputs, cfg),
+            "ce_weight_0.5": _reduced_shapes(inputs, cfg.model_copy(update={"ce_weight": 0.5})),
         }
-        return {"rank": state.tp_rank(), "runs": runs}
+        return {"rank": state.tp_rank(), "runs": runs, "reduced": reduced}
     finally:
         state.destroy()
 
@@ -304,6 +400,13 @@ def test_tp2_matches_tp1(tp1):
             assert diff <= 1e-12, f"{name} rank {r['rank']} grad_hidden: max diff {diff:.3g}"
         grad_weight = np.concatenate([r["runs"][name]["grad_weight"] for r in reports])
         assert np.abs(grad_weight - ref["grad_weight"]).max() <= 1e-12, f"{name} grad_weight"
+    # Unweighted CE is not communicated: the loss all-reduces exactly what it does without labels. Weighted CE
+    # adds two rows per token to a SUM (the label logit, and the partition sum at temperature 1).
+    for r in reports:
+        reduced = {key: (len(shapes), sum(math.prod(s) for s in shapes)) for key, shapes in r["reduced"].items()}
+        assert r["reduced"]["ce_weight_0"] == r["reduced"]["no_labels"], reduced
+        calls, elements = reduced["no_labels"]
+        assert reduced["ce_weight_0.5"] == (calls, elements + 2 * T), reduced
 
 
 # ------------------------------------------------------------------------------ intermediate states

@@ -114,7 +114,9 @@ class LogitKDConfig(StrictModel):
     temperature: float = Field(1.0, gt=0)
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     top_k: Optional[int] = Field(None, gt=0)  # keep only the teacher's top-k logits (renormalised)
-    chunk_tokens: int = Field(1024, gt=0)  # tokens per chunk: bounds peak memory
+    # Tokens per chunk, which bounds peak memory: a forward without gradients holds two [chunk, V/tp] fp32
+    # buffers; training holds four, over chunks of a quarter of this.
+    chunk_tokens: int = Field(1024, gt=0)
     kd_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)  # optional LM cross-entropy on the labels, mixed in
 

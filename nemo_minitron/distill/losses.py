@@ -10,7 +10,9 @@ with id >= ``vocab_size`` are padding.
 chunk's logits from the hidden states and the output-layer weights, reduces the softmax statistics over the TP
 group, and keeps only per-token statistics. In training it also computes each chunk's gradient right away, from the
 logits it has, so no logits are ever recomputed; the extra memory is a few ``[chunk_tokens, V/tp]`` buffers (and
-the fp32 gradients of the hidden states and of the output-weight shard) whatever ``T`` is.
+the fp32 gradients of the hidden states and of the output-weight shard) whatever ``T`` is. Nothing in the chunk loop
+makes the host wait for the device (no value reads, ``nonzero`` or boolean-mask indexing; the label columns are
+found with clamped indices and masks), so on a GPU the host queues every chunk's kernels and collectives ahead.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class _Plan:
     kd_weight: float
     ce_weight: float
     with_kd: bool  # a teacher is given; without one only CE is computed (temperature 1, no top-k)
-    with_ce: bool
+    with_ce: bool  # labels are given and CE is weighted, or there is no teacher: else no CE statistic exists
     row_start: int  # global vocabulary id of this rank's first output-layer row
     n_valid: int  # rows of this rank's shard that are real vocabulary; the rest is padding
     tp_rank: int
@@ -278,17 +280,18 @@ def _backward_chunk(
 ) -> Tensor:
     """[n, v]: d(kd_weight * temperature**2 * D + ce_weight * CE) / dz_s per token of a chunk (in zs's or zt's buffer).
 
-    zs: [n, v] recomputed student logits; zt: the teacher's (None for top-k, which needs only the saved q, and
-    without a teacher). CE's gradient is softmax(z) - onehot(label).
+    zs: [n, v] student logits; zt: the teacher's (None without a teacher; top-k needs only the saved q). Both
+    are overwritten. CE's gradient is softmax(z) - onehot(label).
     """
     if plan.with_kd:
         g = _kd_grad(plan, zs, zt, st, sl)
     else:
         g = zs.sub_(st.logz_s[sl][:, None]).exp_().mul_(plan.ce_weight)
     if plan.with_ce:
+        # Every token adds at its label's column, 0 where another rank owns the label: no nonzero() to find the
+        # owned tokens, whose count the host would have to wait for.
         owned, col = _label_columns(plan, labels)
-        rows = owned.nonzero(as_tuple=True)[0]
-        g[rows, col[rows]] -= plan.ce_weight
+        g.scatter_add_(1, col[:, None], owned.to(g.dtype).mul_(-plan.ce_weight)[:, None])
     return g
 
 
@@ -473,8 +476,9 @@ class FusedLogitKD(nn.Module):
       KL becomes sum_k q_k (log q_k - log p_s[k]) with p_s the student's full-vocabulary softmax. Only forward
       KL takes ``top_k`` (:class:`LogitKDConfig` rejects the others: reverse KL and JSD are infinite or
       ill-defined against a teacher with zero mass outside its top-k).
-    - ``ce``: token cross-entropy of the student logits (temperature 1) against ``labels``; present only when
-      ``labels`` are given. Labels of masked tokens are ignored (any value, e.g. -100).
+    - ``ce``: token cross-entropy of the student logits (temperature 1) against ``labels``; computed and present
+      only when ``labels`` are given and ``ce_weight > 0`` or there is no teacher (with a teacher and
+      ``ce_weight`` 0 the labels are not read). Labels of masked tokens are ignored (any value, e.g. -100).
     - ``loss = kd_weight * kd + ce_weight * ce``, differentiable w.r.t. ``student_hidden`` and
       ``student_weight``; ``kd`` and ``ce`` are detached. The teacher inputs never receive gradients.
     - Without a teacher (both teacher inputs None; e.g. training or evaluating on the LM loss alone) only CE is
@@ -486,10 +490,10 @@ class FusedLogitKD(nn.Module):
     rate of bf16, the logits a bf16 output layer would give) and in fp32 (fp64 for fp64 inputs) otherwise; the
     softmax statistics, divergences and their gradients are always fp32 or wider.
 
-    Memory: the forward holds two ``[chunk_tokens, V/tp]`` buffers at a time for forward KL (full or top-k; one
-    more for CE at temperature != 1, reverse KL and JSD), freed chunk by chunk. The backward recomputes the
-    logits rather than keeping them, in half chunks (it also holds the weight gradient). Only per-token
-    statistics (O(T), and O(T k) for top-k) are kept between forward and backward.
+    Memory: without gradients the forward holds two ``[chunk_tokens, V/tp]`` buffers at a time for forward KL
+    (full or top-k; one more for CE at temperature != 1, reverse KL and JSD), freed chunk by chunk. With
+    gradients it holds four (the logits and their copies) over chunks of ``chunk_tokens / 4`` tokens, and keeps
+    the fp32 gradients of the student's hidden states and output-weight shard until the backward.
     """
 
     def __init__(self, cfg: LogitKDConfig, vocab_size: int) -> None:
@@ -561,7 +565,9 @@ class FusedLogitKD(nn.Module):
             kd_weight=cfg.kd_weight,
             ce_weight=cfg.ce_weight,
             with_kd=with_kd,
-            with_ce=labels is not None,
+            # Unweighted CE next to a teacher would only cost: a label gather, a row in every SUM all-reduce and,
+            # at temperature != 1, a [chunk, V/tp] buffer and pass of its own.
+            with_ce=labels is not None and (cfg.ce_weight > 0 or not with_kd),
             row_start=rank * rows,
             n_valid=n_valid,
             tp_rank=rank,
@@ -577,9 +583,10 @@ class FusedLogitKD(nn.Module):
         if with_kd:
             teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
         loss, kd, ce = _FusedLogitKDFunction.apply(
-            hidden, student_weight, teacher_hidden, teacher_weight, labels, loss_mask.detach(), plan
+            hidden, student_weight, teacher_hidden, teacher_weight, labels if plan.with_ce else None,
+            loss_mask.detach(), plan,
         )
         out = {"loss": loss, "kd": kd}
-        if labels is not None:
+        if plan.with_ce:
             out["ce"] = ce
         return out
