@@ -325,6 +325,31 @@ def test_build_options_follow_the_layer_spec(single_rank):
         build_model(_cfg(), sequence_parallel=True, use_te=False)
 
 
+@pytest.mark.parametrize("recompute", [None, "selective", "full"])
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu_flags", "gpu_flags"])
+def test_the_local_spec_builds_and_runs_with_the_flags_of_either_device(single_rank, on_gpu, recompute):
+    """Pruning and NAS calibrate on the local spec on every machine: with the GPU's flags too, its layers (whose
+    norm wrapper refuses TE-only options such as persist_layer_norm) must build, and run here on the CPU."""
+    from nemo_minitron.models.builder import build_model
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(), use_te=False, on_gpu=on_gpu, recompute=recompute)
+    assert model.config.use_cpu_initialization is not on_gpu and model.config.masked_softmax_fusion is on_gpu
+    ids = torch.randint(0, 256, (2, 8))
+    logits = model(ids, torch.arange(8).expand(2, 8), None)
+    assert logits.shape == (2, 8, 256) and torch.isfinite(logits).all()
+    logits.float().pow(2).mean().backward()
+
+
+@pytest.mark.parametrize("fp8", [None, "hybrid"])
+def test_the_te_spec_config_builds_with_the_gpu_flags(single_rank, fp8):
+    """What the TE layer spec gets on a GPU (its modules need Transformer Engine and CUDA: tests/test_gpu.py)."""
+    from nemo_minitron.models.builder import transformer_config
+
+    config = transformer_config(_cfg(), torch.bfloat16, fp8=fp8, use_te=True, on_gpu=True, recompute="selective")
+    assert config.persist_layer_norm and not config.use_cpu_initialization and config.fp8 == fp8
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

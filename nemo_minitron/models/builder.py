@@ -61,13 +61,15 @@ def transformer_config(
     use_te: bool = False,
     sequence_parallel: bool = False,
     recompute: Optional[Recompute] = None,
+    on_gpu: Optional[bool] = None,
 ):
     """megatron's ``TransformerConfig`` for ``cfg`` at the current TP/PP sizes; ``init`` False skips the random
     initialisation of the weights (for a model whose every weight is loaded next); ``use_te`` for the
-    Transformer Engine layer spec."""
+    Transformer Engine layer spec. ``on_gpu`` (default: whether CUDA is present) picks the GPU-only flags, so a
+    CPU test can build what a GPU builds."""
     from megatron.core.transformer import TransformerConfig
 
-    on_gpu = cuda_available()
+    on_gpu = cuda_available() if on_gpu is None else on_gpu
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -172,13 +174,14 @@ def build_model(
     init: bool = True,
     sequence_parallel: bool = False,
     recompute: Optional[Recompute] = None,
+    on_gpu: Optional[bool] = None,
 ):
     """This rank's part (its pipeline stage, its tensor shard) of the model. Needs :func:`state.initialize`.
 
     ``use_te`` None picks the TE spec when TE and CUDA are present; ``fp8`` needs the TE spec. ``init`` False
     leaves the weights unset (uninitialised memory) for :func:`~nemo_minitron.parallel.sharding.load_canonical`
     to fill. ``sequence_parallel`` needs TP > 1 and inputs whose length is a multiple of TP; ``recompute``
-    (selective or full) takes effect in training mode."""
+    (selective or full) takes effect in training mode. ``on_gpu`` as in :func:`transformer_config`."""
     from megatron.core.models.gpt import GPTModel
 
     use_te = te_available() if use_te is None else use_te
@@ -188,7 +191,7 @@ def build_model(
         check_fp8_shapes(cfg, state.tp_size())
     if sequence_parallel and state.tp_size() == 1:
         raise UserError("sequence parallelism needs tensor_model_parallel_size > 1")
-    config = transformer_config(cfg, dtype, fp8, init, use_te, sequence_parallel, recompute)
+    config = transformer_config(cfg, dtype, fp8, init, use_te, sequence_parallel, recompute, on_gpu)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, use_te),
