@@ -91,3 +91,44 @@ def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class DirectoryLock:
+    """One live process at a time in a run directory: ``<directory>/.lock``, held with ``flock``.
+
+    The kernel drops the lock when its holder exits, killed or not, so a dead holder never keeps it; the file
+    names the holder (``pid`` on ``host``) for the message of whoever is refused. Used as a context manager.
+    """
+
+    FILE = ".lock"
+
+    def __init__(self, directory: str | Path, what: str) -> None:
+        self.path = Path(directory) / self.FILE
+        self.what = what
+        self.fd: int | None = None
+
+    def __enter__(self) -> "DirectoryLock":
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.what} {self.path.parent} is in use by {holder}: wait for it to finish, "
+                            "or stop it, or choose another output") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

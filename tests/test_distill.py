@@ -804,3 +804,36 @@ def test_sigterm_on_one_rank_stops_all_and_the_resumed_run_is_exact(layout):
     assert resumed["metrics"] == straight["metrics"], name
     for key, value in straight["weights"].items():
         assert np.array_equal(resumed["weights"][key], value), f"{name} {key}"
+
+
+def _hold(directory: Path) -> subprocess.Popen:
+    """Another process that holds ``directory``'s lock until it is killed."""
+    code = ("import sys, time\nfrom nemo_minitron.fsutil import DirectoryLock\n"
+            "DirectoryLock(sys.argv[1], 'output').__enter__()\nprint('held', flush=True)\ntime.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_distill_on_a_held_output_stops_naming_the_holder(kd, tmp_path):
+    import socket
+
+    from nemo_minitron.fsutil import DirectoryLock
+
+    out = tmp_path / "run"
+    holder = _hold(out)
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+        proc = subprocess.run(_cli() + ["distill"] + cli_args(kd, out), capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"nemo-minitron distill: error: output {out} is in use by process {holder.pid} on "
+            f"{socket.gethostname()}: wait for it to finish, or stop it, or choose another output")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing trained, nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # A holder killed with SIGKILL keeps nothing: the kernel released its lock.
+    with DirectoryLock(out, "output"):
+        assert (out / ".lock").read_text().startswith(f"process {os.getpid()} on ")

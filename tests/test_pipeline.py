@@ -266,3 +266,18 @@ def test_run_refuses_sequence_parallelism_without_tensor_parallelism() -> None:
                               "parallel.tensor_model_parallel_size > 1")
     overrides = ["distill.train.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"]
     assert build_config(RunConfig, base, overrides).distill.train.sequence_parallel
+
+
+def test_a_second_run_on_a_held_run_directory_stops_before_any_work(inputs) -> None:
+    from test_distill import _hold
+
+    run = inputs["root"] / "held"
+    holder = _hold(run)
+    try:
+        second = cli("run", str(tiny_run(inputs, run)))
+        assert second.returncode == 2
+        assert f"run directory {run} is in use by process {holder.pid} on " in second.stderr
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()

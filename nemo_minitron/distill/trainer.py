@@ -12,13 +12,14 @@ checkpoint, so a resumed run reproduces the uninterrupted loss curve exactly on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,7 @@ from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_w
 from nemo_minitron.dtypes import Fp8, torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.loss import windows_loss_sums
-from nemo_minitron.fsutil import atomic_write_text, check_can_create, remove_leftovers
+from nemo_minitron.fsutil import DirectoryLock, atomic_write_text, check_can_create, remove_leftovers
 from nemo_minitron.models.builder import FP8_MULTIPLE, check_fp8_shapes, compile_layers, te_available
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import grads, state
@@ -498,8 +499,35 @@ def distill(
 
 
 def run_distill(cfg: DistillConfig) -> dict:
-    """CLI stage: load teacher and student, train, save the student as ``<output>/final``."""
+    """CLI stage: load teacher and student, train, save the student as ``<output>/final``. Global rank 0 holds
+    the output directory's lock meanwhile: a second distillation into it stops before any work."""
     state.initialize(cfg.parallel, cfg.train.seed)
+    with _output_lock(Path(cfg.output)):
+        return _run_distill(cfg)
+
+
+@contextlib.contextmanager
+def _output_lock(output: Path) -> Iterator[None]:
+    lock = DirectoryLock(output, "output")
+    refused = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            lock.__enter__()
+        except UserError as exc:
+            refused = str(exc)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [refused]
+        dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise UserError(refused)
+    try:
+        yield
+    finally:
+        lock.__exit__()
+
+
+def _run_distill(cfg: DistillConfig) -> dict:
     fp8, sp = cfg.train.fp8, cfg.train.sequence_parallel
     make_student = load_model if cfg.student_init == "checkpoint" else new_model
     student = make_student(cfg.student, dtype=torch_dtype(cfg.train.dtype), fp8=fp8, sequence_parallel=sp,

@@ -23,6 +23,7 @@ from nemo_minitron.distill.config import DistillConfig, LossConfig
 from nemo_minitron.distill.trainer import check_fp8_train
 from nemo_minitron.errors import StoppedEarly, UserError
 from nemo_minitron.evaluation.config import EvalConfig, GenerationConfig
+from nemo_minitron.fsutil import DirectoryLock
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline import report
@@ -173,7 +174,13 @@ class Runner:
 
 def run_pipeline(cfg: RunConfig) -> dict:
     """data -> [teacher correction] -> eval teacher -> (prune | NAS -> eval -> distill -> eval) per schedule
-    step -> export HF -> generation speed -> report. Returns the report's summary."""
+    step -> export HF -> generation speed -> report. Returns the report's summary. The run directory is locked
+    meanwhile: a second run on it stops before any work."""
+    with DirectoryLock(cfg.output, "run directory"):
+        return _run_pipeline(cfg)
+
+
+def _run_pipeline(cfg: RunConfig) -> dict:
     r = Runner(cfg)
     out, data, calibration = r.out, r.data, r.calibration
     r.prepare_data()
