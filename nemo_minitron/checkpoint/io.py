@@ -132,12 +132,7 @@ def _write(
             error = f"cannot write {out}: {exc.strerror or exc}"
         except SafetensorError as exc:  # safetensors reports a failed write (a full disk) as its own type
             error = f"cannot write {out}: {exc}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise UserError(error)
+    state.raise_rank0_error(error)
 
 
 def save_checkpoint(

@@ -515,12 +515,7 @@ def _output_lock(output: Path) -> Iterator[None]:
             lock.__enter__()
         except UserError as exc:
             refused = str(exc)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [refused]
-        dist.broadcast_object_list(box, src=0)
-        refused = box[0]
-    if refused:
-        raise UserError(refused)
+    state.raise_rank0_error(refused)
     try:
         yield
     finally:

@@ -214,3 +214,14 @@ def spawn(fn: Callable, world_size: int, *args: Any) -> list[Any]:
         rank, value = results.get()
         out[rank] = value
     return [out[r] for r in range(world_size)]
+
+
+def raise_rank0_error(error: Optional[str]) -> None:
+    """Raise global rank 0's one-line ``error`` (None: nothing went wrong) as a UserError on every rank, so
+    that no rank goes on to wait in a collective for one that stopped."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
