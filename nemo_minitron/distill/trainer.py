@@ -167,14 +167,12 @@ class Trainer:
         self.student, self.teacher = student, teacher
         self.output, self.train_cfg, self.optim_cfg = output, train, optim
         self.loss_cfg, self.ckpt_cfg, self.eval_cfg, self.log_cfg = loss, checkpoint, evaluation, log
-        for name, model in (("student", student), ("teacher", teacher)):
-            built = None if model is None else model.model.config.fp8
-            if model is not None and built != train.fp8:
-                raise UserError(f"train.fp8 is {train.fp8} but the {name} was built with fp8={built} "
-                                "(load it with load_model(..., fp8=train.fp8))")
-        # The models are built as training asks; the teacher too for sequence parallelism, since both hidden
-        # states travel between pipeline stages as one tensor, split alike along the sequence.
-        built_as = [("student", student, "sequence_parallel", "sequence_parallel"),
+        # The models are built as training asks: both with its FP8 recipe, and the teacher with sequence
+        # parallelism too, since both hidden states travel between pipeline stages as one tensor, split alike
+        # along the sequence.
+        built_as = [("student", student, "fp8", "fp8"),
+                    ("teacher", teacher, "fp8", "fp8"),
+                    ("student", student, "sequence_parallel", "sequence_parallel"),
                     ("teacher", teacher, "sequence_parallel", "sequence_parallel"),
                     ("student", student, "recompute", "recompute_granularity")]
         for name, model, option, attribute in built_as:
