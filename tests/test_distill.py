@@ -837,3 +837,16 @@ def test_a_second_distill_on_a_held_output_stops_naming_the_holder(kd, tmp_path)
     # A holder killed with SIGKILL keeps nothing: the kernel released its lock.
     with DirectoryLock(out, "output"):
         assert (out / ".lock").read_text().startswith(f"process {os.getpid()} on ")
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"fp8": "hybrid"}, "train.fp8 is hybrid but the student was built with fp8=None (load it with "
+                        "load_model(..., fp8=train.fp8))"),
+])
+def test_models_built_otherwise_than_training_asks_are_refused(kd, tmp_path, single_rank, train, message):
+    from nemo_minitron.errors import UserError
+
+    spec = job(kd["student"], kd["teacher"], kd["data"], tmp_path / "run", train=train)
+    with pytest.raises(UserError) as err:
+        make_trainer(spec)
+    assert str(err.value) == message
