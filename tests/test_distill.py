@@ -11,6 +11,7 @@ TP=1 references run in this process.
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import signal
@@ -368,12 +369,30 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(kd, tmp_path, 
     assert checkpoint_steps(spec["output"]) == [4, 6]
     assert not (Path(spec["output"]) / "checkpoints" / ".step_00000006.tmp").exists()  # replaced by the real one
 
-    # Checkpoints hold tensors, numbers and strings only: they load without unpickling code.
+    # The checkpoint holds the weights and, per weight, the optimizer's fp32 copy and Adam moments, whole.
+    from nemo_minitron.distill.checkpointing import read_tensors
+
     ckpt = Path(spec["output"]) / "checkpoints" / "step_00000006"
-    payload = torch.load(ckpt / "rank00000.pt", weights_only=True)
-    assert payload["step"] == 6 and "optimizer" in payload and "model" in payload
+    tensors = read_tensors(ckpt)
+    checked = 0
+    # megatron's names: the layers' tensors stacked ([layer, ...]), the norms named as in Transformer Engine's
+    # fused norm + linear layers (so checkpoints of either layer spec load in the other).
+    te_names = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+    for key, value in want_weights.items():
+        index = re.search(r"\.layers\.(\d+)\.", key)
+        name = key if index is None else key.replace(index.group(0), ".layers.")
+        for local, te in te_names.items():
+            name = name.replace(local, te)
+        saved = tensors[name] if index is None else tensors[name][int(index.group(1))]
+        assert np.array_equal(saved.float().numpy(), value), key
+        checked += 1
+    assert checked == len(want_weights) > 10
+    state_keys = {k for k in tensors if k.startswith("optimizer.state.")}
+    assert {k.split(".")[2] for k in state_keys} == {"exp_avg", "exp_avg_sq", "param"}  # fp32: the weights
+    assert tensors["optimizer.state.exp_avg.decoder.final_layernorm.weight"].shape == (32,)
     meta = json.loads((ckpt / "meta.json").read_text())
-    assert (meta["step"], meta["world_size"], meta["tensor_model_parallel_size"]) == (6, 1, 1)
+    assert (meta["step"], meta["layout"]["world_size"], meta["layout"]["tensor_model_parallel_size"]) == (6, 1, 1)
 
     # Starting from scratch among these checkpoints would mix two runs: refused.
     from nemo_minitron.errors import UserError

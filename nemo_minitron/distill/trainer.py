@@ -49,7 +49,6 @@ from nemo_minitron.distill.config import (
 from nemo_minitron.distill.intermediate import IntermediateLosses
 from nemo_minitron.distill.logging import RunLogger
 from nemo_minitron.distill.losses import FusedLogitKD
-from nemo_minitron.distill.optim import MixedPrecisionAdamW
 from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_weight, pipeline_shapes
 from nemo_minitron.dtypes import Fp8, torch_dtype
 from nemo_minitron.errors import UserError
@@ -57,7 +56,8 @@ from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.fsutil import DirectoryLock, atomic_write_text, check_can_create, remove_leftovers
 from nemo_minitron.models.builder import FP8_MULTIPLE, check_fp8_shapes, compile_layers, te_available
 from nemo_minitron.models.config import ModelConfig
-from nemo_minitron.parallel import grads, state
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.engine import TrainingEngine
 from nemo_minitron.parallel.schedule import forward_backward
 from nemo_minitron.parallel.sharding import check_divisible
 
@@ -76,11 +76,10 @@ class DistillResult:
     stopped_early: bool
 
 
-def run_meta(student: ModelConfig, train: TrainConfig, tp: int, pp: int) -> dict:
-    """What a checkpoint shares with the run that resumes it: parallel layout, architecture, batch shape."""
+def run_meta(student: ModelConfig, train: TrainConfig) -> dict:
+    """What a checkpoint shares with the run that resumes it: architecture and batch shape (the parallel layout
+    may differ: checkpoints reshard)."""
     return {
-        "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": pp,
         "student": student.model_dump(),
         "global_batch_size": train.global_batch_size,
         "seq_length": train.seq_length,
@@ -147,7 +146,7 @@ def validate(cfg: DistillConfig) -> None:
         if tokens is not None and tokens < cfg.train.seq_length + 1:
             raise UserError(f"data: the {split} split of {data} has {tokens} tokens, fewer than one sequence of "
                             f"train.seq_length + 1 = {cfg.train.seq_length + 1}")
-    checkpointing.check_resumable(Path(cfg.output) / "checkpoints", run_meta(student, cfg.train, tp, pp),
+    checkpointing.check_resumable(Path(cfg.output) / "checkpoints", run_meta(student, cfg.train),
                                   cfg.checkpoint.resume)
     # Last, as the slowest: every weight file is complete and has the shapes of its config.
     check_model(cfg.student)
@@ -205,12 +204,11 @@ class Trainer:
         )
         # (intermediate loss share, its term in the loss) of each micro-batch on a stage before the last.
         self.mid_stage_losses: list[tuple[float, float]] = []
-        self.params = [p for p in student.model.parameters() if p.requires_grad]
-        if self.intermediate is not None:
-            self.params += list(self.intermediate.module.parameters())
-        self.optimizer = MixedPrecisionAdamW(
-            self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
-        )
+        trainable = [student.model]
+        if self.intermediate is not None and any(True for _ in self.intermediate.module.parameters()):
+            trainable.append(self.intermediate.module)
+        self.engine = TrainingEngine(trainable, lr=optim.lr, weight_decay=optim.weight_decay,
+                                     betas=(optim.beta1, optim.beta2), eps=optim.eps)
         self.sampler = SequenceSampler(
             TokenDataset(str(data / "train")), train.seq_length, train.micro_batch_size,
             seed=train.seed, dp_rank=state.dp_rank(), dp_size=dp,
@@ -288,22 +286,20 @@ class Trainer:
         return StageModule()
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
-        self.optimizer.zero_grad()
+        self.engine.zero_grad()
         self.mid_stage_losses.clear()
         self.pair.student.train()
         reports = forward_backward(
             self.stage_module, micro_batches, self._loss_fn, forward_only=False,
             adjust_tensor_shapes_fn=pipeline_shapes(self.pair),
         )
-        grads.sync_tied_embedding_grads(self.pair.student)
-        grads.allreduce_sequence_parallel_grads(self.params)
-        grads.average_data_parallel_grads(self.params)
+        self.engine.finalize()
         metrics = self._mean_metrics(reports)
-        norm = float(grads.grad_norm(self.pair.student, self.params))
+        lr = self.optim_cfg.lr_at(self.step, self.total_steps)
+        norm, stepped = (self.engine.step(lr, self.optim_cfg.clip_grad) if math.isfinite(metrics["loss"])
+                         else (float("nan"), False))
         metrics["grad_norm"] = norm
-        finite = math.isfinite(norm) and math.isfinite(metrics["loss"])
-        if not finite:
-            self.optimizer.zero_grad()
+        if not stepped:
             self.skipped += 1
             self.skipped_in_a_row += 1
             metrics["skipped"] = 1.0
@@ -312,10 +308,6 @@ class Trainer:
                                 "steps in a row; stopping (the last checkpoint is intact)")
             return metrics
         self.skipped_in_a_row = 0
-        if self.optim_cfg.clip_grad > 0 and norm > self.optim_cfg.clip_grad:
-            self.optimizer.scale_grads(self.optim_cfg.clip_grad / (norm + 1e-6))
-        lr = self.optim_cfg.lr_at(self.step, self.total_steps)
-        self.optimizer.step(lr)
         metrics["lr"] = lr
         self.last_logit_loss = metrics.get("logit_loss", metrics["loss"])
         return metrics
@@ -363,48 +355,59 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _meta(self) -> dict:
-        return run_meta(self.student.cfg, self.train_cfg, state.tp_size(), state.pp_size())
+        return run_meta(self.student.cfg, self.train_cfg)
 
-    def _payload(self) -> dict:
+    def _sharded_state(self, loading: bool = False) -> dict:
+        """The run's state as megatron's sharded state dict: model and projection weights, optimizer state (per
+        model parameter, so that it reshards), and the counters (plain values, the same on every rank)."""
+        weights = {"model": self.pair.student.sharded_state_dict()}
+        if self.intermediate is not None:
+            weights["intermediate"] = self.intermediate.sharded_state_dict()
+        return {
+            **weights,
+            "optimizer": self.engine.sharded_state_dict(weights, loading),
+            "train": {
+                "step": self.step,
+                "skipped": self.skipped,
+                "skipped_in_a_row": self.skipped_in_a_row,
+                "last_logit_loss": self.last_logit_loss,
+                "last_loss": self.last_loss,
+            },
+        }
+
+    def _rng(self) -> dict:
         from megatron.core.tensor_parallel import random as mrandom
 
         tracker = mrandom.get_cuda_rng_tracker()
-        return {
-            "model": {k: v for k, v in self.pair.student.state_dict().items() if isinstance(v, torch.Tensor)},
-            "intermediate": self.intermediate.module.state_dict() if self.intermediate else {},
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "skipped": self.skipped,
-            "skipped_in_a_row": self.skipped_in_a_row,
-            "last_logit_loss": self.last_logit_loss,
-            "last_loss": self.last_loss,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_tracker": dict(tracker.get_states()) if hasattr(tracker, "get_states") else {},
-        }
+        return {"cpu": torch.get_rng_state(),
+                "tracker": dict(tracker.get_states()) if hasattr(tracker, "get_states") else {}}
 
     def save(self) -> None:
-        checkpointing.save(self.output / "checkpoints", self.step, self._payload(), self._meta(),
+        checkpointing.save(self.output / "checkpoints", self.step, self._sharded_state(), self._rng(), self._meta(),
                            self.ckpt_cfg.keep_last)
 
     def resume(self) -> bool:
         from megatron.core.tensor_parallel import random as mrandom
 
-        found = checkpointing.load_latest(self.output / "checkpoints", self._meta())
+        found = checkpointing.load_latest(self.output / "checkpoints", self._meta(),
+                                          lambda: self._sharded_state(loading=True))
         if found is None:
             return False
-        _, payload = found
-        self.pair.student.load_state_dict(payload["model"], strict=False)
+        loaded = found.state
+        self.pair.student.load_state_dict(loaded["model"])
         if self.intermediate is not None:
-            self.intermediate.module.load_state_dict(payload["intermediate"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.step = int(payload["step"])
-        self.skipped, self.skipped_in_a_row = int(payload["skipped"]), int(payload["skipped_in_a_row"])
-        previous = payload["last_logit_loss"]
+            self.intermediate.load_sharded(loaded["intermediate"])
+        self.engine.load_state_dict(loaded["optimizer"])
+        counters = loaded["train"]
+        self.step = int(counters["step"])
+        self.skipped, self.skipped_in_a_row = int(counters["skipped"]), int(counters["skipped_in_a_row"])
+        previous = counters["last_logit_loss"]
         self.last_logit_loss = None if previous is None else float(previous)
-        self.last_loss = float(payload.get("last_loss", float("nan")))
-        torch.set_rng_state(payload["rng_cpu"])
-        if payload["rng_tracker"]:
-            mrandom.get_cuda_rng_tracker().set_states(payload["rng_tracker"])
+        self.last_loss = float(counters["last_loss"])
+        if found.rng is not None:  # the same layout: every rank continues its own random streams
+            torch.set_rng_state(found.rng["cpu"])
+            if found.rng["tracker"]:
+                mrandom.get_cuda_rng_tracker().set_states(found.rng["tracker"])
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -460,7 +463,7 @@ class Trainer:
         """Give the models back as they came: no forward or gradient hooks of training, outputs as logits."""
         if self.intermediate is not None:
             self.intermediate.remove()
-        self.optimizer.remove_hooks()
+        self.engine.release()
         self.pair.restore()
 
     def _on_sigterm(self, _signum, _frame) -> None:
