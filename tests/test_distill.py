@@ -11,9 +11,9 @@ TP=1 references run in this process.
 from __future__ import annotations
 
 import json
-import re
 import math
 import os
+import re
 import signal
 import subprocess
 import sys

@@ -221,6 +221,22 @@ def _load_one(path: Path, sharded_state: Callable[[], dict[str, Any]], same_layo
     return Loaded(int(_STEP_DIR.match(path.name).group(1)), loaded, rng, path)
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """The error underneath torch's and megatron's wrappers (a failed rank's exception, a chained cause)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    seen = 0
+    while seen < 10:
+        seen += 1
+        if isinstance(exc, CheckpointException) and exc.failures:
+            exc = next(iter(exc.failures.values()))[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            return exc
+    return exc
+
+
 def load_latest(root: Path, expect_meta: dict[str, Any],
                 sharded_state: Callable[[], dict[str, Any]]) -> Optional[Loaded]:
     """The newest complete checkpoint under ``root`` that every rank can read, loaded into the tensors of
@@ -230,6 +246,8 @@ def load_latest(root: Path, expect_meta: dict[str, Any],
     that holds objects other than plain data is refused (UserError); one that cannot be read (a truncated file)
     is passed over for the previous one, with a line on stderr.
     """
+    from torch.distributed.checkpoint.api import CheckpointException
+
     mcore_fixes.apply()
     found = step_dirs(root)
     rank, _ = _rank_world()
@@ -240,10 +258,14 @@ def load_latest(root: Path, expect_meta: dict[str, Any],
         refused = error = None
         try:
             result = _load_one(path, sharded_state, meta.get("layout") == layout())
-        except pickle.UnpicklingError as exc:
-            refused = f"{path}: refused: {str(exc).removeprefix('refused: ') or 'it holds more than plain data'}"
-        except Exception as exc:  # a truncated or foreign file: torch and megatron raise many types
-            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        # A truncated or foreign file: torch and megatron raise many types, torch's checkpoint reader a
+        # CheckpointException (not an Exception) holding each failed rank's.
+        except (Exception, CheckpointException) as exc:
+            cause = _cause(exc)
+            if isinstance(cause, pickle.UnpicklingError):
+                refused = f"{path}: refused: it holds objects other than tensors and plain data"
+            else:
+                error = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
         if not _all_ok(refused is None):
             state.raise_rank0_error(refused or f"{path}: refused by another rank")
         if _all_ok(error is None):
