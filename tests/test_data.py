@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nemo_minitron.config import build_config
 from nemo_minitron.data import (
@@ -63,7 +65,14 @@ def prepared(tmp_path):
 
 
 def read_meta(out: Path) -> dict:
-    return json.loads((out / "meta.json").read_text())
+    """meta.json, plus each split's document names (from its listing file) under ``{split}_documents``."""
+    meta = json.loads((out / "meta.json").read_text())
+    for split in ("train", "valid"):
+        assert f"{split}_documents" not in meta  # no per-document list in what every rank reads
+        lines = (out / prepare_module.documents_file(split)).read_text().splitlines()
+        meta[f"{split}_documents"] = [json.loads(line) for line in lines]
+        assert meta[f"num_{split}_documents"] == len(lines)
+    return meta
 
 
 def test_token_counts_match_tokenizer_plus_eos(prepared, tokenizer):
@@ -99,8 +108,75 @@ def test_split_is_deterministic_disjoint_and_order_independent(tmp_path, prepare
         assert (again.output_dir / file).read_bytes() == (data.output_dir / file).read_bytes()
 
     names = sorted(texts)
-    assert prepare_module._valid_names(names, 0.3, 1) == prepare_module._valid_names(names[::-1], 0.3, 1)
-    assert prepare_module._valid_names(names, 0.3, 1) != prepare_module._valid_names(names, 0.3, 2)
+
+    def valid_names(names, seed):
+        _, is_valid = prepare_module.split_rule(iter(names), 0.3, seed)
+        return {n for n in names if is_valid(n)}
+
+    assert valid_names(names, 1) == valid_names(names[::-1], 1)
+    assert valid_names(names, 1) != valid_names(names, 2)
+
+
+def document_tokens(data) -> dict[str, list[int]]:
+    """Document name -> its token ids (EOS included), read back through the .idx document boundaries."""
+    meta, out = read_meta(data.output_dir), {}
+    for split, prefix in (("train", data.train_prefix), ("valid", data.valid_prefix)):
+        indexed = IndexedDataset(prefix)
+        assert len(indexed) == len(meta[f"{split}_documents"])
+        out.update({name: indexed[i].tolist() for i, name in enumerate(meta[f"{split}_documents"])})
+    return out
+
+
+def test_two_workers_write_the_same_bytes_as_one(tmp_path, monkeypatch):
+    write_corpus(tmp_path / "corpus")
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 60)  # many chunks, so both workers take some
+    one = prepare_data(config(tmp_path, tmp_path / "corpus", "one", valid_fraction=0.3))
+    two = prepare_data(config(tmp_path, tmp_path / "corpus", "two", valid_fraction=0.3, num_workers=2))
+    files = sorted(p.name for p in one.output_dir.iterdir())
+    assert files == sorted(p.name for p in two.output_dir.iterdir()) and "meta.json" in files
+    for name in files:
+        one_bytes, two_bytes = (one.output_dir / name).read_bytes(), (two.output_dir / name).read_bytes()
+        if name == "meta.json":  # which differs by the output folder it names only
+            one_bytes = one_bytes.replace(b'/one"', b'/two"')
+        assert one_bytes == two_bytes, name
+    # The number of workers is no part of the result: either reuses the other's folder.
+    assert prepare_data(config(tmp_path, tmp_path / "corpus", "one", valid_fraction=0.3, num_workers=3)) == one
+
+
+def test_gzip_and_jsonl_inputs_give_the_same_tokens_as_plain_files(tmp_path, tokenizer):
+    texts = write_corpus(tmp_path / "plain")
+    (tmp_path / "plain" / "notes.csv").unlink()
+    for path in (tmp_path / "plain").rglob("*.*"):
+        target = tmp_path / "gz" / path.relative_to(tmp_path / "plain")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.with_name(target.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+    (tmp_path / "gz" / "ignored.gz.txt.bak").write_text("not a corpus file")
+    (tmp_path / "records").mkdir()
+    records = [json.dumps({"text": texts[name]}) for name in sorted(DOCS)]
+    (tmp_path / "records" / "r.jsonl.gz").write_bytes(gzip.compress("\n".join(records).encode()))
+
+    plain = document_tokens(prepare_data(config(tmp_path, tmp_path / "plain", "p")))
+    zipped = document_tokens(prepare_data(config(tmp_path, tmp_path / "gz", "g")))
+    assert {n.replace(".txt.gz", ".txt").replace(".md.gz", ".md").replace(".jsonl.gz", ".jsonl"): ids
+            for n, ids in zipped.items()} == plain
+    jsonl = document_tokens(prepare_data(config(tmp_path, tmp_path / "records", "r")))
+    assert {f"r.jsonl.gz:{i}": plain[name] for i, name in enumerate(sorted(DOCS), 1)} == jsonl
+    eos = tokenizer.eos_token_id
+    assert all(plain[n] == tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for n, t in texts.items())
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("trunc.txt.gz", gzip.compress(b"some text")[:-6], r"trunc\.txt\.gz: not a valid gzip file"),
+    ("plain.jsonl.gz", b'{"text": "not compressed"}', r"plain\.jsonl\.gz: not a valid gzip file"),
+    ("bad.jsonl.gz", gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
+     r"bad\.jsonl\.gz: not valid UTF-8 \(byte offset 28\)"),
+])
+def test_bad_gzip_input_is_a_user_error(tmp_path, name, content, message):
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "corpus" / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        prepare_data(config(tmp_path, tmp_path / "corpus"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
 
 
 @pytest.mark.parametrize("fraction", [1e-9, 1 - 1e-9])
