@@ -33,6 +33,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from nemo_minitron.data.blend import META_FILE
 from nemo_minitron.data.config import PrepareDataConfig
 from nemo_minitron.data.tokenize import init_worker, tokenize_chunk, worker_tokenize
 from nemo_minitron.embedded import resolve_path
@@ -41,7 +42,6 @@ from nemo_minitron.fsutil import atomic_directory, check_can_create
 
 SUFFIXES = (".txt", ".md", ".jsonl")
 SPLITS = ("train", "valid")
-META_FILE = "meta.json"
 # Documents are sent to the tokenizing workers in chunks of at most this many characters (or one document).
 CHUNK_CHARS = 1 << 20
 
