@@ -506,3 +506,26 @@ def test_data_source_config():
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             build_config(Stage, {"data": bad})
+
+
+def test_eval_scores_each_blend_component_on_its_own(tmp_path):
+    from nemo_minitron.evaluation.config import EvalConfig
+    from nemo_minitron.evaluation.stage import evaluate
+    from tiny import write_tiny_hf
+
+    model = str(write_tiny_hf(tmp_path / "tiny"))
+    paths = [fake_prepared(tmp_path, "x", 10, 50, valid_tokens=60, vocab_size=256),
+             fake_prepared(tmp_path, "y", 100, 50, valid_tokens=90, vocab_size=256)]
+    base = dict(model=model, backend="hf", seq_length=8, micro_batch_size=2, max_windows=5)
+    alone = [evaluate(EvalConfig(**base, data=p)) for p in paths]
+    assert all(r.components == [] for r in alone) and alone[0].loss != alone[1].loss
+    blend = [{"weight": 3.0, "path": paths[0]}, {"weight": 1.0, "path": paths[1]}]
+    result = evaluate(EvalConfig(**base, data=blend, output=str(tmp_path / "eval.json")))
+    assert [c.path for c in result.components] == paths
+    assert [c.weight for c in result.components] == [0.75, 0.25]
+    for comp, single in zip(result.components, alone):
+        assert (comp.loss, comp.tokens, comp.windows) == (single.loss, single.tokens, single.windows)
+    assert result.loss == pytest.approx(0.75 * alone[0].loss + 0.25 * alone[1].loss, rel=1e-12)
+    assert result.windows == 10 and result.tokens == 10 * 7
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert [c["loss"] for c in written["components"]] == [c.loss for c in result.components]
