@@ -300,8 +300,10 @@ def _tokenized(chunks: Iterator[tuple[list[str], list[str]]], tokenizer: PreTrai
             pending.append(names)
             yield texts
 
-    # spawn, not fork: the preparing process may hold threads (torch, a process group) a fork would copy.
-    context = multiprocessing.get_context("spawn")
+    # fork where there is one, as Megatron's preprocess_data does: a spawned worker would import this module's
+    # torch and megatron-core again before its first chunk. A worker runs only the tokenizer (its own, loaded
+    # by init_worker) and numpy, nothing of the threads or process groups the parent may hold.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with context.Pool(num_workers, initializer=init_worker, initargs=(str(tokenizer_dir), eos_id, dtype.name)) as pool:
         try:
             for ids in pool.imap(worker_tokenize, texts_of(chunks)):  # in input order
