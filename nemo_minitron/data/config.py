@@ -3,6 +3,7 @@ data: no torch, no megatron)."""
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Union
 
 from pydantic import AfterValidator, Discriminator, Field, Tag, field_validator
@@ -65,9 +66,9 @@ DataSource = Annotated[
 ]
 
 
-def blend_weights(data: str | list[BlendComponent]) -> list[tuple[str, float]]:
+def blend_weights(data: str | os.PathLike | list[BlendComponent]) -> list[tuple[str, float]]:
     """``(path, weight)`` of each component of ``data``, weights normalised to sum to 1 (a path alone: 1.0)."""
-    if isinstance(data, str):
-        return [(data, 1.0)]
+    if not isinstance(data, list):
+        return [(os.fspath(data), 1.0)]
     total = sum(c.weight for c in data)
     return [(c.path, c.weight / total) for c in data]
