@@ -105,7 +105,8 @@ def make_trainer(spec: dict):
     teacher = None if spec["teacher"] is None else load_model(
         spec["teacher"], dtype=torch_dtype(train.teacher_dtype), sequence_parallel=train.sequence_parallel)
     return T.Trainer(
-        student, teacher, Path(spec["data"]), Path(spec["output"]), train, T.OptimConfig(**spec["optim"]),
+        student, teacher, spec["data"] if isinstance(spec["data"], list) else Path(spec["data"]), Path(spec["output"]),
+        train, T.OptimConfig(**spec["optim"]),
         T.LossConfig(**spec["loss"]), T.CheckpointConfig(**spec["checkpoint"]),
         T.EvalDuringTraining(**spec["evaluation"]), T.LogConfig(**spec["log"]),
     )
@@ -316,6 +317,25 @@ def checkpoint_steps(output: Path) -> list[int]:
     from nemo_minitron.distill.checkpointing import step_dirs
 
     return [step for step, _ in step_dirs(Path(output) / "checkpoints")]
+
+
+def test_a_blend_trains_in_the_blended_order_and_evaluates_each_component(kd, tmp_path, single_rank):
+    from nemo_minitron.data import BlendComponent, BlendedSampler, PrepareDataConfig, prepare_data, train_sampler
+
+    meta = json.loads((kd["data"] / "meta.json").read_text())
+    other = prepare_data(PrepareDataConfig(input=meta["config"]["input"], tokenizer=meta["config"]["tokenizer"],
+                                           output_dir=str(tmp_path / "data2"), valid_fraction=0.5, split_seed=5))
+    paths = [str(kd["data"]), str(other.output_dir)]
+    blend = [BlendComponent(weight=3, path=paths[0]), BlendComponent(weight=1, path=paths[1])]
+    spec = job(kd["student"], kd["teacher"], kd["data"], tmp_path / "blend")
+    trainer = make_trainer({**spec, "data": blend})
+    assert isinstance(trainer.sampler, BlendedSampler)
+    ours, reference = trainer.sampler.batches(start_sample=2), train_sampler(blend, SEQ, MB, seed=1234).batches(2)
+    for _ in range(3):
+        assert torch.equal(next(ours), next(reference))
+    # Held-out: each component on its own windows, weighted as the blend.
+    alone = [make_trainer({**spec, "data": p}).evaluate()[0] for p in paths]
+    assert trainer.evaluate()[0] == pytest.approx(0.75 * alone[0] + 0.25 * alone[1], rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -13,6 +13,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
+from nemo_minitron.data.config import DataSource
 from nemo_minitron.dtypes import Dtype, Fp8
 from nemo_minitron.parallel.config import ParallelConfig
 
@@ -201,7 +202,8 @@ class DistillConfig(TrainingSections):
         "checkpoint", description="random: the student's architecture from freshly initialised weights (a "
                                   "from-scratch baseline)")
     teacher: Optional[str] = None
-    data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
+    data: DataSource = Field(description="prepared dataset directory (prepare-data), or a weighted blend of several: "
+                                         "[{weight, path}, ...]")
     output: str = Field(min_length=1)
     train: TrainConfig
     parallel: ParallelConfig = ParallelConfig()

@@ -33,8 +33,7 @@ from nemo_minitron.checkpoint.io import (
     resolve_model_dir,
     save_checkpoint,
 )
-from nemo_minitron.data import SequenceSampler, TokenDataset, eval_windows
-from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.data import BlendComponent, heldout_sets, prepared_components, train_sampler
 from nemo_minitron.distill import checkpointing
 from nemo_minitron.distill.config import (
     CheckpointConfig,
@@ -134,18 +133,16 @@ def validate(cfg: DistillConfig) -> None:
         check_fp8_shapes(student, tp)
         if cfg.mode == "kd":
             check_fp8_shapes(teacher, tp, model="teacher")
-    data = Path(cfg.data)
-    if not (data / META_FILE).is_file():
-        raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
-    meta = json.loads((data / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("vocab_size", 0) > student.vocab_size:
-        raise UserError(f"data: {data} was tokenized with {meta['vocab_size']} token ids, more than the student's "
-                        f"vocab_size {student.vocab_size} (prepare it with the student's tokenizer)")
-    for split in ("train", "valid"):
-        tokens = meta.get(f"num_{split}_tokens")
-        if tokens is not None and tokens < cfg.train.seq_length + 1:
-            raise UserError(f"data: the {split} split of {data} has {tokens} tokens, fewer than one sequence of "
-                            f"train.seq_length + 1 = {cfg.train.seq_length + 1}")
+    for component in prepared_components(cfg.data, "data"):
+        data, meta = component.path, component.meta
+        if meta.get("vocab_size", 0) > student.vocab_size:
+            raise UserError(f"data: {data} was tokenized with {meta['vocab_size']} token ids, more than the "
+                            f"student's vocab_size {student.vocab_size} (prepare it with the student's tokenizer)")
+        for split in ("train", "valid"):
+            tokens = meta.get(f"num_{split}_tokens")
+            if tokens is not None and tokens < cfg.train.seq_length + 1:
+                raise UserError(f"data: the {split} split of {data} has {tokens} tokens, fewer than one sequence "
+                                f"of train.seq_length + 1 = {cfg.train.seq_length + 1}")
     checkpointing.check_resumable(Path(cfg.output) / "checkpoints", run_meta(student, cfg.train),
                                   cfg.checkpoint.resume)
     # Last, as the slowest: every weight file is complete and has the shapes of its config.
@@ -160,7 +157,8 @@ def validate(cfg: DistillConfig) -> None:
 class Trainer:
     """State of one distillation run on this rank (built by :func:`distill`)."""
 
-    def __init__(self, student: LoadedModel, teacher: Optional[LoadedModel], data: Path, output: Path,
+    def __init__(self, student: LoadedModel, teacher: Optional[LoadedModel], data: str | list[BlendComponent],
+                 output: Path,
                  train: TrainConfig, optim: OptimConfig, loss: LossConfig, checkpoint: CheckpointConfig,
                  evaluation: EvalDuringTraining, log: LogConfig) -> None:
         self.student, self.teacher = student, teacher
@@ -209,15 +207,11 @@ class Trainer:
             trainable.append(self.intermediate.module)
         self.engine = TrainingEngine(trainable, lr=optim.lr, weight_decay=optim.weight_decay,
                                      betas=(optim.beta1, optim.beta2), eps=optim.eps)
-        self.sampler = SequenceSampler(
-            TokenDataset(str(data / "train")), train.seq_length, train.micro_batch_size,
-            seed=train.seed, dp_rank=state.dp_rank(), dp_size=dp,
-        )
-        # Fixed held-out windows, read now: a split too short for one fails before any training. (The dataset
-        # stays referenced: its memory map closes when it is collected.)
-        self.valid = TokenDataset(str(data / "valid"))
-        self.eval_windows = list(eval_windows(self.valid, evaluation.seq_length or train.seq_length,
-                                              evaluation.max_windows))
+        self.sampler = train_sampler(data, train.seq_length, train.micro_batch_size, seed=train.seed,
+                                     dp_rank=state.dp_rank(), dp_size=dp)
+        # Fixed held-out windows of each component of the data, read now: a split too short for one fails
+        # before any training.
+        self.heldout = heldout_sets(data, evaluation.seq_length or train.seq_length, evaluation.max_windows)
         self.eval_micro_batch_size = evaluation.micro_batch_size or train.micro_batch_size
         self.total_steps = train.steps()
         self.step = 0
@@ -341,15 +335,17 @@ class Trainer:
 
     def evaluate(self) -> tuple[float, float]:
         """Student's held-out loss and perplexity on the valid split: the ``eval`` stage's computation on the
-        same windows every time."""
+        same windows every time (for a blend: each component's loss on its own windows, weighted as the blend)."""
         student = self.pair.student
         student.eval()
-        total, count = windows_loss_sums(
-            student, self.student.cfg.vocab_size, self.eval_windows, self.eval_micro_batch_size,
-            # The student's last stage returns hidden states (the KD loss projects them itself).
-            to_logits=lambda hidden: torch.nn.functional.linear(hidden, output_weight(student)),
-        )
-        loss = total / count
+        loss = 0.0
+        for heldout in self.heldout:
+            total, count = windows_loss_sums(
+                student, self.student.cfg.vocab_size, heldout.windows, self.eval_micro_batch_size,
+                # The student's last stage returns hidden states (the KD loss projects them itself).
+                to_logits=lambda hidden: torch.nn.functional.linear(hidden, output_weight(student)),
+            )
+            loss += heldout.weight * (total / count)
         return loss, math.exp(loss)
 
     # ------------------------------------------------------------------ checkpoints
@@ -477,7 +473,7 @@ class Trainer:
 def distill(
     student: LoadedModel,
     teacher: Optional[LoadedModel],
-    data: str | Path,
+    data: str | Path | list[BlendComponent],
     output: str | Path,
     train: TrainConfig,
     optim: OptimConfig = OptimConfig(),
@@ -486,13 +482,15 @@ def distill(
     evaluation: EvalDuringTraining = EvalDuringTraining(),
     log: LogConfig = LogConfig(),
 ) -> DistillResult:
-    """Train ``student`` from ``teacher`` (or with CE alone when None) on the prepared dataset ``data``.
+    """Train ``student`` from ``teacher`` (or with CE alone when None) on the prepared dataset ``data`` (or a
+    weighted blend of several).
 
     Checkpoints, ``metrics.jsonl`` and TensorBoard events go under ``output``; an existing checkpoint there is
     resumed when ``checkpoint.resume``. The trained weights stay in ``student.model``, which is returned to the
     caller without the hooks training puts on it.
     """
-    trainer = Trainer(student, teacher, Path(data), Path(output), train, optim, loss, checkpoint, evaluation, log)
+    trainer = Trainer(student, teacher, data if isinstance(data, list) else str(data), Path(output), train, optim,
+                      loss, checkpoint, evaluation, log)
     try:
         return trainer.run()
     finally:
