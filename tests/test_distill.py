@@ -39,12 +39,10 @@ def kd(tmp_path_factory) -> dict[str, Path]:
     """A prepared corpus, a tiny teacher (hidden 64, 4 layers, untied) and three students: ``pruned`` (the teacher
     width-pruned to hidden 48 / ffn 64 by ``prune``, head_dim 16 kept), and random ``student`` / ``tied``
     (hidden 32, 4 layers; untied / tied embeddings)."""
-    from nemo_minitron import embedded
     from nemo_minitron.checkpoint import io
-    from nemo_minitron.data import PrepareDataConfig, prepare_data
     from nemo_minitron.parallel import state
     from nemo_minitron.prune import PruneTarget, prune
-    from tiny import write_tiny_hf
+    from tiny import prepare_tiny_corpus, write_tiny_hf
 
     root = tmp_path_factory.mktemp("kd")
     common = dict(vocab_size=49152, with_tokenizer=True)
@@ -53,14 +51,7 @@ def kd(tmp_path_factory) -> dict[str, Path]:
         "student": write_tiny_hf(root / "student", hidden_size=32, intermediate_size=64, seed=22, **common),
         "tied": write_tiny_hf(root / "tied", hidden_size=32, intermediate_size=64, tied=True, seed=23, **common),
     }
-    play = next(embedded.corpus_dir().glob("tragedies/*hamlet*.md")).read_text(encoding="utf-8")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(8):
-        (corpus / f"part{i}.md").write_text(play[i * 2500 : (i + 1) * 2500], encoding="utf-8")
-    prepare_data(PrepareDataConfig(input=str(corpus), tokenizer=str(dirs["teacher"]), output_dir=str(root / "data"),
-                                   valid_fraction=0.25))
-    dirs["data"] = root / "data"
+    dirs["data"] = prepare_tiny_corpus(root, dirs["teacher"])
     state.initialize(state.ParallelConfig())
     try:
         calibration = fixed_batches(dirs["data"], n=2, seed=7)
@@ -605,6 +596,9 @@ def test_distill_returns_the_student_without_training_hooks(kd, tmp_path, single
     for name, param in student.model.named_parameters():
         assert not getattr(param, "_post_accumulate_grad_hooks", None), name
         assert not hasattr(param, "main_grad"), name
+    # Each weight has its own storage again (training kept them in one contiguous buffer).
+    storages = [p.untyped_storage().data_ptr() for p in student.model.parameters()]
+    assert len(set(storages)) == len(storages)
     save_checkpoint(student, tmp_path / "trained")
     fresh = load_model(str(tmp_path / "trained"))
     tokens = fixed_batches(kd["data"], n=1, seed=3)[0]
@@ -614,6 +608,9 @@ def test_distill_returns_the_student_without_training_hooks(kd, tmp_path, single
         want = fresh.model.eval()(inputs, positions, None)
     assert got.shape[-1] == want.shape[-1] >= 49152
     assert torch.equal(got, want)
+    # A backward pass puts gradients in .grad again.
+    student.model.train()(inputs, positions, None).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in student.model.parameters())
 
 
 def test_pairs_on_different_pipeline_stages_are_rejected_before_compute(kd, tmp_path):
@@ -675,7 +672,8 @@ def test_a_non_finite_step_is_skipped(kd, tmp_path, single_rank):
         same = all(torch.equal(snapshots[step][n], snapshots[step - 1][n]) for n in snapshots[0])
         assert same == (step == 3), f"step {step}"
     # AdamW counted only the 4 real steps.
-    assert {int(s["step"]) for s in trainer.optimizer.optimizer.state.values()} == {4}
+    inner_states = [s for opt in trainer.engine.optimizer.chained_optimizers for s in opt.optimizer.state.values()]
+    assert inner_states and {int(s["step"]) for s in inner_states} == {4}
 
 
 def test_too_many_non_finite_steps_stop_with_a_loadable_checkpoint(kd, tmp_path, single_rank):
@@ -690,8 +688,9 @@ def test_too_many_non_finite_steps_stop_with_a_loadable_checkpoint(kd, tmp_path,
     assert "\n" not in str(err.value)
     assert str(err.value).startswith("step 4: loss or gradients not finite for 2 steps in a row; stopping")
     assert checkpoint_steps(spec["output"]) == [2]
-    step, payload = checkpointing.load_latest(Path(spec["output"]) / "checkpoints", trainer._meta())
-    assert step == 2 and payload["skipped"] == 0
+    found = checkpointing.load_latest(Path(spec["output"]) / "checkpoints", trainer._meta(),
+                                      lambda: trainer._sharded_state(loading=True))
+    assert found.step == 2 and found.state["train"]["step"] == 2 and found.state["train"]["skipped"] == 0
     # Without the fault, the run resumes from that checkpoint and finishes.
     again = make_trainer(spec)
     result = again.run()

@@ -4,6 +4,8 @@ global batch, and each DP rank holds half of the optimizer state."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,78 @@ def test_distributed_optimizer_at_dp2_equals_dp1(tiny_hf_dirs, dp):
     # ZeRO-1: each DP rank keeps the Adam moments of its own shard of the parameters (one bucket's padding aside).
     for got in many:
         assert got["state_bytes"] == pytest.approx(one["state_bytes"] / dp, rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------ resharding checkpoints
+
+STEPS_RESHARD = 4
+
+
+@pytest.fixture(scope="module")
+def pair_and_data(tmp_path_factory) -> dict:
+    """A tiny teacher (hidden 64) and student (hidden 32), 4 layers each, with the SmolLM2 tokenizer, and a
+    prepared corpus."""
+    from tiny import prepare_tiny_corpus, write_tiny_hf
+
+    root = tmp_path_factory.mktemp("reshard")
+    common = dict(vocab_size=49152, with_tokenizer=True)
+    teacher = write_tiny_hf(root / "teacher", hidden_size=64, intermediate_size=96, seed=31, **common)
+    student = write_tiny_hf(root / "student", hidden_size=32, intermediate_size=64, seed=32, **common)
+    return {"teacher": str(teacher), "student": str(student), "data": str(prepare_tiny_corpus(root, teacher))}
+
+
+def _distil(tp: int, pp: int, models: dict, output: str) -> None:
+    """STEPS_RESHARD steps of KD at this layout (DP takes the rest), a checkpoint every 2; resumes if one is there."""
+    from pathlib import Path
+
+    from nemo_minitron.checkpoint.io import load_model
+    from nemo_minitron.distill.config import (
+        CheckpointConfig,
+        EvalDuringTraining,
+        LogConfig,
+        LossConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+    from nemo_minitron.distill.trainer import distill
+    from nemo_minitron.parallel import state
+    from nemo_minitron.parallel.config import ParallelConfig
+
+    state.initialize(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=5)
+    train = TrainConfig(seq_length=16, micro_batch_size=1, global_batch_size=4, max_steps=STEPS_RESHARD,
+                        dtype="float32", teacher_dtype="float32", seed=5)
+    distill(load_model(models["student"], dtype=torch.float32), load_model(models["teacher"], dtype=torch.float32),
+            models["data"], Path(output), train, OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1), LossConfig(),
+            CheckpointConfig(every_steps=2, keep_last=STEPS_RESHARD), EvalDuringTraining(every_steps=0, max_windows=1),
+            LogConfig(progress=False, tensorboard=False))
+
+
+def _losses(output) -> dict[int, float]:
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_checkpoint_reshards_and_continues_the_loss_curve(pair_and_data, tmp_path):
+    """Written at DP2 x TP2, the checkpoint of step 2 resumes at DP4 x TP1 and at DP1 x TP2 x PP2: steps 3 and 4
+    have the losses of the run that went on at DP2 x TP2 (float rounding apart: TP sums in another order)."""
+    import shutil
+
+    from nemo_minitron.parallel import state
+
+    straight = tmp_path / "dp2tp2"
+    state.spawn(_distil, 4, 2, 1, pair_and_data, str(straight))
+    want = _losses(straight)
+    assert sorted(want) == [1, 2, 3, 4] and want[4] < want[1]
+    meta = json.loads((straight / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["layout"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
+                              "data_parallel_size": 2, "world_size": 4}
+    for name, tp, pp in (("dp4tp1", 1, 1), ("dp1tp2pp2", 2, 2)):
+        resumed = tmp_path / name
+        shutil.copytree(straight / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+        state.spawn(_distil, 4, tp, pp, pair_and_data, str(resumed))
+        got = _losses(resumed)
+        assert sorted(got) == [3, 4], name
+        np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=2e-5, err_msg=name)

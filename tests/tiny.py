@@ -64,3 +64,18 @@ def write_tiny_hf(
 
         copy_tokenizer_files(embedded.teacher_dir(), path)
     return path
+
+
+def prepare_tiny_corpus(root: Path, tokenizer_dir: Path, parts: int = 8, chars: int = 2500) -> Path:
+    """``parts`` pieces of ``chars`` characters of Hamlet (the embedded corpus), prepared with the tokenizer of
+    ``tokenizer_dir`` into ``root / "data"`` (a quarter held out); the prepared directory."""
+    from nemo_minitron.data import PrepareDataConfig, prepare_data
+
+    play = next(embedded.corpus_dir().glob("tragedies/*hamlet*.md")).read_text(encoding="utf-8")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(parts):
+        (corpus / f"part{i}.md").write_text(play[i * chars : (i + 1) * chars], encoding="utf-8")
+    prepare_data(PrepareDataConfig(input=str(corpus), tokenizer=str(tokenizer_dir), output_dir=str(root / "data"),
+                                   valid_fraction=0.25))
+    return root / "data"

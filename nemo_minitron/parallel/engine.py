@@ -121,13 +121,16 @@ class TrainingEngine:
         return total
 
     def release(self) -> None:
-        """Detach from the modules: their gradients go to ``.grad`` again (the backward hooks stay registered
-        but find no bucket) and the schedules' hooks are cleared."""
-        for chunk in self.chunks:
-            chunk.param_to_bucket_group.clear()
-            for param in chunk.module.parameters():
-                if hasattr(param, "main_grad"):
-                    del param.main_grad
+        """Give the modules back as they came: their gradients go to ``.grad`` again (the backward hooks stay
+        registered but find no bucket), each parameter has its own storage again instead of a view into the
+        engine's contiguous buffer, and the schedules' hooks are cleared."""
+        with torch.no_grad():
+            for chunk in self.chunks:
+                chunk.param_to_bucket_group.clear()
+                for param in chunk.module.parameters():
+                    if hasattr(param, "main_grad"):
+                        del param.main_grad
+                    param.data = param.data.clone()
         self.config.no_sync_func = None
 
 

@@ -24,23 +24,14 @@ TIMING = ("tokens_per_second",)
 
 def make_models(root: Path) -> dict[str, Path]:
     """``teacher``, ``student`` (Hugging Face directories) and ``data`` (prepared, train and valid splits)."""
-    from nemo_minitron import embedded
-    from nemo_minitron.data import PrepareDataConfig, prepare_data
-    from tiny import write_tiny_hf
+    from tiny import prepare_tiny_corpus, write_tiny_hf
 
     common = dict(vocab_size=49152, with_tokenizer=True)
     dirs = {
         "teacher": write_tiny_hf(root / "teacher", hidden_size=64, intermediate_size=96, seed=61, **common),
         "student": write_tiny_hf(root / "student", hidden_size=32, intermediate_size=64, seed=62, **common),
     }
-    play = next(embedded.corpus_dir().glob("tragedies/*hamlet*.md")).read_text(encoding="utf-8")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(8):
-        (corpus / f"scene{i}.md").write_text(play[i * 2500 : (i + 1) * 2500], encoding="utf-8")
-    prepare_data(PrepareDataConfig(input=str(corpus), tokenizer=str(dirs["teacher"]), output_dir=str(root / "data"),
-                                   valid_fraction=0.25))
-    dirs["data"] = root / "data"
+    dirs["data"] = prepare_tiny_corpus(root, dirs["teacher"])
     return dirs
 
 
