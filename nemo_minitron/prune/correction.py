@@ -1,23 +1,26 @@
 """Weight correction after width pruning: ridge least-squares re-fit of the layers that read pruned units.
 
-``linear_fc2`` reads the MLP neurons and ``linear_proj`` the attention heads. With X the calibration inputs of
-such a layer in the unpruned model (rows: tokens), W its weight (rows: kept hidden channels) and K the kept
+Every linear layer that reads pruned units is re-fit on its kept inputs: ``linear_fc2`` on the kept MLP neurons,
+``linear_proj`` on the kept heads, and the readers of the hidden channels, ``linear_qkv`` (it reads the output of
+``input_layernorm``) and ``linear_fc1`` (``pre_mlp_layernorm``), on the kept channels. With X the calibration
+inputs of such a layer in the unpruned model (rows: tokens), W its weight (rows: its kept outputs) and K the kept
 input units, the corrected weight is
 
     W' = argmin ||X W^T - X_K W'^T||^2 + lam ||W' - W_K||^2 = W_K + W_R G_RK (G_KK + lam I)^-1
 
 with G = X^T X the input Gram, R the removed units and lam = ``damping`` x mean(diag G). The ridge pulls toward
-the plainly sliced weights W_K: a large damping gives back ``correction: none``, and a layer that loses no unit
-is left exactly as it is.
+the plainly sliced weights W_K: a large damping gives back ``correction: none``, and a layer that loses no input
+is left exactly as it is. The output layer and the embeddings are not re-fit (they are tied in many models).
 
-The Grams are accumulated by forward pre-hooks during the importance pass (no pass of their own). Both
-layers are row-parallel, so under tensor parallelism each rank sees only its slice X_r of the inputs; it
-gathers the full X over TP per micro-batch and keeps its row block X_r^T X ([n/tp, n], float64). After the pass
+The Grams are accumulated by forward hooks during the importance pass (no pass of their own). ``linear_fc2`` and
+``linear_proj`` are row-parallel, so under tensor parallelism each rank sees only its slice X_r of their inputs;
+it gathers the full X over TP per micro-batch and keeps its row block X_r^T X ([n/tp, n], float64). The norm
+outputs are the same on every TP rank: only the rank that will solve for them accumulates them. After the pass
 the blocks are summed over data-parallel ranks and concatenated over TP; each full Gram is kept by one rank
-of its pipeline stage (layers are dealt round-robin over the stage's TP x DP ranks), which solves that
-layer's correction; the corrected tensors are then shared with every rank. Memory per rank: 8 bytes x
-(layers of its stage) x (ffn^2 + (heads x head_dim)^2) / TP while accumulating, plus the full Grams it solves
-for; :func:`check_memory` refuses a run that cannot fit before the pass.
+of its pipeline stage (the Grams are dealt round-robin over the stage's TP x DP ranks), which solves that
+layer's correction; the corrected tensors are then shared with every rank. Memory per rank: 8 bytes x (layers
+of its stage) x (ffn^2 + (heads x head_dim)^2 + 2 hidden^2) / TP, plus the Grams being gathered;
+:func:`check_memory` refuses a run that cannot fit before the pass.
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.cpu import cuda_available
+from nemo_minitron.prune.slicing import fc1_rows, qkv_rows
 
-# The layers that read pruned units, by the name of the units' kind.
-LINEARS = {"fc2": "mlp.linear_fc2", "proj": "self_attention.linear_proj"}
+# The linear layers that are re-fit, by the kind of their input: MLP neurons, attention heads (both split over
+# TP), and the hidden channels after the two norms (the same on every TP rank).
+LINEARS = {"fc2": "mlp.linear_fc2", "proj": "self_attention.linear_proj",
+           "qkv": "self_attention.linear_qkv", "fc1": "mlp.linear_fc1"}
+TP_SPLIT = ("fc2", "proj")
 GIB = 2**30
 
 
@@ -44,10 +51,11 @@ def gram_bytes(cfg: ModelConfig, tp: int, pp: int, dp: int) -> int:
     """Peak bytes per rank of the float64 Grams: the row blocks of the stage's layers while accumulating, and
     the full Grams of the layers the rank solves for (conservatively, both at once, plus one being gathered)."""
     layers = math.ceil(cfg.num_layers / pp)
-    ffn, attn = cfg.ffn_hidden_size, cfg.num_attention_heads * cfg.kv_channels
+    ffn, attn, h = cfg.ffn_hidden_size, cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size
+    largest = max(ffn, attn, h)
     blocks = layers * (ffn**2 + attn**2) / tp
-    owned = math.ceil(2 * layers / (tp * dp)) * max(ffn, attn) ** 2
-    return int(8 * (blocks + owned + 2 * max(ffn, attn) ** 2))
+    owned = math.ceil(4 * layers / (tp * dp)) * largest**2
+    return int(8 * (blocks + owned + 2 * largest**2))
 
 
 def free_bytes() -> int:
@@ -73,47 +81,70 @@ def check_memory(cfg: ModelConfig) -> None:
     if short.item() > 0:
         raise UserError(
             f"correction lsq needs about {need / GIB:.1f} GiB per rank for its float64 input Grams "
-            f"(ffn^2 + (heads*head_dim)^2 per layer, split over TP), more than a rank has free "
+            f"(ffn^2 + (heads*head_dim)^2 + 2 hidden^2 per layer, split over TP), more than a rank has free "
             f"(here {free / GIB:.1f} GiB): use more TP/PP ranks or correction none"
         )
 
 
 class GramAccumulator:
-    """Row blocks X_r^T X of the input Grams of ``linear_fc2`` and ``linear_proj`` of this rank's layers,
-    summed over the micro-batches that pass through the hooked model."""
+    """The input Grams of the re-fit layers of this rank's layers, summed over the micro-batches that pass
+    through the hooked model: row blocks X_r^T X of the TP-split inputs on every TP rank, and the full Grams of
+    the norm outputs on the TP rank that solves for them."""
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[int, str], torch.Tensor] = {}  # (global layer, kind) -> [n/tp, n] float64
+        self.rows: dict[tuple[int, str], torch.Tensor] = {}  # (global layer, kind) -> [n/tp or n, n] float64
+        self.owner: dict[tuple[int, str], int] = {}  # -> index among the stage's TP x DP ranks
 
     def attach(self, model) -> list:
-        """Forward pre-hooks on every layer of ``model``; the caller removes the returned handles."""
+        """Hooks on every layer of ``model``; the caller removes the returned handles."""
+        layers = {layer.layer_number - 1: layer for layer in model.decoder.layers}
+        keys = sorted((idx, kind) for idx in layers for kind in LINEARS)
+        solvers = state.tp_size() * state.dp_size()
+        self.owner = {key: j % solvers for j, key in enumerate(keys)}
         handles = []
-        for layer in model.decoder.layers:
-            idx = layer.layer_number - 1
-            handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(self._hook((idx, "fc2"))))
-            handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(self._hook((idx, "proj"))))
+        for idx, kind in keys:
+            layer = layers[idx]
+            if kind in TP_SPLIT:
+                linear = layer.mlp.linear_fc2 if kind == "fc2" else layer.self_attention.linear_proj
+                handles.append(linear.register_forward_pre_hook(self._split_hook((idx, kind))))
+            elif self.owner[(idx, kind)] % state.tp_size() == state.tp_rank():
+                norm = layer.input_layernorm if kind == "qkv" else layer.pre_mlp_layernorm
+                handles.append(norm.register_forward_hook(self._norm_hook((idx, kind))))
         return handles
 
-    def _hook(self, key: tuple[int, str]) -> Callable:
+    def _add(self, key: tuple[int, str], block: torch.Tensor) -> None:
+        acc = self.rows.get(key)
+        self.rows[key] = block if acc is None else acc.add_(block)
+
+    def _split_hook(self, key: tuple[int, str]) -> Callable:
         def hook(_module, args):
             x = args[0].detach().float().flatten(0, -2)  # [tokens, n/tp]
             full = torch.cat(state.all_gather(x, state.tp_group()), 1)  # [tokens, n]
-            block = (x.T @ full).double()
-            acc = self.rows.get(key)
-            self.rows[key] = block if acc is None else acc.add_(block)
+            self._add(key, (x.T @ full).double())
+
+        return hook
+
+    def _norm_hook(self, key: tuple[int, str]) -> Callable:
+        def hook(_module, _args, output):
+            x = output.detach().float().flatten(0, -2)  # [tokens, h]
+            self._add(key, (x.T @ x).double())
 
         return hook
 
     def finish(self) -> dict[tuple[int, str], torch.Tensor]:
-        """The full Grams [n, n] of the layers this rank solves for (a collective over the stage's ranks)."""
-        solvers = state.tp_size() * state.dp_size()
+        """The full Grams [n, n] that this rank solves for (a collective over the stage's ranks)."""
         me = state.tp_rank() + state.tp_size() * state.dp_rank()
         owned = {}
-        for j, key in enumerate(sorted(self.rows)):
-            rows = state.all_reduce(self.rows.pop(key), state.dp_group())
-            full = torch.cat(state.all_gather(rows, state.tp_group()), 0)
-            del rows
-            if j % solvers == me:
+        for key in sorted(self.owner):
+            if key[1] in TP_SPLIT:
+                rows = state.all_reduce(self.rows.pop(key), state.dp_group())
+                full = torch.cat(state.all_gather(rows, state.tp_group()), 0)
+                del rows
+            elif key in self.rows:  # this TP rank accumulated it, in every DP replica
+                full = state.all_reduce(self.rows.pop(key), state.dp_group())
+            else:
+                continue
+            if self.owner[key] == me:
                 owned[key] = full
             del full
         return owned
@@ -142,38 +173,48 @@ def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping:
     return corrected.to(device=weight.device, dtype=weight.dtype)
 
 
-def kept_inputs(kind: str, cfg: ModelConfig, groups: torch.Tensor, heads: torch.Tensor,
-                neurons: torch.Tensor) -> torch.Tensor:
-    """Input columns of ``linear_fc2`` (``kind`` fc2: the kept neurons) or ``linear_proj`` (proj: the kept heads'
-    head_dim columns), in the order :func:`~nemo_minitron.prune.slicing.slice_canonical` keeps them."""
-    if kind == "fc2":
-        return neurons
+def kept_inputs(kind: str, cfg: ModelConfig, groups: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """Input columns of ``linear_proj`` that the kept heads keep (their head_dim columns each), in the order
+    :func:`~nemo_minitron.prune.slicing.slice_canonical` keeps them."""
     d = cfg.kv_channels
     head = (groups.unsqueeze(1) * cfg.heads_per_group + heads).flatten()  # global head index
     return (head.unsqueeze(1) * d + torch.arange(d)).flatten()
 
 
+def _problem(kind: str, source: dict[str, torch.Tensor], cfg: ModelConfig, selection,
+             old: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight with its kept output rows and all its inputs, the kept inputs) of layer ``old``'s ``kind``."""
+    weight = source[f"decoder.layers.{old}.{LINEARS[kind]}.weight"]
+    if kind == "fc2":
+        return weight[selection.channels], selection.neurons[old]
+    if kind == "proj":
+        return weight[selection.channels], kept_inputs(kind, cfg, selection.groups[old], selection.heads[old])
+    if kind == "qkv":
+        return qkv_rows(weight, cfg, selection.groups[old], selection.heads[old]), selection.channels
+    return fc1_rows(weight, selection.neurons[old]), selection.channels
+
+
 def correct(tensors: dict[str, torch.Tensor], canonical: dict[str, torch.Tensor], cfg: ModelConfig, selection,
-            grams: dict[tuple[int, str], torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
-    """``tensors`` (the sliced canonical state dict of the pruned model) with ``linear_fc2`` and ``linear_proj``
-    of every kept layer re-fit; each rank solves the layers whose Grams it holds (``grams``, from
-    :meth:`GramAccumulator.finish`) and every rank returns them all."""
+            grams: dict[tuple[int, str], torch.Tensor], damping: float,
+            kinds: tuple[str, ...] = tuple(LINEARS)) -> dict[str, torch.Tensor]:
+    """``tensors`` (the sliced canonical state dict of the pruned model) with the ``kinds`` of linear layers
+    (default: all of :data:`LINEARS`) of every kept layer re-fit; each rank solves the layers whose Grams it holds
+    (``grams``, from :meth:`GramAccumulator.finish`) and every rank returns them all."""
     local: dict[str, torch.Tensor] = {}
     for new, old in enumerate(selection.layers):
-        for kind, linear in LINEARS.items():
+        for kind in kinds:
             gram = grams.get((old, kind))
             if gram is None:
                 continue
-            keep = kept_inputs(kind, cfg, selection.groups[old], selection.heads[old], selection.neurons[old])
-            weight = canonical[f"decoder.layers.{old}.{linear}.weight"][selection.channels]
-            local[f"decoder.layers.{new}.{linear}.weight"] = refit(weight, gram, keep, damping).cpu()
+            weight, keep = _problem(kind, canonical, cfg, selection, old)
+            local[f"decoder.layers.{new}.{LINEARS[kind]}.weight"] = refit(weight, gram, keep, damping).cpu()
     merged = dict(local)
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list[Optional[dict]] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, local)
         merged = {k: v for part in everyone for k, v in part.items()}
-    missing = [f"decoder.layers.{new}.{linear}.weight" for new in range(len(selection.layers))
-               for linear in LINEARS.values() if f"decoder.layers.{new}.{linear}.weight" not in merged]
+    missing = [f"decoder.layers.{new}.{LINEARS[kind]}.weight" for new in range(len(selection.layers))
+               for kind in kinds if f"decoder.layers.{new}.{LINEARS[kind]}.weight" not in merged]
     if missing:
         raise RuntimeError(f"no rank re-fit {missing[0]}")
     return {**tensors, **merged}

@@ -172,12 +172,14 @@ def score(loaded: LoadedModel, calibration: list[torch.Tensor],
 
 
 def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_loss: bool = True,
-        correction: Correction = "none", damping: float = 0.01) -> tuple[LoadedModel, dict]:
+        correction: Correction = "none", damping: float = 0.01,
+        refit: tuple[str, ...] = tuple(corr_lib.LINEARS)) -> tuple[LoadedModel, dict]:
     """``loaded`` pruned to ``target`` by ``scored`` (from :func:`score` on the same model), at the same TP/PP,
     with a report of the selection and the calibration loss before and (unless not ``calibration_loss``,
-    which saves a pass over the calibration set) after. ``correction`` lsq re-fits ``linear_fc2`` and
-    ``linear_proj`` with ridge ``damping`` (:mod:`nemo_minitron.prune.correction`; ``scored`` must hold the
-    Grams: ``score(..., grams=True)``)."""
+    which saves a pass over the calibration set) after. ``correction`` lsq re-fits the linear layers that read
+    pruned units, those of ``refit`` (default: all, see :data:`~nemo_minitron.prune.correction.LINEARS`), with
+    ridge ``damping`` (:mod:`nemo_minitron.prune.correction`; ``scored`` must hold the Grams:
+    ``score(..., grams=True)``)."""
     cfg, model = loaded.cfg, loaded.model
     if correction == "lsq" and scored.grams is None:
         raise ValueError("correction lsq needs the Grams of the scoring pass: score(..., grams=True)")
@@ -190,7 +192,8 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
     selection = select(scores, cfg, new_cfg, keep)
     pruned_tensors = slice_canonical(scored.canonical, cfg, new_cfg, selection)
     if correction == "lsq":
-        pruned_tensors = corr_lib.correct(pruned_tensors, scored.canonical, cfg, selection, scored.grams, damping)
+        pruned_tensors = corr_lib.correct(pruned_tensors, scored.canonical, cfg, selection, scored.grams, damping,
+                                          refit)
     pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False, init=False)
     load_canonical(pruned_model, new_cfg, pruned_tensors.__getitem__)
     pruned_model.eval()
