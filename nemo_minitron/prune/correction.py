@@ -17,7 +17,7 @@ The Grams are accumulated by forward hooks during the importance pass (no pass o
 it gathers the full X over TP per micro-batch and keeps its row block X_r^T X ([n/tp, n], float64). The norm
 outputs are the same on every TP rank: only the rank that will solve for them accumulates them. After the pass
 the blocks are summed over data-parallel ranks and concatenated over TP; each full Gram is kept by one rank
-of its pipeline stage (the Grams are dealt round-robin over the stage's TP x DP ranks), which solves that
+of its pipeline stage (the Grams are dealt over the stage's TP x DP ranks, balancing their sizes), which solves that
 layer's correction; the corrected tensors are then shared with every rank. Memory per rank: 8 bytes x (layers
 of its stage) x (ffn^2 + (heads x head_dim)^2 + 2 hidden^2) / TP, plus the Grams being gathered;
 :func:`check_memory` refuses a run that cannot fit before the pass.
@@ -47,15 +47,36 @@ TP_SPLIT = ("fc2", "proj")
 GIB = 2**30
 
 
-def gram_bytes(cfg: ModelConfig, tp: int, pp: int, dp: int) -> int:
-    """Peak bytes per rank of the float64 Grams: the row blocks of the stage's layers while accumulating, and
-    the full Grams of the layers the rank solves for (conservatively, both at once, plus one being gathered)."""
-    layers = math.ceil(cfg.num_layers / pp)
+def gram_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """Entries of each kind's Gram."""
     ffn, attn, h = cfg.ffn_hidden_size, cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size
-    largest = max(ffn, attn, h)
-    blocks = layers * (ffn**2 + attn**2) / tp
-    owned = math.ceil(4 * layers / (tp * dp)) * largest**2
-    return int(8 * (blocks + owned + 2 * largest**2))
+    return {"fc2": ffn**2, "proj": attn**2, "qkv": h**2, "fc1": h**2}
+
+
+def deal(layers: list[int], cfg: ModelConfig, solvers: int) -> dict[tuple[int, str], int]:
+    """Which of a stage's ``solvers`` ranks solves each (layer, kind): largest Grams first, each to the rank with
+    the fewest entries so far (ties: the lower rank), so that every rank holds about the same memory."""
+    size = gram_sizes(cfg)
+    load = [0] * solvers
+    owner = {}
+    for key in sorted(((i, kind) for i in layers for kind in LINEARS), key=lambda k: (-size[k[1]], k)):
+        rank = min(range(solvers), key=lambda r: (load[r], r))
+        owner[key] = rank
+        load[rank] += size[key[1]]
+    return owner
+
+
+def gram_bytes(cfg: ModelConfig, tp: int, pp: int, dp: int) -> int:
+    """Peak bytes per rank of the float64 Grams (an upper bound): the row blocks of the stage's TP-split inputs,
+    the full Grams that the busiest rank of the stage solves for (as :func:`deal` deals them), and two of the
+    largest Gram in flight while gathering."""
+    layers = math.ceil(cfg.num_layers / pp)
+    size = gram_sizes(cfg)
+    owned = [0] * (tp * dp)
+    for (_, kind), rank in deal(list(range(layers)), cfg, tp * dp).items():
+        owned[rank] += size[kind]
+    blocks = layers * (size["fc2"] + size["proj"]) / tp
+    return int(8 * (blocks + max(owned) + 2 * max(size.values())))
 
 
 def free_bytes() -> int:
@@ -91,18 +112,17 @@ class GramAccumulator:
     through the hooked model: row blocks X_r^T X of the TP-split inputs on every TP rank, and the full Grams of
     the norm outputs on the TP rank that solves for them."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
         self.rows: dict[tuple[int, str], torch.Tensor] = {}  # (global layer, kind) -> [n/tp or n, n] float64
         self.owner: dict[tuple[int, str], int] = {}  # -> index among the stage's TP x DP ranks
 
     def attach(self, model) -> list:
         """Hooks on every layer of ``model``; the caller removes the returned handles."""
         layers = {layer.layer_number - 1: layer for layer in model.decoder.layers}
-        keys = sorted((idx, kind) for idx in layers for kind in LINEARS)
-        solvers = state.tp_size() * state.dp_size()
-        self.owner = {key: j % solvers for j, key in enumerate(keys)}
+        self.owner = deal(sorted(layers), self.cfg, state.tp_size() * state.dp_size())
         handles = []
-        for idx, kind in keys:
+        for idx, kind in sorted(self.owner):
             layer = layers[idx]
             if kind in TP_SPLIT:
                 linear = layer.mlp.linear_fc2 if kind == "fc2" else layer.self_attention.linear_proj

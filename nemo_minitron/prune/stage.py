@@ -152,7 +152,7 @@ def score(loaded: LoadedModel, calibration: list[torch.Tensor],
     cfg, model = loaded.cfg, loaded.model
     if grams:
         corr_lib.check_memory(cfg)
-    accumulator = corr_lib.GramAccumulator() if grams else None
+    accumulator = corr_lib.GramAccumulator(cfg) if grams else None
     start = time.perf_counter()
     # Block importance and the calibration loss come from the hooked forward pass for every criterion.
     scores = imp_lib.activation_importance(model, cfg, calibration, importance.seq_agg, importance.batch_agg,
