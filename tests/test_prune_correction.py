@@ -203,3 +203,41 @@ def test_tp2_pp2_and_dp2_refit_what_tp1_does(tiny_hf_dirs, tp, pp, world):
     assert got["selection"] == ref["selection"]
     for key, value in ref["canonical"].items():
         np.testing.assert_allclose(got["canonical"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# ------------------------------------------------------------------------- the bench's correction table
+
+
+def test_correction_table_reports_the_held_out_losses_of_each_pruning(tiny_hf_dirs, single_rank, tmp_path):
+    """modelopt_peer --correction: each loss is transformers' loss of the exported pruned model on the windows."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_minitron.bench.scripts import modelopt_peer
+    from nemo_minitron.prune import ImportanceConfig
+
+    src = tiny_hf_dirs["untied"]
+    loaded = io.load_model(str(src))
+    batches = calibration(loaded.cfg.vocab_size)
+    windows = list(torch.randint(0, 256, (6, 20), generator=torch.Generator().manual_seed(3)))
+    table = modelopt_peer.correction_table(loaded, batches, [TARGET], ImportanceConfig(), windows, 4, DAMPING)
+    (row,) = table["rows"]
+    assert row["target"] == TARGET.model_dump(exclude_none=True) and table["eval_windows"] == 6
+    ids = torch.stack(windows)
+    for name, kwargs in (("none", {}), ("lsq", {"correction": "lsq", "damping": DAMPING})):
+        pruned, _ = prune(io.load_model(str(src)), TARGET, batches, **kwargs)
+        io.export_hf(pruned, tmp_path / name)
+        with torch.no_grad():
+            loss = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)(ids, labels=ids).loss
+        assert row[f"loss_{name}"] == pytest.approx(loss.item(), abs=1e-4), name
+    assert row["loss_none"] not in (row["loss_lsq_units"], row["loss_lsq"])
+    assert row["gain_lsq"] == pytest.approx(row["loss_none"] - row["loss_lsq"])
+
+
+@pytest.mark.parametrize("text", ["hidden_size", "hidden_size=a", "hidden=8", "hidden_size=0"])
+def test_bad_also_targets_are_one_line_errors(text):
+    from nemo_minitron.bench.scripts import modelopt_peer
+
+    with pytest.raises(UserError):
+        modelopt_peer.parse_target(text)
+    assert modelopt_peer.parse_target("hidden_size=8,ffn_hidden_size=16") == PruneTarget(hidden_size=8,
+                                                                                         ffn_hidden_size=16)
