@@ -14,6 +14,8 @@ from nemo_minitron.parallel.config import ParallelConfig
 
 # How activations are aggregated over the sequence and over the batch (Minitron: mean, then L2).
 Agg = Literal["mean", "l2", "var"]
+# Weight correction after the cut (nemo_minitron.prune.correction).
+Correction = Literal["none", "lsq"]
 WIDTH_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
 
@@ -79,5 +81,12 @@ class PruneConfig(StrictModel):
     overwrite: bool = False
     pruned_loss: bool = Field(True, description="report the pruned model's calibration loss "
                                                 "(one more forward pass over the calibration set)")
+    correction: Correction = Field(
+        "none", description="lsq: after the cut, re-fit linear_fc2 over the kept MLP neurons, linear_proj over the "
+                            "kept heads and linear_qkv / linear_fc1 over the kept hidden channels by ridge least "
+                            "squares on the calibration activations")
+    correction_damping: float = Field(
+        0.01, gt=0, description="lsq ridge strength, as a fraction of the mean diagonal of the input Gram matrix; "
+                                "the ridge pulls toward the plainly sliced weights")
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234

@@ -20,7 +20,7 @@ scores — and the pruning they choose — do not depend on the parallel layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,9 @@ from nemo_minitron.evaluation.loss import reduce_loss_sums, token_loss_sums
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.prune.config import Agg
+
+if TYPE_CHECKING:
+    from nemo_minitron.prune.correction import GramAccumulator
 
 
 def reduce_sequence(values: torch.Tensor, how: Agg) -> torch.Tensor:
@@ -148,9 +151,11 @@ def activation_importance(
     seq_agg: Agg = "mean",
     batch_agg: Agg = "l2",
     progress: bool = False,
+    grams: Optional["GramAccumulator"] = None,
 ) -> Importance:
     """Minitron activation importance from forward passes over this DP rank's calibration ``batches``
-    (with ``progress``, a bar over them)."""
+    (with ``progress``, a bar over them); ``grams``, when given, accumulates the input Grams of weight correction
+    in the same pass."""
     d = cfg.kv_channels
     heads_m: dict[int, _Moments] = {}
     neurons_m: dict[int, _Moments] = {}
@@ -196,6 +201,8 @@ def activation_importance(
             layer.pre_mlp_layernorm.register_forward_hook(on_norm_output((idx, "pre_mlp"))),
             layer.register_forward_hook(on_layer(idx), with_kwargs=True),
         ]
+    if grams is not None:
+        handles += grams.attach(model)
     bar = progress_bar(progress, "importance", "batch", total=len(batches))
 
     def count_batch(*_) -> None:

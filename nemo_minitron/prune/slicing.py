@@ -67,6 +67,22 @@ def select(imp: Importance, cfg: ModelConfig, target: ModelConfig, keep_layers: 
     )
 
 
+def qkv_rows(weight: torch.Tensor, cfg: ModelConfig, groups: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """The rows of ``linear_qkv``'s ``weight`` [(H + 2G) d, h] that the kept query ``groups`` and ``heads`` keep:
+    per kept group, its kept q heads, then its k and v heads (positions hpg, hpg + 1); all input channels."""
+    g, hpg, d = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels
+    kv = torch.tensor([hpg, hpg + 1]).expand(len(groups), 2)
+    rows_in_group = torch.cat([heads, kv], dim=1)  # [G', H'/G' + 2]
+    kept = weight.view(g, hpg + 2, d, -1)[groups.unsqueeze(1), rows_in_group]  # [G', H'/G' + 2, d, h]
+    return kept.reshape(-1, weight.shape[1])
+
+
+def fc1_rows(weight: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+    """The gate and up rows of ``linear_fc1``'s ``weight`` [2F, h] of the kept ``neurons``; all input channels."""
+    gate, up = weight.chunk(2, 0)
+    return torch.cat([gate[neurons], up[neurons]])
+
+
 def slice_canonical(
     canonical: dict[str, torch.Tensor], cfg: ModelConfig, target: ModelConfig, sel: Selection
 ) -> dict[str, torch.Tensor]:
@@ -81,18 +97,13 @@ def slice_canonical(
     for new, old in enumerate(sel.layers):
         src, dst = f"decoder.layers.{old}.", f"decoder.layers.{new}."
         groups, heads = sel.groups[old], sel.heads[old]
-        # Rows of a kept group: its kept q heads, then its k and v heads (positions hpg, hpg + 1).
-        kv = torch.tensor([hpg, hpg + 1]).expand(len(groups), 2)
-        rows_in_group = torch.cat([heads, kv], dim=1)  # [G', H'/G' + 2]
-        qkv = canonical[src + "self_attention.linear_qkv.weight"].view(g, hpg + 2, d, h)
-        qkv = qkv[groups.unsqueeze(1), rows_in_group]  # [G', H'/G' + 2, d, h]
-        out[dst + "self_attention.linear_qkv.weight"] = qkv[..., ch].reshape(-1, len(ch)).clone()
+        qkv = qkv_rows(canonical[src + "self_attention.linear_qkv.weight"], cfg, groups, heads)
+        out[dst + "self_attention.linear_qkv.weight"] = qkv[:, ch].clone()
         proj = canonical[src + "self_attention.linear_proj.weight"].view(h, g, hpg, d)
         proj = proj[:, groups.unsqueeze(1), heads]  # [h, G', H'/G', d]
         out[dst + "self_attention.linear_proj.weight"] = proj[ch].reshape(len(ch), -1).clone()
-        gate, up = canonical[src + "mlp.linear_fc1.weight"].chunk(2, 0)
         n = sel.neurons[old]
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate[n][:, ch], up[n][:, ch]])
+        out[dst + "mlp.linear_fc1.weight"] = fc1_rows(canonical[src + "mlp.linear_fc1.weight"], n)[:, ch]
         out[dst + "mlp.linear_fc2.weight"] = canonical[src + "mlp.linear_fc2.weight"][ch][:, n].clone()
         for norm in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
             out[dst + norm] = canonical[src + norm][ch].clone()

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,8 +26,16 @@ from nemo_minitron.models.builder import build_model
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
+from nemo_minitron.prune import correction as corr_lib
 from nemo_minitron.prune import importance as imp_lib
-from nemo_minitron.prune.config import WIDTH_KEYS, CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
+from nemo_minitron.prune.config import (
+    WIDTH_KEYS,
+    CalibrationConfig,
+    Correction,
+    ImportanceConfig,
+    PruneConfig,
+    PruneTarget,
+)
 from nemo_minitron.prune.slicing import bottom_k, select, slice_canonical
 
 
@@ -114,8 +123,8 @@ def _layers_to_drop(model, cfg: ModelConfig, target: ModelConfig, spec: PruneTar
 class Scores:
     """Importance of ``loaded``'s units on a calibration set, computed once and usable for any target:
     the scores, the full (canonical) tensors to slice, and the calibration batches (depth criteria that
-    need forward passes and the pruned model's calibration loss use them), and whether those passes show
-    progress bars."""
+    need forward passes and the pruned model's calibration loss use them), whether those passes show
+    progress bars, and the input Grams of weight correction that this rank solves for (None unless asked)."""
 
     scores: imp_lib.Importance
     canonical: dict[str, torch.Tensor]
@@ -123,17 +132,24 @@ class Scores:
     importance: ImportanceConfig
     seconds: float
     progress: bool
+    grams: Optional[dict[tuple[int, str], torch.Tensor]] = None
 
 
 def score(loaded: LoadedModel, calibration: list[torch.Tensor],
-          importance: ImportanceConfig = ImportanceConfig(), progress: bool = False) -> Scores:
+          importance: ImportanceConfig = ImportanceConfig(), progress: bool = False, grams: bool = False) -> Scores:
     """Importance of every head, query group, neuron, channel and layer of ``loaded`` on ``calibration``
-    micro-batches [b, s+1] (with ``progress``, bars over the passes, here and in :func:`cut`)."""
+    micro-batches [b, s+1] (with ``progress``, bars over the passes, here and in :func:`cut`); with ``grams``,
+    also the input Grams that ``cut(..., correction="lsq")`` needs (same pass; one-line error first when they
+    cannot fit in memory)."""
     cfg, model = loaded.cfg, loaded.model
+    if grams:
+        corr_lib.check_memory(cfg)
+    accumulator = corr_lib.GramAccumulator(cfg) if grams else None
     start = time.perf_counter()
     # Block importance and the calibration loss come from the hooked forward pass for every criterion.
     scores = imp_lib.activation_importance(model, cfg, calibration, importance.seq_agg, importance.batch_agg,
-                                           progress)
+                                           progress, accumulator)
+    owned = accumulator.finish() if accumulator is not None else None
     seconds = time.perf_counter() - start
     canonical = gather_canonical(model, cfg, everywhere=True)
     if importance.criterion != "activation":
@@ -144,15 +160,21 @@ def score(loaded: LoadedModel, calibration: list[torch.Tensor],
         )
         width.layers, width.calibration_loss = scores.layers, scores.calibration_loss
         scores = width
-    return Scores(scores, canonical, calibration, importance, seconds, progress)
+    return Scores(scores, canonical, calibration, importance, seconds, progress, owned)
 
 
-def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget,
-        calibration_loss: bool = True) -> tuple[LoadedModel, dict]:
+def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_loss: bool = True,
+        correction: Correction = "none", damping: float = 0.01,
+        refit: tuple[str, ...] = tuple(corr_lib.LINEARS)) -> tuple[LoadedModel, dict]:
     """``loaded`` pruned to ``target`` by ``scored`` (from :func:`score` on the same model), at the same TP/PP,
     with a report of the selection and the calibration loss before and (unless not ``calibration_loss``,
-    which saves a pass over the calibration set) after."""
+    which saves a pass over the calibration set) after. ``correction`` lsq re-fits the linear layers that read
+    pruned units, those of ``refit`` (default: all, see :data:`~nemo_minitron.prune.correction.LINEARS`), with
+    ridge ``damping`` (:mod:`nemo_minitron.prune.correction`; ``scored`` must hold the Grams:
+    ``score(..., grams=True)``)."""
     cfg, model = loaded.cfg, loaded.model
+    if correction == "lsq" and scored.grams is None:
+        raise ValueError("correction lsq needs the Grams of the scoring pass: score(..., grams=True)")
     new_cfg = target_config(cfg, target)
     check_divisible(new_cfg, state.tp_size(), state.pp_size())
     scores, calibration = scored.scores, scored.calibration
@@ -161,6 +183,9 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget,
     keep = [i for i in range(cfg.num_layers) if i not in set(drop)]
     selection = select(scores, cfg, new_cfg, keep)
     pruned_tensors = slice_canonical(scored.canonical, cfg, new_cfg, selection)
+    if correction == "lsq":
+        pruned_tensors = corr_lib.correct(pruned_tensors, scored.canonical, cfg, selection, scored.grams, damping,
+                                          refit)
     pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False, init=False)
     load_canonical(pruned_model, new_cfg, pruned_tensors.__getitem__)
     pruned_model.eval()
@@ -172,6 +197,8 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget,
         "target_params": new_cfg.num_params(),
         "param_ratio": new_cfg.num_params() / cfg.num_params(),
         "criterion": scores.criterion,
+        "correction": correction,
+        "correction_damping": damping if correction == "lsq" else None,
         "depth_criterion": None if target.drop_layers is not None or not drop else scored.importance.depth,
         "dropped_layers": drop,
         "calibration_loss_before": scores.calibration_loss,
@@ -191,15 +218,19 @@ def prune(
     importance: ImportanceConfig = ImportanceConfig(),
     calibration_loss: bool = True,
     progress: bool = False,
+    correction: Correction = "none",
+    damping: float = 0.01,
 ) -> tuple[LoadedModel, dict]:
     """Prune ``loaded`` to ``target`` using importance from ``calibration`` micro-batches [b, s+1] (with
-    ``progress``, bars over the passes that take long: importance and the depth criteria).
+    ``progress``, bars over the passes that take long: importance and the depth criteria); ``correction`` lsq
+    re-fits the layers that read pruned neurons and heads (ridge ``damping``) on the same calibration pass.
 
     Returns the pruned model (same TP/PP as ``loaded``) and a report with the scores and the selection (and,
     unless not ``calibration_loss``, the pruned model's calibration loss).
     """
     target_config(loaded.cfg, target)  # a bad target fails before the calibration passes
-    return cut(loaded, score(loaded, calibration, importance, progress), target, calibration_loss)
+    scored = score(loaded, calibration, importance, progress, grams=correction == "lsq")
+    return cut(loaded, scored, target, calibration_loss, correction, damping)
 
 
 def heatmap_png(report: dict) -> bytes:
@@ -239,7 +270,8 @@ def run_prune(cfg: PruneConfig) -> dict:
     # Hooks read the norms' outputs, which Transformer Engine fuses away: calibrate on the local spec.
     loaded = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), use_te=False)
     pruned, report = prune(loaded, cfg.target, calibration_batches(cfg.calibration), cfg.importance, cfg.pruned_loss,
-                           progress=cfg.calibration.progress)
+                           progress=cfg.calibration.progress, correction=cfg.correction,
+                           damping=cfg.correction_damping)
     summary = {k: v for k, v in report.items() if k not in ("importance", "selection", "source", "target")}
     summary["output"] = cfg.output
     files = {

@@ -1,7 +1,8 @@
 """NVIDIA ModelOpt's Minitron pruning (mode ``mcore_minitron``) next to ours, on the same teacher and batches.
 
     .venv/bin/python benchmarks/modelopt_peer.py conf/prune/smollm2_width_55.yaml [key=value ...] \\
-        [--workdir runs/bench/modelopt] [--eval conf/eval/teacher.yaml] [--repeats 1] [--overwrite]
+        [--workdir runs/bench/modelopt] [--eval conf/eval/teacher.yaml] [--repeats 1] [--overwrite] \\
+        [--correction [--also hidden_size=378,ffn_hidden_size=640,num_attention_heads=6 ...]]
 
 The prune config gives the teacher, the width/depth target and the calibration set (``key=value`` overrides
 as for ``nemo-minitron prune``, e.g. ``calibration.num_samples=64``). In one process, on one rank (TP=1,
@@ -11,6 +12,12 @@ read any pruned model. Printed (and written to ``<workdir>/comparison.json``): t
 estimation, of our whole pruning and of ModelOpt's pruning call (its importance estimation, sorting and
 slicing; the fastest of ``--repeats`` alternating runs), the share of our kept units that ModelOpt keeps too,
 and with ``--eval`` the held-out loss of the teacher and both students.
+
+With ``--correction`` (and ``--eval``), our pruning is also scored once more with the input Grams of weight
+correction (``correction: lsq``; the time of that pass is printed beside the plain one) and cut to the target and
+to every ``--also`` target (comma-separated ``key=value`` sizes) twice, with ``correction`` none and lsq
+(``correction_damping`` of the prune config), and with lsq on ``linear_fc2`` and ``linear_proj`` alone: the
+held-out losses, side by side, go under ``correction``.
 
 ModelOpt is a peer, not a dependency: ``make install-modelopt`` installs ``nvidia-modelopt==0.43.0``, the
 last release whose ``mcore_minitron`` runs without Transformer Engine. On CPU it needs three fixes, applied
@@ -34,18 +41,19 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
-from nemo_minitron.config import load_config
+from nemo_minitron.config import build_config, load_config
 from nemo_minitron.data.blend import prepared_components
 from nemo_minitron.dtypes import DTYPE_NAMES, torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.config import EvalConfig
-from nemo_minitron.evaluation.loss import token_loss_sums
-from nemo_minitron.evaluation.stage import evaluate
+from nemo_minitron.evaluation.loss import token_loss_sums, windows_loss_sums
+from nemo_minitron.evaluation.stage import eval_tokens, evaluate
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.cpu import cuda_available
 from nemo_minitron.parallel.sharding import gather_canonical
-from nemo_minitron.prune.config import CalibrationConfig, PruneConfig, PruneTarget
+from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
+from nemo_minitron.prune.correction import LINEARS
 from nemo_minitron.prune.slicing import Selection, slice_canonical
 from nemo_minitron.prune.stage import calibration_batches, cut, score, target_config, validate
 
@@ -300,8 +308,47 @@ def timed_repeat(cfg: PruneConfig, batches: list[torch.Tensor]) -> tuple[float, 
     return importance, whole, timing["importance_s"]
 
 
-def compare(cfg: PruneConfig, workdir: Path, eval_cfg: EvalConfig | None = None, repeats: int = 1) -> dict:
-    """Our pruner and ModelOpt's on ``cfg`` (one rank), each writing its student under ``workdir``.
+def parse_target(text: str) -> PruneTarget:
+    """``hidden_size=378,ffn_hidden_size=640`` -> a target; one-line error for anything else."""
+    sizes = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise UserError(f"--also {text!r}: give comma-separated key=integer sizes, e.g. hidden_size=378")
+        sizes[key.strip()] = int(value)
+    return build_config(PruneTarget, sizes)
+
+
+def correction_table(loaded: LoadedModel, batches: list[torch.Tensor], targets: list[PruneTarget],
+                     importance: ImportanceConfig, windows: list[torch.Tensor], micro_batch_size: int,
+                     damping: float) -> dict:
+    """Held-out loss on ``windows`` of ``loaded`` cut to each of ``targets`` with ``correction`` none, lsq on the
+    readers of pruned neurons and heads only (``lsq_units``) and lsq (ridge ``damping``), from one scoring pass on
+    ``batches`` that also accumulates the Grams (timed)."""
+    start = time.perf_counter()
+    scored = score(loaded, batches, importance, grams=True)
+    seconds = time.perf_counter() - start
+    rows = []
+    # none; lsq on linear_fc2 and linear_proj only (the readers of pruned neurons and heads); lsq on all readers.
+    arms = {"none": ("none", ()), "lsq_units": ("lsq", ("fc2", "proj")), "lsq": ("lsq", tuple(LINEARS))}
+    for target in targets:
+        loss = {}
+        for name, (correction, refit) in arms.items():
+            pruned, report = cut(loaded, scored, target, calibration_loss=False, correction=correction,
+                                 damping=damping, refit=refit)
+            total, count = windows_loss_sums(pruned.model, pruned.cfg.vocab_size, windows, micro_batch_size)
+            loss[name] = total / count
+            del pruned
+        rows.append({"target": target.model_dump(exclude_none=True), "params": report["target_params"],
+                     "param_ratio": report["param_ratio"], **{f"loss_{k}": v for k, v in loss.items()},
+                     "gain_lsq": loss["none"] - loss["lsq"]})
+    return {"importance_with_grams_s": seconds, "damping": damping, "eval_windows": len(windows), "rows": rows}
+
+
+def compare(cfg: PruneConfig, workdir: Path, eval_cfg: EvalConfig | None = None, repeats: int = 1,
+            correction_targets: list[PruneTarget] | None = None) -> dict:
+    """Our pruner and ModelOpt's on ``cfg`` (one rank), each writing its student under ``workdir``; with
+    ``correction_targets`` (which needs ``eval_cfg``), also :func:`correction_table` at those targets.
 
     The two are timed alternately ``repeats`` times; the fastest run of each counts (the machine may be busy).
     """
@@ -311,7 +358,13 @@ def compare(cfg: PruneConfig, workdir: Path, eval_cfg: EvalConfig | None = None,
     if repeats < 1:
         raise UserError(f"repeats must be at least 1, not {repeats}")
     validate(cfg)
-    export_config(read_model_config(resolve_model_dir(cfg.model)), cfg.target)
+    source_cfg = read_model_config(resolve_model_dir(cfg.model))
+    export_config(source_cfg, cfg.target)
+    if correction_targets is not None:
+        if eval_cfg is None:
+            raise UserError("--correction compares held-out losses: give --eval")
+        for target in correction_targets:
+            target_config(source_cfg, target)
     modelopt_dir = workdir / "modelopt"
     if modelopt_dir.exists() and not cfg.overwrite:
         raise UserError(f"output directory already exists: {modelopt_dir} (set overwrite=true to replace it)")
@@ -319,9 +372,10 @@ def compare(cfg: PruneConfig, workdir: Path, eval_cfg: EvalConfig | None = None,
     loaded = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), use_te=False)
     batches = calibration_batches(cfg.calibration)
     start = time.perf_counter()
-    scored = score(loaded, batches, cfg.importance)
+    scored = score(loaded, batches, cfg.importance, grams=cfg.correction == "lsq")
     ours_importance = [time.perf_counter() - start]
-    pruned, report = cut(loaded, scored, cfg.target, calibration_loss=False)
+    pruned, report = cut(loaded, scored, cfg.target, calibration_loss=False, correction=cfg.correction,
+                         damping=cfg.correction_damping)
     ours_prune = [time.perf_counter() - start]
     save_checkpoint(pruned, Path(cfg.output), cfg.overwrite)
     del loaded, scored, pruned
@@ -352,7 +406,26 @@ def compare(cfg: PruneConfig, workdir: Path, eval_cfg: EvalConfig | None = None,
             name: evaluate(eval_cfg.model_copy(update={"model": path, "output": None})).loss
             for name, path in (("teacher", cfg.model), *result["students"].items())
         }
+    if correction_targets is not None:
+        windows = eval_tokens(eval_cfg, resolve_model_dir(cfg.model))
+        table = correction_table(load_model(cfg.model, dtype=torch_dtype(cfg.dtype), use_te=False), batches,
+                                 [cfg.target, *correction_targets], cfg.importance, windows,
+                                 eval_cfg.micro_batch_size, cfg.correction_damping)
+        table["ratio_importance_with_grams"] = table["importance_with_grams_s"] / ours_importance[0]
+        result["correction"] = table
     return result
+
+
+def print_correction(table: dict) -> None:
+    """The side-by-side held-out losses of :func:`correction_table`, on stderr."""
+    print(f"held-out loss after pruning ({table['eval_windows']} windows), correction none vs lsq "
+          f"(damping {table['damping']}); importance pass with Grams {table['importance_with_grams_s']:.1f} s "
+          f"= {table['ratio_importance_with_grams']:.2f}x the plain pass", file=sys.stderr)
+    for row in table["rows"]:
+        shape = " ".join(f"{k}={v}" for k, v in row["target"].items())
+        print(f"  {shape:<60} {row['param_ratio']:6.1%}  none {row['loss_none']:.4f}  "
+              f"lsq fc2+proj {row['loss_lsq_units']:.4f}  lsq {row['loss_lsq']:.4f}  gain {row['gain_lsq']:+.4f}",
+              file=sys.stderr)
 
 
 def main() -> None:
@@ -365,19 +438,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs of each pruner, alternating; the fastest counts")
     parser.add_argument("--overwrite", action="store_true", help="replace the students of an earlier run")
+    parser.add_argument("--correction", action="store_true",
+                        help="also held-out losses with correction none and lsq at the target and the --also targets "
+                             "(needs --eval)")
+    parser.add_argument("--also", action="append", default=[], metavar="KEY=N,KEY=N",
+                        help="another target of the --correction comparison (repeatable)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     try:
         cfg = load_config(PruneConfig, args.prune_config,
                           [*args.overrides, f"output={workdir / 'ours'}", f"overwrite={str(args.overwrite).lower()}"])
         eval_cfg = load_config(EvalConfig, args.eval) if args.eval else None
-        result = compare(cfg, workdir, eval_cfg, args.repeats)
+        if args.also and not args.correction:
+            raise UserError("--also gives targets of the --correction comparison: add --correction")
+        also = [parse_target(text) for text in args.also] if args.correction else None
+        result = compare(cfg, workdir, eval_cfg, args.repeats, also)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     finally:
         state.destroy()
     (workdir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "correction" in result:
+        print_correction(result["correction"])
     print(json.dumps(result, indent=2))
 
 

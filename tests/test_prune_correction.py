@@ -1,0 +1,243 @@
+"""Weight correction (``correction: lsq``) against a dense reference: the activations that ``linear_fc2`` and
+``linear_proj`` read, captured from transformers' model of the same checkpoint, and numpy's float64 least squares
+on them; ``correction: none`` is the plain slice; TP=2, PP=2 and DP=2 re-fit what TP=1 does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nemo_minitron.checkpoint import io
+from nemo_minitron.config import build_config
+from nemo_minitron.errors import UserError
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.sharding import gather_canonical
+from nemo_minitron.prune import PruneTarget, prune
+from nemo_minitron.prune import correction as corr_lib
+from nemo_minitron.prune import importance as imp_lib
+from nemo_minitron.prune.config import PruneConfig
+from nemo_minitron.prune.stage import cut, score
+
+# 4 heads in 2 groups -> 2 groups of 1 head, 96 -> 64 neurons, 64 -> 48 channels, 4 -> 3 layers.
+TARGET = PruneTarget(hidden_size=48, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2, drop_layers=[2])
+DAMPING = 0.01
+
+
+def calibration(vocab: int, n: int = 4, b: int = 4, s: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (b, s + 1), generator=gen) for _ in range(n)]
+
+
+def hf_inputs(path, batches: list[torch.Tensor]) -> dict[tuple[int, str], np.ndarray]:
+    """float64 [tokens, n] inputs of every layer's q_proj (= k_proj, v_proj), o_proj, gate_proj (= up_proj) and
+    down_proj, from transformers' model of the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seen: dict[tuple[int, str], list] = {}
+    for i, layer in enumerate(model.model.layers):
+        for name in ("q_proj", "o_proj"):
+            getattr(layer.self_attn, name).register_forward_pre_hook(
+                lambda _m, args, key=(i, name): seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
+            )
+        for name in ("gate_proj", "down_proj"):
+            getattr(layer.mlp, name).register_forward_pre_hook(
+                lambda _m, args, key=(i, name): seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
+            )
+    with torch.no_grad():
+        for batch in batches:
+            model(batch[:, :-1])
+    return {k: torch.cat(v).double().numpy() for k, v in seen.items()}
+
+
+def reference_refit(x: np.ndarray, w: np.ndarray, keep: np.ndarray, damping: float) -> np.ndarray:
+    """argmin ||X W^T - X_K V^T||^2 + lam ||V - W_K||^2 as one stacked least-squares problem (numpy lstsq)."""
+    lam = damping * (x**2).sum(0).mean()
+    a = np.vstack([x[:, keep], np.sqrt(lam) * np.eye(len(keep))])
+    b = np.vstack([x @ w.T, np.sqrt(lam) * w[:, keep].T])
+    return np.linalg.lstsq(a, b, rcond=None)[0].T
+
+
+def problems(sel: dict, old: int, hpg: int, d: int) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(HF linear, the HF module whose input it reads, kept output rows, kept inputs) of layer ``old``."""
+    ch = np.array(sel["channels"])
+    groups = sel["query_groups"][str(old)]
+    heads = [g * hpg + j for g, js in zip(groups, sel["heads"][str(old)]) for j in js]
+    head_cols = np.array([h * d + k for h in heads for k in range(d)])
+    group_rows = np.array([g * d + k for g in groups for k in range(d)])
+    n = np.array(sel["neurons"][str(old)])
+    return [
+        ("self_attn.q_proj", "q_proj", head_cols, ch),
+        ("self_attn.k_proj", "q_proj", group_rows, ch),
+        ("self_attn.v_proj", "q_proj", group_rows, ch),
+        ("self_attn.o_proj", "o_proj", ch, head_cols),
+        ("mlp.gate_proj", "gate_proj", n, ch),
+        ("mlp.up_proj", "gate_proj", n, ch),
+        ("mlp.down_proj", "down_proj", ch, n),
+    ]
+
+
+def test_corrected_weights_equal_a_dense_least_squares_solve(tiny_hf_dirs, single_rank, tmp_path):
+    """Every linear layer that reads pruned heads, neurons or channels, re-fit; compared in transformers'
+    layout (the pruned models exported), against numpy on activations captured by transformers."""
+    src = tiny_hf_dirs["untied"]
+    loaded = io.load_model(str(src))
+    batches = calibration(loaded.cfg.vocab_size)
+    hpg, d = loaded.cfg.heads_per_group, loaded.cfg.kv_channels
+    lsq, report = prune(loaded, TARGET, batches, correction="lsq", damping=DAMPING)
+    plain, plain_report = prune(io.load_model(str(src)), TARGET, batches)
+    assert report["selection"] == plain_report["selection"]
+    assert (report["correction"], report["correction_damping"]) == ("lsq", DAMPING)
+    io.export_hf(lsq, tmp_path / "lsq")
+    io.export_hf(plain, tmp_path / "plain")
+    got, sliced = load_file(tmp_path / "lsq/model.safetensors"), load_file(tmp_path / "plain/model.safetensors")
+    sel = report["selection"]
+    x = hf_inputs(src, batches)
+    hf = {k: v.double().numpy() for k, v in load_file(src / "model.safetensors").items()}
+    refit = set()
+    for new, old in enumerate(sel["layers"]):
+        for linear, reads, rows, keep in problems(sel, old, hpg, d):
+            w = hf[f"model.layers.{old}.{linear}.weight"][rows]
+            key = f"model.layers.{new}.{linear}.weight"
+            # none: the teacher's weight sliced, bit for bit.
+            np.testing.assert_array_equal(sliced[key].double().numpy(), w[:, keep])
+            ref = reference_refit(x[(old, reads)], w, keep, DAMPING)
+            np.testing.assert_allclose(got[key].double().numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                                       err_msg=key)
+            # The re-fit moved the weights by much more than that tolerance.
+            assert np.abs(ref - w[:, keep]).max() > 100 * 1e-4 * np.abs(ref).max(), key
+            # It reconstructs the unpruned layer's output on the calibration inputs better than the slice.
+            target = x[(old, reads)] @ w.T
+            err_lsq = np.linalg.norm(target - x[(old, reads)][:, keep] @ got[key].double().numpy().T)
+            err_none = np.linalg.norm(target - x[(old, reads)][:, keep] @ w[:, keep].T)
+            assert err_lsq < err_none, (key, err_lsq, err_none)
+            refit.add(key)
+    # Every other tensor (embeddings, output layer, norms) is the plain slice.
+    assert set(got) == set(sliced) and len(refit) == 7 * 3
+    for key in set(sliced) - refit:
+        assert torch.equal(got[key], sliced[key]), key
+    # And the whole pruned model's logits are closer to the teacher's on the calibration tokens.
+    ids = torch.cat(batches)[:, :-1]
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+
+    def kl_to_teacher(model) -> float:
+        with torch.no_grad():
+            t = torch.log_softmax(loaded.model(ids, pos, None)[..., :256].float(), -1)
+            s = torch.log_softmax(model(ids, pos, None)[..., :256].float(), -1)
+        return (t.exp() * (t - s)).sum(-1).mean().item()
+
+    assert kl_to_teacher(lsq.model) < kl_to_teacher(plain.model)
+
+
+def test_a_layer_that_loses_no_input_keeps_its_weights(tiny_hf_dirs, single_rank):
+    """All heads and channels kept: linear_proj, linear_qkv and linear_fc1 are only sliced (by their kept rows),
+    while linear_fc2, which loses neurons, is re-fit."""
+    src = tiny_hf_dirs["tied"]
+    loaded = io.load_model(str(src))
+    plain, _ = prune(loaded, PruneTarget(ffn_hidden_size=80), calibration(loaded.cfg.vocab_size))
+    lsq, _ = prune(loaded, PruneTarget(ffn_hidden_size=80), calibration(loaded.cfg.vocab_size), correction="lsq",
+                   damping=DAMPING)
+    got, sliced = gather_canonical(lsq.model, lsq.cfg), gather_canonical(plain.model, plain.cfg)
+    for key, value in sliced.items():
+        assert torch.equal(got[key], value) != key.endswith("linear_fc2.weight"), key
+
+
+def test_large_damping_gives_back_the_plain_slice(tiny_hf_dirs, single_rank):
+    loaded = io.load_model(str(tiny_hf_dirs["untied"]))
+    scored = score(loaded, calibration(loaded.cfg.vocab_size), grams=True)
+    plain, _ = cut(loaded, scored, TARGET, calibration_loss=False)
+    damped, _ = cut(loaded, scored, TARGET, calibration_loss=False, correction="lsq", damping=1e9)
+    for key, value in gather_canonical(plain.model, plain.cfg).items():
+        torch.testing.assert_close(gather_canonical(damped.model, damped.cfg)[key], value, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"score\(\.\.\., grams=True\)"):
+        cut(loaded, score(loaded, calibration(loaded.cfg.vocab_size, n=1)), TARGET, correction="lsq")
+
+
+def test_grams_that_cannot_fit_are_refused_before_the_pass(tiny_hf_dirs, single_rank, monkeypatch):
+    loaded = io.load_model(str(tiny_hf_dirs["untied"]))
+    need = corr_lib.gram_bytes(loaded.cfg, 1, 1, 1)
+    # The estimate covers what one rank holds: 4 layers x (96^2 + 64^2 + 2 x 64^2) float64 at TP=1.
+    held = sum(g.numel() * g.element_size() for g in score(loaded, calibration(256, n=1), grams=True).grams.values())
+    assert held == 8 * 4 * (96**2 + 64**2 + 2 * 64**2) <= need
+    assert corr_lib.gram_bytes(loaded.cfg, 2, 1, 1) < need and corr_lib.gram_bytes(loaded.cfg, 1, 2, 1) < need
+    monkeypatch.setattr(corr_lib, "free_bytes", lambda: need - 1)
+    monkeypatch.setattr(imp_lib, "activation_importance", lambda *a, **k: pytest.fail("calibration pass ran"))
+    with pytest.raises(UserError, match=r"^correction lsq needs about 0\.0 GiB per rank .* use more TP/PP ranks"):
+        prune(loaded, TARGET, calibration(loaded.cfg.vocab_size), correction="lsq")
+
+
+def test_damping_must_be_positive():
+    base = dict(model="m", output="o", target={"hidden_size": 8}, calibration={"data": "d"})
+    assert build_config(PruneConfig, {**base, "correction": "lsq"}).correction_damping == 0.01
+    with pytest.raises(UserError, match="correction_damping"):
+        build_config(PruneConfig, {**base, "correction": "lsq", "correction_damping": 0})
+    with pytest.raises(UserError, match="correction"):
+        build_config(PruneConfig, {**base, "correction": "obs"})
+
+
+# ------------------------------------------------------------------------- the same re-fit at TP / PP / DP
+
+
+def _refit_on_ranks(src: str, tp: int, pp: int) -> dict | None:
+    state.initialize(state.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    loaded = io.load_model(src)
+    batches = calibration(loaded.cfg.vocab_size)
+    # Data-parallel ranks calibrate on their own share of the same batches.
+    mine = batches[state.dp_rank()::state.dp_size()]
+    # Two layers stay, so that the pruned model splits into two pipeline stages too.
+    target = TARGET.model_copy(update={"drop_layers": [0, 2]})
+    pruned, report = prune(loaded, target, mine, correction="lsq", damping=DAMPING)
+    canonical = gather_canonical(pruned.model, pruned.cfg)
+    if canonical is None:
+        return None
+    return {"selection": report["selection"], "canonical": {k: v.numpy() for k, v in canonical.items()}}
+
+
+@pytest.mark.parametrize("tp, pp, world", [(2, 1, 2), (1, 2, 2), (1, 1, 2)])
+def test_tp2_pp2_and_dp2_refit_what_tp1_does(tiny_hf_dirs, tp, pp, world):
+    src = str(tiny_hf_dirs["untied"])
+    ref = state.spawn(_refit_on_ranks, 1, src, 1, 1)[0]
+    got = state.spawn(_refit_on_ranks, world, src, tp, pp)[0]
+    assert got["selection"] == ref["selection"]
+    for key, value in ref["canonical"].items():
+        np.testing.assert_allclose(got["canonical"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# ------------------------------------------------------------------------- the bench's correction table
+
+
+def test_correction_table_reports_the_held_out_losses_of_each_pruning(tiny_hf_dirs, single_rank, tmp_path):
+    """modelopt_peer --correction: each loss is transformers' loss of the exported pruned model on the windows."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_minitron.bench.scripts import modelopt_peer
+    from nemo_minitron.prune import ImportanceConfig
+
+    src = tiny_hf_dirs["untied"]
+    loaded = io.load_model(str(src))
+    batches = calibration(loaded.cfg.vocab_size)
+    windows = list(torch.randint(0, 256, (6, 20), generator=torch.Generator().manual_seed(3)))
+    table = modelopt_peer.correction_table(loaded, batches, [TARGET], ImportanceConfig(), windows, 4, DAMPING)
+    (row,) = table["rows"]
+    assert row["target"] == TARGET.model_dump(exclude_none=True) and table["eval_windows"] == 6
+    ids = torch.stack(windows)
+    for name, kwargs in (("none", {}), ("lsq", {"correction": "lsq", "damping": DAMPING})):
+        pruned, _ = prune(io.load_model(str(src)), TARGET, batches, **kwargs)
+        io.export_hf(pruned, tmp_path / name)
+        with torch.no_grad():
+            loss = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)(ids, labels=ids).loss
+        assert row[f"loss_{name}"] == pytest.approx(loss.item(), abs=1e-4), name
+    assert row["loss_none"] not in (row["loss_lsq_units"], row["loss_lsq"])
+    assert row["gain_lsq"] == pytest.approx(row["loss_none"] - row["loss_lsq"])
+
+
+@pytest.mark.parametrize("text", ["hidden_size", "hidden_size=a", "hidden=8", "hidden_size=0"])
+def test_bad_also_targets_are_one_line_errors(text):
+    from nemo_minitron.bench.scripts import modelopt_peer
+
+    with pytest.raises(UserError):
+        modelopt_peer.parse_target(text)
+    assert modelopt_peer.parse_target("hidden_size=8,ffn_hidden_size=16") == PruneTarget(hidden_size=8,
+                                                                                         ffn_hidden_size=16)
