@@ -4,8 +4,8 @@
   references on materialised logits (fp64: loss and gradients; k = V, bucketed and renormalised top-k, CE,
   loss mask, padded vocabulary), and TP=2 against TP=1 (2 gloo ranks).
 - On a tiny teacher and student (vocabulary 256, a synthetic prepared dataset): distillation from a cache with
-  k = V stored in fp32 equals online distillation (losses and trained weights); k = 16 stored in bf16 stays
-  within a stated tolerance of it.
+  k = V stored in fp32 equals online distillation (losses and trained weights); k = 16 and 64 stored in bf16
+  stay within stated tolerances of it (a teacher as peaked as a trained one).
 - A killed ``cache-logits`` (index gone, one shard gone, a partial temporary file left) resumes to byte-identical
   files and keeps the complete shards; a cache for other data, sequence length, seed, teacher, or too few
   windows or too small a k is refused with one line before any compute.
@@ -179,14 +179,24 @@ def _write_dataset(root: Path, seed: int, tokens: int = 3000) -> Path:
     return root
 
 
+def _peaked(model_dir: Path, scale: float = 3.0) -> Path:
+    """Scale a tiny model's output layer so that its next-token distribution is as peaked as a trained model's
+    (here: top-16 mass ~0.98 of 256, top-1 ~0.57 on average), not tiny.py's near-uniform one."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_dir / "model.safetensors")
+    weights["lm_head.weight"] *= scale
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    return model_dir
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     from tiny import write_tiny_hf
 
     root = tmp_path_factory.mktemp("cache")
     return {
-        # Larger weights than tiny.py's default make a peaked teacher, as trained ones are.
-        "teacher": write_tiny_hf(root / "teacher", hidden_size=64, intermediate_size=96, seed=31),
+        "teacher": _peaked(write_tiny_hf(root / "teacher", hidden_size=64, intermediate_size=96, seed=31)),
         "other_teacher": write_tiny_hf(root / "other_teacher", hidden_size=64, intermediate_size=96, seed=32),
         "student": write_tiny_hf(root / "student", hidden_size=32, intermediate_size=64, seed=33),
         "data": _write_dataset(root / "data", seed=1),
@@ -266,22 +276,28 @@ def test_cache_with_full_vocabulary_equals_online_kd(world, online):
         torch.testing.assert_close(weights[name], ref, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_small_k_in_bf16_is_close_to_online_kd(world, online):
-    """k = 16 of 256 stored in bf16: the bucketed KL is within 2% of the full KL at every step (measured: below
-    0.5% on this teacher); the renormalised top-k is further off, as it drops the tail mass."""
-    cache = world["root"] / "cache_16"
-    _write_cache(world, cache, top_k=16, dtype="bfloat16")
+# k -> relative tolerance of the bucketed KL against the full KL, every step (measured: 1.1-1.3% at k = 16,
+# 0.02% at k = 64; the renormalised top-k: 2.0-2.5% and 0.04-0.1%, always further off).
+SMALL_K = {16: 0.02, 64: 0.002}
+
+
+@pytest.mark.parametrize("k", SMALL_K)
+def test_small_k_in_bf16_is_close_to_online_kd(world, online, k):
+    """k of 256 stored in bf16: the bucketed KL is within SMALL_K[k] of the full KL at every step of the same
+    training, and nearer to it than the renormalised top-k, which drops the tail mass."""
+    cache = world["root"] / f"cache_{k}"
+    _write_cache(world, cache, top_k=k, dtype="bfloat16")
     ref_steps, _ = online
-    bucket, _ = _distill(world, world["root"] / "from_cache_16", {"path": str(cache)})
-    renorm, _ = _distill(world, world["root"] / "from_cache_16r", {"path": str(cache), "tail": "renormalize"})
-    for got, ref in zip(bucket, ref_steps):
-        assert got["kd"] == pytest.approx(ref["kd"], rel=0.02)
-    # Reading a prefix of a larger cache gives the smaller cache's loss (up to the bf16 rounding of the rest).
-    prefix, _ = _distill(world, world["root"] / "from_cache_full_16", {
-        "path": str(world["root"] / "cache_full"), "top_k": 16})
-    for got, ref in zip(prefix, bucket):
-        assert got["kd"] == pytest.approx(ref["kd"], rel=0.01)
-    assert all(math.isfinite(m["kd"]) for m in renorm)
+    bucket, _ = _distill(world, world["root"] / f"from_cache_{k}", {"path": str(cache)})
+    renorm, _ = _distill(world, world["root"] / f"from_cache_{k}r", {"path": str(cache), "tail": "renormalize"})
+    for got, other, ref in zip(bucket, renorm, ref_steps, strict=True):
+        assert got["kd"] == pytest.approx(ref["kd"], rel=SMALL_K[k])
+        assert abs(got["kd"] - ref["kd"]) < abs(other["kd"] - ref["kd"])
+    # Reading a prefix of a larger cache gives the smaller cache's loss, up to the bf16 rounding of the rest.
+    prefix, _ = _distill(world, world["root"] / f"from_cache_full_{k}",
+                         {"path": str(world["root"] / "cache_full"), "top_k": k})
+    for got, ref in zip(prefix, bucket, strict=True):
+        assert got["kd"] == pytest.approx(ref["kd"], rel=1e-3)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -325,7 +341,7 @@ def _distill_config(world: dict[str, Path], cache: Path, **kw):
     (dict(teacher="other_teacher"), "teacher_cache: made from another teacher"),
     (dict(train=dict(max_steps=STEPS + 1)), "teacher_cache: holds 12 windows; this distillation reads 16"),
     (dict(teacher_cache=dict(top_k=300)), "teacher_cache: top_k 300 exceeds the cached 8"),
-    (dict(teacher_cache=dict(path="missing")), "is not a logit cache: no index.json"),
+    (dict(teacher_cache=dict(path="missing")), "teacher_cache: .*missing is not a logit cache: no index.json"),
 ])
 def test_mismatched_cache_is_refused(world, change, message):
     from nemo_minitron.distill.trainer import validate
@@ -344,7 +360,7 @@ def test_mismatched_cache_is_refused(world, change, message):
                 kw["teacher_cache"]["path"] = str(world["root"] / value["path"])
         else:
             kw[key] = str(world[value])
-    with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
+    with pytest.raises(UserError, match="^" + message):
         validate(_distill_config(world, cache, **kw))
     # The same distillation without the change is accepted.
     validate(_distill_config(world, cache, teacher=str(world["teacher"])))

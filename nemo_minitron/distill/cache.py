@@ -95,14 +95,27 @@ def tokenizer_identity(model_dir: Path, vocab_size: int) -> dict[str, Any]:
     return {"vocab_size": vocab_size, "sha256": _sha256_files(files) if files else None}
 
 
+_DATA_SAMPLES, _DATA_BLOCK = 256, 4096
+
+
 def data_identity(data: Path) -> dict[str, Any]:
-    """The prepared dataset's train split: its index file's SHA-256 and its token file's size."""
+    """The prepared dataset's train split: a SHA-256 of its index file, its token file's size and content (all of
+    it up to 1 MiB, else 256 blocks of 4 KiB spread evenly over it: cheap on terabytes, and every window a
+    distillation reads is checked against its cached hash besides)."""
     prefix = Path(data) / "train"
     idx, bin_ = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
     if not (idx.is_file() and bin_.is_file()):
         raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
     digest = hashlib.sha256(idx.read_bytes())
-    digest.update(str(bin_.stat().st_size).encode())
+    size = bin_.stat().st_size
+    digest.update(str(size).encode())
+    with open(bin_, "rb") as f:
+        if size <= _DATA_SAMPLES * _DATA_BLOCK:
+            digest.update(f.read())
+        else:
+            for i in range(_DATA_SAMPLES):
+                f.seek(i * (size - _DATA_BLOCK) // (_DATA_SAMPLES - 1))
+                digest.update(f.read(_DATA_BLOCK))
     return {"path": str(Path(data).absolute()), "sha256": digest.hexdigest()}
 
 
@@ -508,6 +521,7 @@ def _write_shards(cfg: CacheLogitsConfig, out: Path) -> int:
     """Compute and write this data-parallel rank's missing shards; the number written here."""
     teacher = load_model(cfg.teacher, dtype=torch_dtype(cfg.teacher_dtype))
     pair = DistillationPair(teacher.model, None)  # the teacher in the student's seat: final hidden states out
+    pair.model_type = teacher.model.model_type  # read by megatron's schedules
     vocab, k, seq = teacher.cfg.vocab_size, cfg.top_k, cfg.seq_length
     sampler = SequenceSampler(TokenDataset(str(Path(cfg.data) / "train")), seq, 1, seed=cfg.seed)
     writer = state.is_last_stage() and state.tp_rank() == 0
