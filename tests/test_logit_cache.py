@@ -6,7 +6,7 @@
 - On a tiny teacher and student (vocabulary 256, a synthetic prepared dataset): distillation from a cache with
   k = V stored in fp32 equals online distillation (losses and trained weights); k = 16 and 64 stored in bf16
   stay within stated tolerances of it (a teacher as peaked as a trained one).
-- A killed ``cache-logits`` (index gone, one shard gone, a partial temporary file left) resumes to byte-identical
+- cache-logits at TP=2 and PP=2 (2 gloo ranks) writes the TP=1 cache. A killed ``cache-logits`` (index gone, one shard gone, a partial temporary file left) resumes to byte-identical
   files and keeps the complete shards; a cache for other data, sequence length, seed, teacher, or too few
   windows or too small a k is refused with one line before any compute.
 """
@@ -298,6 +298,28 @@ def test_small_k_in_bf16_is_close_to_online_kd(world, online, k):
                          {"path": str(world["root"] / "cache_full"), "top_k": k})
     for got, ref in zip(prefix, bucket, strict=True):
         assert got["kd"] == pytest.approx(ref["kd"], rel=1e-3)
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_model_parallel_size=2), dict(pipeline_model_parallel_size=2)],
+                         ids=["tp2", "pp2"])
+def test_cache_logits_at_tp2_and_pp2_equals_tp1(world, layout):
+    """cache-logits on 2 gloo ranks (the stage spawns them) writes the TP=1 cache: the same windows and top-k
+    ids, log-probabilities and tails equal within fp32 rounding of the split GEMMs."""
+    from nemo_minitron.distill.cache import read_index, read_shard
+
+    ref_dir, got_dir = world["root"] / "cache_layout_ref", world["root"] / f"cache_{'_'.join(map(str, layout))}"
+    if not (ref_dir / "index.json").is_file():
+        _write_cache(world, ref_dir, top_k=8)
+    _write_cache(world, got_dir, top_k=8, parallel=layout)
+    ref, got = read_index(ref_dir), read_index(got_dir)
+    assert [s["bytes"] for s in got["shards"]] == [s["bytes"] for s in ref["shards"]]
+    for a, b in zip(ref["shards"], got["shards"], strict=True):
+        x = read_shard(ref_dir / a["file"], a["windows"], SEQ, 8, "float32")
+        y = read_shard(got_dir / b["file"], b["windows"], SEQ, 8, "float32")
+        np.testing.assert_array_equal(x["window_hash"], y["window_hash"])
+        np.testing.assert_array_equal(x["ids"], y["ids"])
+        np.testing.assert_allclose(x["logprobs"], y["logprobs"], rtol=2e-5, atol=5e-5)
+        np.testing.assert_allclose(x["log_tail"], y["log_tail"], rtol=2e-5, atol=5e-5)
 
 
 def _files(root: Path) -> dict[str, bytes]:
