@@ -6,9 +6,10 @@
 - On a tiny teacher and student (vocabulary 256, a synthetic prepared dataset): distillation from a cache with
   k = V stored in fp32 equals online distillation (losses and trained weights); k = 16 and 64 stored in bf16
   stay within stated tolerances of it (a teacher as peaked as a trained one).
-- cache-logits at TP=2 and PP=2 (2 gloo ranks) writes the TP=1 cache. A killed ``cache-logits`` (index gone, one shard gone, a partial temporary file left) resumes to byte-identical
-  files and keeps the complete shards; a cache for other data, sequence length, seed, teacher, or too few
-  windows or too small a k is refused with one line before any compute.
+- ``cache-logits`` at TP=2 and at PP=2 (2 gloo ranks) writes the TP=1 cache. A killed ``cache-logits`` (index
+  gone, one shard gone, a partial temporary file left) resumes to byte-identical files and keeps the complete
+  shards; a cache for other data, sequence length, seed, teacher, or too few windows or too small a k is refused
+  with one line before any compute.
 """
 
 from __future__ import annotations
