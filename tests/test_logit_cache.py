@@ -6,10 +6,12 @@
 - On a tiny teacher and student (vocabulary 256, a synthetic prepared dataset): distillation from a cache with
   k = V stored in fp32 equals online distillation (losses and trained weights); k = 16 and 64 stored in bf16
   stay within stated tolerances of it (a teacher as peaked as a trained one).
-- ``cache-logits`` at TP=2 and at PP=2 (2 gloo ranks) writes the TP=1 cache. A killed ``cache-logits`` (index
-  gone, one shard gone, a partial temporary file left) resumes to byte-identical files and keeps the complete
-  shards; a cache for other data, sequence length, seed, teacher, or too few windows or too small a k is refused
-  with one line before any compute.
+- ``cache-logits`` at TP=2, PP=2 and DP=2 (2 gloo ranks) writes the TP=1 cache (DP=2: the same bytes). A killed
+  ``cache-logits`` (index gone, one shard gone, a partial temporary file left) resumes to byte-identical files
+  and keeps the complete shards; a cache for other data, sequence length, seed, teacher, or too few windows or
+  too small a k is refused with one line before any compute.
+- The cache's window of (step, micro-batch, DP rank) is the sampler's; the ``distill`` stage with a cache loads
+  no teacher.
 """
 
 from __future__ import annotations
@@ -301,17 +303,32 @@ def test_small_k_in_bf16_is_close_to_online_kd(world, online, k):
         assert got["kd"] == pytest.approx(ref["kd"], rel=1e-3)
 
 
-@pytest.mark.parametrize("layout", [dict(tensor_model_parallel_size=2), dict(pipeline_model_parallel_size=2)],
-                         ids=["tp2", "pp2"])
-def test_cache_logits_at_tp2_and_pp2_equals_tp1(world, layout):
-    """cache-logits on 2 gloo ranks (the stage spawns them) writes the TP=1 cache: the same windows and top-k
-    ids, log-probabilities and tails equal within fp32 rounding of the split GEMMs."""
-    from nemo_minitron.distill.cache import read_index, read_shard
+def _dp2_cache_worker(cfg) -> int:
+    from nemo_minitron.distill.cache import run_cache_logits
+    from nemo_minitron.parallel import state
 
-    ref_dir, got_dir = world["root"] / "cache_layout_ref", world["root"] / f"cache_{'_'.join(map(str, layout))}"
+    written = run_cache_logits(cfg)["shards_written_here"]
+    state.destroy()
+    return written
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+def test_cache_logits_at_tp2_pp2_and_dp2_equals_tp1(world, layout):
+    """cache-logits on 2 gloo ranks writes the TP=1 cache: the same windows and top-k ids, log-probabilities and
+    tails equal within fp32 rounding of the split GEMMs (TP, PP: the stage spawns the ranks); at DP=2 (ranks a
+    launcher started) each rank writes every other shard, the same bytes as one process."""
+    from nemo_minitron.distill.cache import read_index, read_shard
+    from nemo_minitron.parallel import state
+
+    ref_dir, got_dir = world["root"] / "cache_layout_ref", world["root"] / f"cache_{layout}"
     if not (ref_dir / "index.json").is_file():
         _write_cache(world, ref_dir, top_k=8)
-    _write_cache(world, got_dir, top_k=8, parallel=layout)
+    if layout == "dp2":
+        assert state.spawn(_dp2_cache_worker, 2, _cache_cfg(world, got_dir, top_k=8)) == [2, 1]
+        assert _files(got_dir) == _files(ref_dir)
+    parallel = {"tp2": dict(tensor_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2)}
+    if layout in parallel:
+        _write_cache(world, got_dir, top_k=8, parallel=parallel[layout])
     ref, got = read_index(ref_dir), read_index(got_dir)
     assert [s["bytes"] for s in got["shards"]] == [s["bytes"] for s in ref["shards"]]
     for a, b in zip(ref["shards"], got["shards"], strict=True):
@@ -346,6 +363,55 @@ def test_killed_cache_logits_resumes_to_identical_files(world):
     # A finished cache is left as it is.
     assert _write_cache(world, cache, top_k=8, dtype="bfloat16")["shards_written_here"] == 0
     assert _files(cache) == before
+
+
+def test_step_windows_follow_the_sampler_at_every_data_parallel_rank(world):
+    """The cache's window indices of (step, micro-batch, DP rank) are the samples SequenceSampler.batches yields."""
+    from nemo_minitron.data import SequenceSampler, TokenDataset
+    from nemo_minitron.distill.cache import LogitCache
+
+    cache_dir = world["root"] / "cache_resume"
+    if not (cache_dir / "index.json").is_file():
+        _write_cache(world, cache_dir, top_k=8, dtype="bfloat16")
+    cache = LogitCache(cache_dir)
+    dataset = TokenDataset(str(world["data"] / "train"))
+    global_batch, micro = 8, 2
+    for dp_size in (1, 2):
+        for dp_rank in range(dp_size):
+            sampler = SequenceSampler(dataset, SEQ, micro, seed=1234, dp_rank=dp_rank, dp_size=dp_size)
+            batches = sampler.batches(start_sample=global_batch)  # from step 1, as a resumed run reads
+            for step in (1, 2):
+                for m in range(global_batch // (micro * dp_size)):
+                    windows = cache.step_windows(step, m, micro, global_batch, dp_rank, dp_size)
+                    expected = np.stack([sampler.sample(i) for i in windows]).astype(np.int64)
+                    np.testing.assert_array_equal(next(batches).numpy(), expected)
+
+
+def test_distill_stage_reads_the_cache_and_builds_no_teacher(world, monkeypatch):
+    """The ``distill`` stage with teacher_cache (and teacher, only checked against the cache) loads the student
+    alone, and its first step has the Python API's loss from the same cache."""
+    from nemo_minitron.distill import trainer
+    from nemo_minitron.stages import run_stage
+
+    cache = world["root"] / "cache_stage"
+    _write_cache(world, cache, top_k=8, dtype="bfloat16")
+    loaded: list[str] = []
+    load_model = trainer.load_model
+    monkeypatch.setattr(trainer, "load_model", lambda ref, **kw: loaded.append(ref) or load_model(ref, **kw))
+    cfg = _distill_config(world, cache, teacher=str(world["teacher"]), output=str(world["root"] / "stage_out"),
+                          train=dict(seq_length=SEQ, micro_batch_size=MB, global_batch_size=GBS, max_steps=STEPS,
+                                     seed=1234, dtype="float32"),
+                          log=dict(progress=False, tensorboard=False), eval=dict(every_steps=0, max_windows=2))
+    try:
+        result = run_stage("distill", cfg)
+    finally:
+        destroy_state()
+    assert loaded == [str(world["student"])]
+    assert result["steps"] == STEPS and math.isfinite(result["final_loss"])
+    # The first step's loss depends on the initial weights and the cache alone (the optimisers differ).
+    api, _ = _distill(world, world["root"] / "stage_api", {"path": str(cache)})
+    first = json.loads((world["root"] / "stage_out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kd"] == pytest.approx(api[0]["kd"], rel=1e-5)
 
 
 def _distill_config(world: dict[str, Path], cache: Path, **kw):
