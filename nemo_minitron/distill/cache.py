@@ -408,7 +408,11 @@ def _check_output(out: Path, identity: dict[str, Any]) -> bool:
                             "remove it or choose another")
         return False
     if out.is_dir():
-        strangers = [p.name for p in out.iterdir() if p.name not in _KNOWN]
+        # Besides the lock: what a run killed while writing its first files leaves (fsutil's and write_shard's
+        # temporary names).
+        ours = (".pending.json.part", ".index.json.part")
+        strangers = [p.name for p in out.iterdir()
+                     if p.name not in _KNOWN and p.name not in ours and not p.name.startswith(".shard-")]
         if strangers:
             raise UserError(f"output: {out} exists and is not a logit cache ({strangers[0]}); remove it or choose "
                             "another")
