@@ -35,6 +35,39 @@ def test_shipped_config_validates(path: Path) -> None:
     load_config(STAGES[stage].config_class(), path)
 
 
+# A blend in a stage config: Megatron's `--data-path 0.7 A 0.3 B`, written as a list of {weight, path}.
+BLEND_YAML = """
+  - weight: 0.7
+    path: runs/data/shakespeare-smollm2
+  - weight: 0.3
+    path: runs/data/other-smollm2"""
+
+
+@pytest.mark.parametrize("config, key", [("distill/smollm2_width_55.yaml", "data"), ("nas/smollm2_55.yaml", "data"),
+                                         ("prune/smollm2_width_55.yaml", "calibration.data"),
+                                         ("eval/teacher.yaml", "data")])
+def test_blend_config_validates(tmp_path: Path, config: str, key: str) -> None:
+    from nemo_minitron.data import blend_weights
+
+    text = (ROOT / "conf" / config).read_text()
+    single = "  data: runs/data/shakespeare-smollm2" if "." in key else "data: runs/data/shakespeare-smollm2"
+    assert single + "\n" in text
+    path = tmp_path / Path(config).name
+    path.write_text(text.replace(single, single.split("runs/")[0].rstrip() + BLEND_YAML.replace(
+        "\n  ", "\n    " if "." in key else "\n  ")))
+    stage = STAGES[Path(config).parent.name]
+    cfg = load_config(stage.config_class(), path)
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert blend_weights(value) == [("runs/data/shakespeare-smollm2", 0.7), ("runs/data/other-smollm2", 0.3)]
+    # The shipped single path keeps its plain form.
+    plain = load_config(stage.config_class(), ROOT / "conf" / config).model_dump(mode="json")
+    for part in key.split("."):
+        plain = plain[part]
+    assert plain == "runs/data/shakespeare-smollm2"
+
+
 def test_every_stage_has_a_shipped_config() -> None:
     shipped = {p.parent.name.replace("_", "-") for p in CONFIGS}
     assert set(STAGES) - {"launch"} <= shipped
@@ -59,6 +92,12 @@ def test_every_stage_has_a_shipped_config() -> None:
         (["eval", "conf/eval/teacher.yaml", "justakey"], "is not of the form key=value"),
         (["eval", "conf/eval/teacher.yaml", "data=/nonexistent.txt", "parallel.pipeline_model_parallel_size=2"],
          "eval data not found: /nonexistent.txt"),
+        (["eval", "conf/eval/teacher.yaml", "data=[{weight: 1, path: /nonexistent}]"],
+         "data: /nonexistent is not a prepared dataset"),
+        (["distill", "conf/distill/smollm2_width_55.yaml", "data=[{weight: 1, path: a}, {weight: 2, path: a}]"],
+         "data.blend: Value error, a is listed twice"),
+        (["prune", "conf/prune/smollm2_width_55.yaml", "calibration.data=[{weight: -1, path: a}]"],
+         "calibration.data.blend.0.weight: Input should be greater than 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, capsys) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,7 +105,8 @@ def make_trainer(spec: dict):
     teacher = None if spec["teacher"] is None else load_model(
         spec["teacher"], dtype=torch_dtype(train.teacher_dtype), sequence_parallel=train.sequence_parallel)
     return T.Trainer(
-        student, teacher, Path(spec["data"]), Path(spec["output"]), train, T.OptimConfig(**spec["optim"]),
+        student, teacher, spec["data"] if isinstance(spec["data"], list) else Path(spec["data"]), Path(spec["output"]),
+        train, T.OptimConfig(**spec["optim"]),
         T.LossConfig(**spec["loss"]), T.CheckpointConfig(**spec["checkpoint"]),
         T.EvalDuringTraining(**spec["evaluation"]), T.LogConfig(**spec["log"]),
     )
@@ -317,6 +319,25 @@ def checkpoint_steps(output: Path) -> list[int]:
     return [step for step, _ in step_dirs(Path(output) / "checkpoints")]
 
 
+def test_a_blend_trains_in_the_blended_order_and_evaluates_each_component(kd, tmp_path, single_rank):
+    from nemo_minitron.data import BlendComponent, BlendedSampler, PrepareDataConfig, prepare_data, train_sampler
+
+    meta = json.loads((kd["data"] / "meta.json").read_text())
+    other = prepare_data(PrepareDataConfig(input=meta["config"]["input"], tokenizer=meta["config"]["tokenizer"],
+                                           output_dir=str(tmp_path / "data2"), valid_fraction=0.5, split_seed=5))
+    paths = [str(kd["data"]), str(other.output_dir)]
+    blend = [BlendComponent(weight=3, path=paths[0]), BlendComponent(weight=1, path=paths[1])]
+    spec = job(kd["student"], kd["teacher"], kd["data"], tmp_path / "blend")
+    trainer = make_trainer({**spec, "data": blend})
+    assert isinstance(trainer.sampler, BlendedSampler)
+    ours, reference = trainer.sampler.batches(start_sample=2), train_sampler(blend, SEQ, MB, seed=1234).batches(2)
+    for _ in range(3):
+        assert torch.equal(next(ours), next(reference))
+    # Held-out: each component on its own windows, weighted as the blend.
+    alone = [make_trainer({**spec, "data": p}).evaluate()[0] for p in paths]
+    assert trainer.evaluate()[0] == pytest.approx(0.75 * alone[0] + 0.25 * alone[1], rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(kd, tmp_path, single_rank, dtype):
     """6 steps, a checkpoint every 2. The interrupted run gets a SIGTERM during step 3 (saves step 3 and
@@ -368,12 +389,30 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(kd, tmp_path, 
     assert checkpoint_steps(spec["output"]) == [4, 6]
     assert not (Path(spec["output"]) / "checkpoints" / ".step_00000006.tmp").exists()  # replaced by the real one
 
-    # Checkpoints hold tensors, numbers and strings only: they load without unpickling code.
+    # The checkpoint holds the weights and, per weight, the optimizer's fp32 copy and Adam moments, whole.
+    from nemo_minitron.distill.checkpointing import read_tensors
+
     ckpt = Path(spec["output"]) / "checkpoints" / "step_00000006"
-    payload = torch.load(ckpt / "rank00000.pt", weights_only=True)
-    assert payload["step"] == 6 and "optimizer" in payload and "model" in payload
+    tensors = read_tensors(ckpt)
+    checked = 0
+    # megatron's names: the layers' tensors stacked ([layer, ...]), the norms named as in Transformer Engine's
+    # fused norm + linear layers (so checkpoints of either layer spec load in the other).
+    te_names = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+    for key, value in want_weights.items():
+        index = re.search(r"\.layers\.(\d+)\.", key)
+        name = key if index is None else key.replace(index.group(0), ".layers.")
+        for local, te in te_names.items():
+            name = name.replace(local, te)
+        saved = tensors[name] if index is None else tensors[name][int(index.group(1))]
+        assert np.array_equal(saved.float().numpy(), value), key
+        checked += 1
+    assert checked == len(want_weights) > 10
+    state_keys = {k for k in tensors if k.startswith("optimizer.state.")}
+    assert {k.split(".")[2] for k in state_keys} == {"exp_avg", "exp_avg_sq", "param"}  # fp32: the weights
+    assert tensors["optimizer.state.exp_avg.decoder.final_layernorm.weight"].shape == (32,)
     meta = json.loads((ckpt / "meta.json").read_text())
-    assert (meta["step"], meta["world_size"], meta["tensor_model_parallel_size"]) == (6, 1, 1)
+    assert (meta["step"], meta["layout"]["world_size"], meta["layout"]["tensor_model_parallel_size"]) == (6, 1, 1)
 
     # Starting from scratch among these checkpoints would mix two runs: refused.
     from nemo_minitron.errors import UserError

@@ -10,8 +10,8 @@
   ``cache-logits`` (index gone, one shard gone, a partial temporary file left) resumes to byte-identical files
   and keeps the complete shards; a cache for other data, sequence length, seed, teacher, or too few windows or
   too small a k is refused with one line before any compute.
-- The cache's window of (step, micro-batch, DP rank) is the sampler's; the ``distill`` stage with a cache loads
-  no teacher.
+- The cache's window of (step, micro-batch, DP rank) is the sampler's, a weighted blend's included; the
+  ``distill`` stage with a cache loads no teacher.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def _write_cache(world: dict[str, Path], output: Path, **kw) -> dict:
         destroy_state()
 
 
-def _distill(world: dict[str, Path], output: Path, cache: dict | None) -> tuple[list[dict], dict]:
+def _distill(world: dict[str, Path], output: Path, cache: dict | None, data=None) -> tuple[list[dict], dict]:
     """STEPS fp32 steps: online (cache None) or from the cache; (metrics per step, final student weights)."""
     from nemo_minitron.checkpoint.io import load_model
     from nemo_minitron.distill.config import (
@@ -247,7 +247,7 @@ def _distill(world: dict[str, Path], output: Path, cache: dict | None) -> tuple[
         teacher = None if cache is not None else load_model(str(world["teacher"]))
         train = TrainConfig(seq_length=SEQ, micro_batch_size=MB, global_batch_size=GBS, max_steps=STEPS,
                             dtype="float32", teacher_dtype="float32")
-        distill(student, teacher, world["data"], output, train, OptimConfig(lr=1e-2, min_lr=1e-3),
+        distill(student, teacher, data or world["data"], output, train, OptimConfig(lr=1e-2, min_lr=1e-3),
                 LossConfig(logits=LogitKDConfig(chunk_tokens=24)), CheckpointConfig(every_steps=100),
                 EvalDuringTraining(every_steps=0, max_windows=2), LogConfig(progress=False, tensorboard=False),
                 teacher_cache=None if cache is None else TeacherCacheConfig(**cache))
@@ -412,6 +412,25 @@ def test_distill_stage_reads_the_cache_and_builds_no_teacher(world, monkeypatch)
     api, _ = _distill(world, world["root"] / "stage_api", {"path": str(cache)})
     first = json.loads((world["root"] / "stage_out" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["kd"] == pytest.approx(api[0]["kd"], rel=1e-5)
+
+
+def test_a_blend_is_cached_in_its_sampler_order(world):
+    """A weighted blend's cache holds the blended sampler's windows: distilling from it on the blend reads every
+    window's tokens as cached (checked window by window) and gives the online run's KD loss; the cache is refused
+    for one of the blend's components alone."""
+    from nemo_minitron.data import BlendComponent
+    from nemo_minitron.distill.trainer import validate
+
+    blend = [{"weight": 0.7, "path": str(world["data"])}, {"weight": 0.3, "path": str(world["other_data"])}]
+    cache = world["root"] / "cache_blend"
+    _write_cache(world, cache, data=blend)
+    components = [BlendComponent(**c) for c in blend]
+    steps, _ = _distill(world, world["root"] / "blend_cache", {"path": str(cache)}, data=components)
+    online, _ = _distill(world, world["root"] / "blend_online", None, data=components)
+    for got, ref in zip(steps, online, strict=True):
+        assert got["kd"] == pytest.approx(ref["kd"], rel=1e-5, abs=1e-7)
+    with pytest.raises(UserError, match="^teacher_cache: made for other data"):
+        validate(_distill_config(world, cache))
 
 
 def _distill_config(world: dict[str, Path], cache: Path, **kw):

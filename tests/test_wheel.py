@@ -104,5 +104,5 @@ def test_wheel_runs_outside_the_source_tree(tmp_path):
     run(bin_dir / "nemo-minitron", "prepare-data", "input=corpus.jsonl", f"tokenizer={embedded.teacher_dir()}",
         "output_dir=data", "valid_fraction=0.25")
     meta = json.loads((work / "data" / "meta.json").read_text())
-    assert len(meta["train_documents"]) + len(meta["valid_documents"]) == 8
+    assert meta["num_train_documents"] + meta["num_valid_documents"] == 8
     assert meta["num_train_tokens"] > 0 and meta["num_valid_tokens"] > 0

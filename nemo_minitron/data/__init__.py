@@ -1,13 +1,17 @@
-"""The data stage: tokenize a corpus into train/valid indexed datasets, then read them as token streams."""
+"""The data stage: tokenize a corpus into train/valid indexed datasets, then read them as token streams (one
+prepared dataset or a weighted blend of several)."""
 
 from typing import Any
 
-from nemo_minitron.data.config import PrepareDataConfig
+from nemo_minitron.data.blend import prepared_components
+from nemo_minitron.data.config import BlendComponent, DataSource, PrepareDataConfig, blend_weights
 
 _PREPARE = ("PreparedData", "load_tokenizer", "prepare_data", "read_text")
-_DATASET = ("SequenceSampler", "TokenDataset", "eval_windows", "text_file_tokens")
+_DATASET = ("BlendedSampler", "HeldOut", "SequenceSampler", "TokenDataset", "eval_windows", "heldout_sets",
+            "text_file_tokens", "train_sampler")
 
-__all__ = ["PrepareDataConfig", *_PREPARE, *_DATASET]
+__all__ = ["BlendComponent", "DataSource", "PrepareDataConfig", "blend_weights", "prepared_components", *_PREPARE,
+           *_DATASET]
 
 
 def __getattr__(name: str) -> Any:

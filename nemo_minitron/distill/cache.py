@@ -1,8 +1,8 @@
 """The teacher logit cache: the ``cache-logits`` stage that writes it, and the reader that distillation uses.
 
 A cache is a directory of shard files and ``index.json``. Window ``i`` is the ``i``-th sample of the
-distillation sampler's global order (:class:`~nemo_minitron.data.SequenceSampler` with the cache's
-``seq_length`` and ``seed``): a distillation step ``s`` of global batch ``G`` reads windows ``s*G .. s*G+G-1``,
+distillation sampler's global order (``data.train_sampler`` of the cache's data, one prepared dataset or a blend,
+with its ``seq_length`` and ``seed``): a distillation step ``s`` of global batch ``G`` reads windows ``s*G .. s*G+G-1``,
 whatever its micro-batch size, data-parallel size or tensor/pipeline layout. Per token of a window (its
 ``seq_length`` input positions) the cache holds the teacher's top-k token ids (int32), their log-probabilities
 (of the full-vocabulary softmax at temperature 1; bf16 or fp32) and ``log_tail`` (fp32), the log of the
@@ -37,8 +37,7 @@ import torch.distributed as dist
 
 from nemo_minitron.checkpoint.integrity import check_model
 from nemo_minitron.checkpoint.io import load_model, read_model_config, resolve_model_dir
-from nemo_minitron.data import SequenceSampler, TokenDataset
-from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.data import DataSource, prepared_components, train_sampler
 from nemo_minitron.distill.cache_loss import CachedLogitKD
 from nemo_minitron.distill.config import (
     CacheLogitsConfig,
@@ -98,25 +97,30 @@ def tokenizer_identity(model_dir: Path, vocab_size: int) -> dict[str, Any]:
 _DATA_SAMPLES, _DATA_BLOCK = 256, 4096
 
 
-def data_identity(data: Path) -> dict[str, Any]:
-    """The prepared dataset's train split: a SHA-256 of its index file, its token file's size and content (all of
-    it up to 1 MiB, else 256 blocks of 4 KiB spread evenly over it: cheap on terabytes, and every window a
-    distillation reads is checked against its cached hash besides)."""
-    prefix = Path(data) / "train"
-    idx, bin_ = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
-    if not (idx.is_file() and bin_.is_file()):
-        raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
-    digest = hashlib.sha256(idx.read_bytes())
-    size = bin_.stat().st_size
-    digest.update(str(size).encode())
-    with open(bin_, "rb") as f:
-        if size <= _DATA_SAMPLES * _DATA_BLOCK:
-            digest.update(f.read())
-        else:
-            for i in range(_DATA_SAMPLES):
-                f.seek(i * (size - _DATA_BLOCK) // (_DATA_SAMPLES - 1))
-                digest.update(f.read(_DATA_BLOCK))
-    return {"path": str(Path(data).absolute()), "sha256": digest.hexdigest()}
+def data_identity(data: DataSource) -> dict[str, Any]:
+    """The train split of the prepared dataset (of every component of a blend, with its weight): a SHA-256 of its
+    index file, its token file's size and content (all of it up to 1 MiB, else 256 blocks of 4 KiB spread evenly
+    over it: cheap on terabytes, and every window a distillation reads is checked against its cached hash
+    besides)."""
+    digest = hashlib.sha256()
+    paths = []
+    for component in prepared_components(data, "data"):
+        prefix = component.path / "train"
+        idx, bin_ = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+        if not (idx.is_file() and bin_.is_file()):
+            raise UserError(f"data: {component.path} is not a prepared dataset (run prepare-data first)")
+        paths.append(str(component.path.absolute()))
+        digest.update(repr(component.weight).encode() + idx.read_bytes())
+        size = bin_.stat().st_size
+        digest.update(str(size).encode())
+        with open(bin_, "rb") as f:
+            if size <= _DATA_SAMPLES * _DATA_BLOCK:
+                digest.update(f.read())
+            else:
+                for i in range(_DATA_SAMPLES):
+                    f.seek(i * (size - _DATA_BLOCK) // (_DATA_SAMPLES - 1))
+                    digest.update(f.read(_DATA_BLOCK))
+    return {"path": paths[0] if len(paths) == 1 else paths, "sha256": digest.hexdigest()}
 
 
 def cache_identity(cfg: CacheLogitsConfig) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def cache_identity(cfg: CacheLogitsConfig) -> dict[str, Any]:
         "format": FORMAT,
         "teacher": {**teacher, "dtype": cfg.teacher_dtype},
         "tokenizer": tokenizer_identity(resolve_model_dir(cfg.teacher), teacher["vocab_size"]),
-        "data": data_identity(Path(cfg.data)),
+        "data": data_identity(cfg.data),
         "seq_length": cfg.seq_length,
         "seed": cfg.seed,
         "windows": cfg.num_windows(),
@@ -239,7 +243,7 @@ def read_index(path: str | Path) -> dict[str, Any]:
     return index
 
 
-def check_cache_fits(index: dict[str, Any], *, data: Path, seq_length: int, seed: int, windows_needed: int,
+def check_cache_fits(index: dict[str, Any], *, data: DataSource, seq_length: int, seed: int, windows_needed: int,
                      student_dir: Path, student_vocab: int, teacher: Optional[str], top_k: Optional[int]) -> None:
     """One-line UserError unless the cache was made for this data, tokenizer, sequence length, sampler seed
     and (when ``teacher`` is given) teacher, and holds the windows and the top-k the distillation reads."""
@@ -265,10 +269,10 @@ def check_cache_fits(index: dict[str, Any], *, data: Path, seq_length: int, seed
         raise UserError(f"{where}: top_k {top_k} exceeds the cached {index['top_k']}")
 
 
-def check_teacher_cache(cache: TeacherCacheConfig, data: Path, train: TrainConfig, student_dir: Path,
+def check_teacher_cache(cache: TeacherCacheConfig, data: DataSource, train: TrainConfig, student_dir: Path,
                         student_vocab: int, teacher: Optional[str]) -> None:
     """One-line UserError unless the cache fits this distillation (:func:`check_cache_fits`)."""
-    check_cache_fits(read_index(cache.path), data=Path(data), seq_length=train.seq_length, seed=train.seed,
+    check_cache_fits(read_index(cache.path), data=data, seq_length=train.seq_length, seed=train.seed,
                      windows_needed=train.steps() * train.global_batch_size, student_dir=Path(student_dir),
                      student_vocab=student_vocab, teacher=teacher, top_k=cache.top_k)
 
@@ -426,17 +430,15 @@ def validate_cache_logits(cfg: CacheLogitsConfig) -> None:
     check_divisible(teacher, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     if cfg.top_k > teacher.vocab_size:
         raise UserError(f"top_k {cfg.top_k} exceeds the teacher's vocabulary ({teacher.vocab_size} tokens)")
-    data = Path(cfg.data)
-    if not (data / META_FILE).is_file():
-        raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
-    meta = json.loads((data / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("vocab_size", 0) > teacher.vocab_size:
-        raise UserError(f"data: {data} was tokenized with {meta['vocab_size']} token ids, more than the teacher's "
-                        f"vocab_size {teacher.vocab_size}")
-    tokens = meta.get("num_train_tokens")
-    if tokens is not None and tokens < cfg.seq_length + 1:
-        raise UserError(f"data: the train split of {data} has {tokens} tokens, fewer than one window of "
-                        f"seq_length + 1 = {cfg.seq_length + 1}")
+    for component in prepared_components(cfg.data, "data"):
+        data, meta = component.path, component.meta
+        if meta.get("vocab_size", 0) > teacher.vocab_size:
+            raise UserError(f"data: {data} was tokenized with {meta['vocab_size']} token ids, more than the "
+                            f"teacher's vocab_size {teacher.vocab_size}")
+        tokens = meta.get("num_train_tokens")
+        if tokens is not None and tokens < cfg.seq_length + 1:
+            raise UserError(f"data: the train split of {data} has {tokens} tokens, fewer than one window of "
+                            f"seq_length + 1 = {cfg.seq_length + 1}")
     check_model(cfg.teacher)
     _check_output(Path(cfg.output), cache_identity(cfg))
 
@@ -527,7 +529,7 @@ def _write_shards(cfg: CacheLogitsConfig, out: Path) -> int:
     pair = DistillationPair(teacher.model, None)  # the teacher in the student's seat: final hidden states out
     pair.model_type = teacher.model.model_type  # read by megatron's schedules
     vocab, k, seq = teacher.cfg.vocab_size, cfg.top_k, cfg.seq_length
-    sampler = SequenceSampler(TokenDataset(str(Path(cfg.data) / "train")), seq, 1, seed=cfg.seed)
+    sampler = train_sampler(cfg.data, seq, 1, seed=cfg.seed)
     writer = state.is_last_stage() and state.tp_rank() == 0
     windows, per_shard = cfg.num_windows(), cfg.windows_per_shard
 
@@ -572,7 +574,7 @@ class CachedTeacher:
     of a step's micro-batches (last pipeline stage only), :meth:`loss` takes them in order, one micro-batch per
     call, as megatron's schedules compute the micro-batches' losses in their order."""
 
-    def __init__(self, cfg: TeacherCacheConfig, data: Path, train: TrainConfig, loss: LossConfig,
+    def __init__(self, cfg: TeacherCacheConfig, data: DataSource, train: TrainConfig, loss: LossConfig,
                  student_dir: Path, student: ModelConfig) -> None:
         try:
             check_cache_loss(loss)

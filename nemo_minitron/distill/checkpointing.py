@@ -1,11 +1,22 @@
-"""Training checkpoints that are complete or absent, and load without unpickling arbitrary objects.
+"""Training checkpoints in megatron-core's distributed format: written once, resharded on load, complete or absent.
 
-A checkpoint is the directory ``<root>/step_<N>`` with one ``rank<R>.pt`` per rank (this rank's model
-shard, optimizer and RNG states, data position) and ``meta.json``. All ranks write into a hidden
-temporary directory; only when every rank has finished does rank 0 write ``meta.json`` and rename the
-directory into place, so a crash at any moment leaves either the previous checkpoints or a complete new one.
-Checkpoints beyond ``keep_last`` are renamed to a hidden name before they are deleted, for the same reason.
-Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only.
+A checkpoint is the directory ``<root>/step_<N>``:
+
+- megatron ``dist_checkpointing`` files (``torch_dist`` format: ``*.distcp``, ``.metadata``, ``common.pt``,
+  ``metadata.json``) holding the model's and the optimizer's sharded state dicts, the run's counters, and the
+  optimizer's parameter groups. Every tensor is written once by one rank (replicas over data parallelism split
+  the writing among them), and every tensor carries its place in the whole model, so the checkpoint loads at any
+  tensor-, pipeline- and data-parallel layout: the distributed optimizer's state is saved per model parameter
+  (megatron's ``fully_reshardable`` format) and cut again for the new layout.
+- ``rng/rank<R>.pt``: each rank's random-generator states, restored when the layout is the same.
+- ``meta.json``: the architecture, batch shape and layout; written last.
+
+All ranks write into a hidden temporary directory; only when every rank has finished does rank 0 write
+``meta.json`` and rename the directory into place, so a crash at any moment leaves either the previous
+checkpoints or a complete new one. Checkpoints beyond ``keep_last`` are renamed to a hidden name before they are
+deleted, for the same reason. Nothing read runs code (see :mod:`nemo_minitron.parallel.mcore_fixes`): the
+metadata is unpickled with an allow-list of its classes, every other file with ``torch.load(weights_only=True)``.
+When the newest checkpoint cannot be read, the previous one is used and a line says so.
 """
 
 from __future__ import annotations
@@ -15,17 +26,20 @@ import os
 import pickle
 import re
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.parallel import state
+from nemo_minitron.parallel import mcore_fixes, state
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+RNG_DIR = "rng"
 
 
 def _rank_world() -> tuple[int, int]:
@@ -47,23 +61,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _WriteRecorder:
-    """The file ``torch.save`` writes through, remembering the OSError of a failed write: torch itself reports
-    a full disk only as a RuntimeError ("unexpected pos")."""
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
-    def __init__(self, file) -> None:
-        self.file = file
-        self.error: Optional[OSError] = None
 
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
+def layout() -> dict[str, int]:
+    """This run's parallel layout, as a checkpoint records it."""
+    return {"tensor_model_parallel_size": state.tp_size(), "pipeline_model_parallel_size": state.pp_size(),
+            "data_parallel_size": state.dp_size(), "world_size": _rank_world()[1]}
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -78,41 +84,55 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save(root: Path, step: int, payload: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
-    """Write this rank's ``payload`` for ``step`` (collective: every rank calls it)."""
-    rank, world = _rank_world()
+def _write_rng(directory: Path, rank: int, rng: dict[str, Any]) -> None:
+    part = directory / f"rank{rank:05d}.pt.part"
+    with open(part, "wb") as f:
+        torch.save(rng, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, directory / f"rank{rank:05d}.pt")
+
+
+def save(root: Path, step: int, sharded_state: dict[str, Any], rng: dict[str, Any], meta: dict[str, Any],
+         keep_last: int) -> Path:
+    """Write ``sharded_state`` (megatron's sharded state dict; plain values in it are written once, from rank 0)
+    and this rank's ``rng`` states as the checkpoint of ``step``. Collective: every rank calls it."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    mcore_fixes.apply()
+    rank, _ = _rank_world()
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
     error: Optional[str] = None
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    if dist.is_initialized():
-        dist.barrier()
+        tmp.mkdir(parents=True)
+    _barrier()
     try:
-        part = tmp / f"rank{rank:05d}.pt.part"
-        with open(part, "wb") as f:
-            recorder = _WriteRecorder(f)
-            try:
-                torch.save(payload, recorder)
-            except RuntimeError:
-                if recorder.error is None:
-                    raise
-                raise recorder.error from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, tmp / f"rank{rank:05d}.pt")
-    except OSError as exc:
-        error = f"cannot write checkpoint {final}: {exc.strerror or exc}"
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        if dist.is_initialized():
+            # Replicated tensors (over data parallelism) are written by one of their replicas each, shared out.
+            strategy = FullyParallelSaveStrategyWrapper(
+                strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
+        dist_checkpointing.save(sharded_state, str(tmp), sharded_strategy=strategy)
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+        _write_rng(tmp / RNG_DIR, rank, rng)
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        error = f"cannot write checkpoint {final}: {reason}"
     if not _all_ok(error is None):
+        _barrier()
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(error or f"cannot write checkpoint {final}: another rank failed")
     if rank == 0:
         try:
-            (tmp / META).write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=2) + "\n")
-            _fsync_dir(tmp)
+            (tmp / META).write_text(json.dumps({**meta, "step": step, "layout": layout()}, indent=2) + "\n")
+            for directory in (tmp / RNG_DIR, tmp):
+                _fsync_dir(directory)
             if final.exists():  # the same step saved again: out of the way in one step, then deleted
                 _delete(final)
             os.replace(tmp, final)
@@ -122,7 +142,7 @@ def save(root: Path, step: int, payload: dict[str, Any], meta: dict[str, Any], k
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             error = f"cannot write checkpoint {final}: {exc.strerror or exc}"
-    if dist.is_initialized() and world > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
@@ -150,17 +170,11 @@ def remove_partial(root: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _newest(root: Path) -> Optional[tuple[int, Path, dict[str, Any]]]:
-    """(step, directory, meta) of the newest complete checkpoint under ``root``, or None."""
-    found = step_dirs(root)
-    if not found:
-        return None
-    step, path = found[-1]
+def _read_meta(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((path / META).read_text())
+        return json.loads((path / META).read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{path / META}: unreadable ({exc})") from None
-    return step, path, meta
 
 
 def _check_meta(path: Path, meta: dict[str, Any], expect: dict[str, Any]) -> None:
@@ -176,38 +190,102 @@ def _check_meta(path: Path, meta: dict[str, Any], expect: dict[str, Any]) -> Non
 
 def check_resumable(root: Path, expect_meta: dict[str, Any], resume: bool) -> None:
     """UserError when this run cannot start among the checkpoints under ``root``: with ``resume``, the newest is
-    of another layout or model; without, there are any (keep_last would delete by step, mixing two runs)."""
-    newest = _newest(root)
-    if newest is None:
+    of another model or batch shape (the parallel layout may differ); without, there are any (keep_last would
+    delete by step, mixing two runs)."""
+    found = step_dirs(root)
+    if not found:
         return
     if not resume:
         raise UserError(f"{root} holds checkpoints of an earlier run and checkpoint.resume is false: remove them "
                         "or choose another output")
-    _check_meta(newest[1], newest[2], expect_meta)
+    path = found[-1][1]
+    _check_meta(path, _read_meta(path), expect_meta)
 
 
-def load_latest(root: Path, expect_meta: dict[str, Any]) -> Optional[tuple[int, dict[str, Any]]]:
-    """(step, this rank's payload) of the newest complete checkpoint, or None when there is none.
+@dataclass
+class Loaded:
+    step: int
+    state: dict[str, Any]  # the sharded state dict's values, loaded
+    rng: Optional[dict[str, Any]]  # this rank's generator states; None when the layout differs
+    path: Path
 
-    ``expect_meta`` entries (parallel layout, architecture) must match the checkpoint's, else UserError.
+
+def _load_one(path: Path, sharded_state: Callable[[], dict[str, Any]], same_layout: bool) -> Loaded:
+    from megatron.core import dist_checkpointing
+
+    rank, _ = _rank_world()
+    loaded = dist_checkpointing.load(sharded_state(), str(path))
+    rng = None
+    if same_layout:
+        rng = torch.load(path / RNG_DIR / f"rank{rank:05d}.pt", weights_only=True, map_location="cpu")
+    return Loaded(int(_STEP_DIR.match(path.name).group(1)), loaded, rng, path)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error underneath torch's and megatron's wrappers (a failed rank's exception, a chained cause)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    seen = 0
+    while seen < 10:
+        seen += 1
+        if isinstance(exc, CheckpointException) and exc.failures:
+            exc = next(iter(exc.failures.values()))[0]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            return exc
+    return exc
+
+
+def load_latest(root: Path, expect_meta: dict[str, Any],
+                sharded_state: Callable[[], dict[str, Any]]) -> Optional[Loaded]:
+    """The newest complete checkpoint under ``root`` that every rank can read, loaded into the tensors of
+    ``sharded_state()`` (a fresh sharded state dict of the run, built as for loading); None when there is none.
+
+    ``expect_meta`` entries (architecture, batch shape) must match the checkpoint's, else UserError. A checkpoint
+    that holds objects other than plain data is refused (UserError); one that cannot be read (a truncated file)
+    is passed over for the previous one, with a line on stderr.
     """
-    newest = _newest(root)
-    if newest is None:
-        return None
-    step, path, meta = newest
-    rank, world = _rank_world()
-    if meta.get("world_size") != world:
-        raise UserError(f"{path}: written by {meta.get('world_size')} ranks, this run has {world}")
-    _check_meta(path, meta, expect_meta)
-    file = path / f"rank{rank:05d}.pt"
-    if not file.is_file():
-        raise UserError(f"{path}: shard {file.name} is missing")
-    try:
-        payload = torch.load(file, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        # It names a Python object to build: that runs code, which a checkpoint never needs.
-        raise UserError(f"{file}: refused: it holds objects other than tensors and plain data") from None
-    except Exception as exc:  # a truncated or foreign file: torch raises several types
-        raise UserError(f"{file}: unreadable checkpoint shard "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    return step, payload
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    mcore_fixes.apply()
+    found = step_dirs(root)
+    rank, _ = _rank_world()
+    skipped: list[str] = []
+    for _, path in reversed(found):
+        meta = _read_meta(path)
+        _check_meta(path, meta, expect_meta)
+        refused = error = None
+        try:
+            result = _load_one(path, sharded_state, meta.get("layout") == layout())
+        # A truncated or foreign file: torch and megatron raise many types, torch's checkpoint reader a
+        # CheckpointException (not an Exception) holding each failed rank's.
+        except (Exception, CheckpointException) as exc:
+            cause = _cause(exc)
+            if isinstance(cause, pickle.UnpicklingError):
+                refused = f"{path}: refused: it holds objects other than tensors and plain data"
+            else:
+                error = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+        if not _all_ok(refused is None):
+            state.raise_rank0_error(refused or f"{path}: refused by another rank")
+        if _all_ok(error is None):
+            if skipped and rank == 0:
+                print(f"nemo-minitron: {'; '.join(skipped)}; resuming from {path.name}", file=sys.stderr)
+            return result
+        skipped.append(f"checkpoint {path.name} is unreadable ({error or 'on another rank'})")
+    if skipped:
+        raise UserError(f"{root}: no readable checkpoint: {'; '.join(skipped)}")
+    return None
+
+
+def read_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint ``step_dir``, whole, by its global name (one process, no process group):
+    for tools and tests that look into a checkpoint. megatron names a transformer layer's tensors without the
+    layer's number and stacks them over the layers: ``decoder.layers.mlp.linear_fc2.weight`` is
+    ``[num_layers, hidden, ffn]``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    mcore_fixes.apply()
+    loaded = _load_state_dict_from_keys(storage_reader=FileSystemReader(str(step_dir)))
+    return {k: v for k, v in loaded.items() if torch.is_tensor(v)}

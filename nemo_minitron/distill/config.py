@@ -13,6 +13,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
+from nemo_minitron.data.config import DataSource
 from nemo_minitron.dtypes import Dtype, Fp8
 from nemo_minitron.parallel.config import ParallelConfig
 
@@ -231,7 +232,8 @@ class DistillConfig(TrainingSections):
                                   "from-scratch baseline)")
     teacher: Optional[str] = None
     teacher_cache: Optional[TeacherCacheConfig] = None
-    data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
+    data: DataSource = Field(description="prepared dataset directory (prepare-data), or a weighted blend of several: "
+                                         "[{weight, path}, ...]")
     output: str = Field(min_length=1)
     train: TrainConfig
     parallel: ParallelConfig = ParallelConfig()
@@ -269,7 +271,8 @@ class CacheLogitsConfig(StrictModel):
     of S steps of global batch G reads S x G of them, whatever its micro-batch size and parallel layout."""
 
     teacher: str = Field(min_length=1)
-    data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
+    data: DataSource = Field(description="prepared dataset directory (prepare-data), or a weighted blend of several "
+                                         "(the distillation's data)")
     output: str = Field(min_length=1)
     seq_length: int = Field(512, ge=2)
     seed: int = Field(1234, description="the distillation's train.seed: it orders the windows")

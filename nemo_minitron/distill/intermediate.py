@@ -12,7 +12,7 @@ pair loss is the mean over its own tokens; as every rank holds as many tokens, t
 TP is the mean over all tokens, the value at TP = 1. Each rank's tokens then carry ``1/tp`` of the gradient,
 and a projection's gradient on one rank covers its tokens only: the projections are marked
 ``sequence_parallel`` like the norms, so that their gradients are summed over TP
-(:func:`nemo_minitron.parallel.grads.allreduce_sequence_parallel_grads`).
+(by megatron's ``finalize_model_grads``, see :mod:`nemo_minitron.parallel.engine`).
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ class IntermediateLosses:
         local = {layer.layer_number - 1: layer for layer in pair.student.decoder.layers}
         t_local = {layer.layer_number - 1: layer for layer in pair.teacher.decoder.layers}
         indices = [i for i, p in enumerate(cfg.pairs) if p.student_layer in local]
+        self.indices = indices  # of this stage's pairs in cfg.pairs
         self.pairs = [(cfg.pairs[i].student_layer, cfg.pairs[i].teacher_layer) for i in indices]
         self.fraction = len(indices) / len(cfg.pairs)
         self.states: dict[tuple[str, int], Tensor] = {}
@@ -146,6 +147,22 @@ class IntermediateLosses:
         weights = [balance_weight(self.cfg, previous_logit_loss, value) for value in losses.detach().tolist()]
         balanced = (losses * torch.tensor(weights, dtype=losses.dtype, device=losses.device)).mean()
         return losses.mean(), balanced
+
+    def sharded_state_dict(self) -> dict:
+        """This stage's projection weights for a training checkpoint, named by their pair's index in the config
+        (so they load at any pipeline layout); replicated over TP and DP."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        replica = (0, state.tp_rank(), state.dp_rank())
+        return {f"pair{index}": ShardedTensor.from_rank_offsets(f"intermediate.pair{index}.weight", proj.weight,
+                                                                 replica_id=replica)
+                for index, proj in zip(self.indices, self.module.projections) if isinstance(proj, nn.Linear)}
+
+    def load_sharded(self, loaded: dict) -> None:
+        with torch.no_grad():
+            for index, proj in zip(self.indices, self.module.projections):
+                if isinstance(proj, nn.Linear):
+                    proj.weight.copy_(loaded[f"pair{index}"])
 
     def remove(self) -> None:
         for handle in self.handles:

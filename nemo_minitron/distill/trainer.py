@@ -33,8 +33,7 @@ from nemo_minitron.checkpoint.io import (
     resolve_model_dir,
     save_checkpoint,
 )
-from nemo_minitron.data import SequenceSampler, TokenDataset, eval_windows
-from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.data import BlendComponent, heldout_sets, prepared_components, train_sampler
 from nemo_minitron.distill import checkpointing
 from nemo_minitron.distill.cache import CachedTeacher, check_teacher_cache
 from nemo_minitron.distill.config import (
@@ -51,7 +50,6 @@ from nemo_minitron.distill.config import (
 from nemo_minitron.distill.intermediate import IntermediateLosses
 from nemo_minitron.distill.logging import RunLogger
 from nemo_minitron.distill.losses import FusedLogitKD
-from nemo_minitron.distill.optim import MixedPrecisionAdamW
 from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_weight, pipeline_shapes
 from nemo_minitron.dtypes import Fp8, torch_dtype
 from nemo_minitron.errors import UserError
@@ -59,7 +57,8 @@ from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.fsutil import DirectoryLock, atomic_write_text, check_can_create, remove_leftovers
 from nemo_minitron.models.builder import FP8_MULTIPLE, check_fp8_shapes, compile_layers, te_available
 from nemo_minitron.models.config import ModelConfig
-from nemo_minitron.parallel import grads, state
+from nemo_minitron.parallel import state
+from nemo_minitron.parallel.engine import TrainingEngine
 from nemo_minitron.parallel.schedule import forward_backward
 from nemo_minitron.parallel.sharding import check_divisible
 
@@ -78,11 +77,10 @@ class DistillResult:
     stopped_early: bool
 
 
-def run_meta(student: ModelConfig, train: TrainConfig, tp: int, pp: int) -> dict:
-    """What a checkpoint shares with the run that resumes it: parallel layout, architecture, batch shape."""
+def run_meta(student: ModelConfig, train: TrainConfig) -> dict:
+    """What a checkpoint shares with the run that resumes it: architecture and batch shape (the parallel layout
+    may differ: checkpoints reshard)."""
     return {
-        "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": pp,
         "student": student.model_dump(),
         "global_batch_size": train.global_batch_size,
         "seq_length": train.seq_length,
@@ -138,22 +136,20 @@ def validate(cfg: DistillConfig) -> None:
         check_fp8_shapes(student, tp)
         if online:
             check_fp8_shapes(teacher, tp, model="teacher")
-    data = Path(cfg.data)
-    if not (data / META_FILE).is_file():
-        raise UserError(f"data: {data} is not a prepared dataset (run prepare-data first)")
-    meta = json.loads((data / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("vocab_size", 0) > student.vocab_size:
-        raise UserError(f"data: {data} was tokenized with {meta['vocab_size']} token ids, more than the student's "
-                        f"vocab_size {student.vocab_size} (prepare it with the student's tokenizer)")
-    for split in ("train", "valid"):
-        tokens = meta.get(f"num_{split}_tokens")
-        if tokens is not None and tokens < cfg.train.seq_length + 1:
-            raise UserError(f"data: the {split} split of {data} has {tokens} tokens, fewer than one sequence of "
-                            f"train.seq_length + 1 = {cfg.train.seq_length + 1}")
-    checkpointing.check_resumable(Path(cfg.output) / "checkpoints", run_meta(student, cfg.train, tp, pp),
+    for component in prepared_components(cfg.data, "data"):
+        data, meta = component.path, component.meta
+        if meta.get("vocab_size", 0) > student.vocab_size:
+            raise UserError(f"data: {data} was tokenized with {meta['vocab_size']} token ids, more than the "
+                            f"student's vocab_size {student.vocab_size} (prepare it with the student's tokenizer)")
+        for split in ("train", "valid"):
+            tokens = meta.get(f"num_{split}_tokens")
+            if tokens is not None and tokens < cfg.train.seq_length + 1:
+                raise UserError(f"data: the {split} split of {data} has {tokens} tokens, fewer than one sequence "
+                                f"of train.seq_length + 1 = {cfg.train.seq_length + 1}")
+    checkpointing.check_resumable(Path(cfg.output) / "checkpoints", run_meta(student, cfg.train),
                                   cfg.checkpoint.resume)
     if cfg.teacher_cache is not None:
-        check_teacher_cache(cfg.teacher_cache, data, cfg.train, resolve_model_dir(cfg.student), student.vocab_size,
+        check_teacher_cache(cfg.teacher_cache, cfg.data, cfg.train, resolve_model_dir(cfg.student), student.vocab_size,
                             cfg.teacher)
     # Last, as the slowest: every weight file is complete and has the shapes of its config.
     check_model(cfg.student)
@@ -168,7 +164,8 @@ class Trainer:
     """State of one distillation run on this rank (built by :func:`distill`). With ``teacher_cache`` instead of
     a teacher, the teacher's outputs are read from a logit cache (:mod:`~nemo_minitron.distill.cache`)."""
 
-    def __init__(self, student: LoadedModel, teacher: Optional[LoadedModel], data: Path, output: Path,
+    def __init__(self, student: LoadedModel, teacher: Optional[LoadedModel], data: str | list[BlendComponent],
+                 output: Path,
                  train: TrainConfig, optim: OptimConfig, loss: LossConfig, checkpoint: CheckpointConfig,
                  evaluation: EvalDuringTraining, log: LogConfig,
                  teacher_cache: Optional[TeacherCacheConfig] = None) -> None:
@@ -217,21 +214,16 @@ class Trainer:
         )
         # (intermediate loss share, its term in the loss) of each micro-batch on a stage before the last.
         self.mid_stage_losses: list[tuple[float, float]] = []
-        self.params = [p for p in student.model.parameters() if p.requires_grad]
-        if self.intermediate is not None:
-            self.params += list(self.intermediate.module.parameters())
-        self.optimizer = MixedPrecisionAdamW(
-            self.params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
-        )
-        self.sampler = SequenceSampler(
-            TokenDataset(str(data / "train")), train.seq_length, train.micro_batch_size,
-            seed=train.seed, dp_rank=state.dp_rank(), dp_size=dp,
-        )
-        # Fixed held-out windows, read now: a split too short for one fails before any training. (The dataset
-        # stays referenced: its memory map closes when it is collected.)
-        self.valid = TokenDataset(str(data / "valid"))
-        self.eval_windows = list(eval_windows(self.valid, evaluation.seq_length or train.seq_length,
-                                              evaluation.max_windows))
+        trainable = [student.model]
+        if self.intermediate is not None and any(True for _ in self.intermediate.module.parameters()):
+            trainable.append(self.intermediate.module)
+        self.engine = TrainingEngine(trainable, lr=optim.lr, weight_decay=optim.weight_decay,
+                                     betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        self.sampler = train_sampler(data, train.seq_length, train.micro_batch_size, seed=train.seed,
+                                     dp_rank=state.dp_rank(), dp_size=dp)
+        # Fixed held-out windows of each component of the data, read now: a split too short for one fails
+        # before any training.
+        self.heldout = heldout_sets(data, evaluation.seq_length or train.seq_length, evaluation.max_windows)
         self.eval_micro_batch_size = evaluation.micro_batch_size or train.micro_batch_size
         self.total_steps = train.steps()
         self.step = 0
@@ -306,22 +298,20 @@ class Trainer:
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
         if self.cached_teacher is not None:
             self.cached_teacher.read_step(self.step, micro_batches)
-        self.optimizer.zero_grad()
+        self.engine.zero_grad()
         self.mid_stage_losses.clear()
         self.pair.student.train()
         reports = forward_backward(
             self.stage_module, micro_batches, self._loss_fn, forward_only=False,
             adjust_tensor_shapes_fn=pipeline_shapes(self.pair),
         )
-        grads.sync_tied_embedding_grads(self.pair.student)
-        grads.allreduce_sequence_parallel_grads(self.params)
-        grads.average_data_parallel_grads(self.params)
+        self.engine.finalize()
         metrics = self._mean_metrics(reports)
-        norm = float(grads.grad_norm(self.pair.student, self.params))
+        lr = self.optim_cfg.lr_at(self.step, self.total_steps)
+        norm, stepped = (self.engine.step(lr, self.optim_cfg.clip_grad) if math.isfinite(metrics["loss"])
+                         else (float("nan"), False))
         metrics["grad_norm"] = norm
-        finite = math.isfinite(norm) and math.isfinite(metrics["loss"])
-        if not finite:
-            self.optimizer.zero_grad()
+        if not stepped:
             self.skipped += 1
             self.skipped_in_a_row += 1
             metrics["skipped"] = 1.0
@@ -330,10 +320,6 @@ class Trainer:
                                 "steps in a row; stopping (the last checkpoint is intact)")
             return metrics
         self.skipped_in_a_row = 0
-        if self.optim_cfg.clip_grad > 0 and norm > self.optim_cfg.clip_grad:
-            self.optimizer.scale_grads(self.optim_cfg.clip_grad / (norm + 1e-6))
-        lr = self.optim_cfg.lr_at(self.step, self.total_steps)
-        self.optimizer.step(lr)
         metrics["lr"] = lr
         self.last_logit_loss = metrics.get("logit_loss", metrics["loss"])
         return metrics
@@ -367,62 +353,75 @@ class Trainer:
 
     def evaluate(self) -> tuple[float, float]:
         """Student's held-out loss and perplexity on the valid split: the ``eval`` stage's computation on the
-        same windows every time."""
+        same windows every time (for a blend: each component's loss on its own windows, weighted as the blend)."""
         student = self.pair.student
         student.eval()
-        total, count = windows_loss_sums(
-            student, self.student.cfg.vocab_size, self.eval_windows, self.eval_micro_batch_size,
-            # The student's last stage returns hidden states (the KD loss projects them itself).
-            to_logits=lambda hidden: torch.nn.functional.linear(hidden, output_weight(student)),
-        )
-        loss = total / count
+        loss = 0.0
+        for heldout in self.heldout:
+            total, count = windows_loss_sums(
+                student, self.student.cfg.vocab_size, heldout.windows, self.eval_micro_batch_size,
+                # The student's last stage returns hidden states (the KD loss projects them itself).
+                to_logits=lambda hidden: torch.nn.functional.linear(hidden, output_weight(student)),
+            )
+            loss += heldout.weight * (total / count)
         return loss, math.exp(loss)
 
     # ------------------------------------------------------------------ checkpoints
 
     def _meta(self) -> dict:
-        return run_meta(self.student.cfg, self.train_cfg, state.tp_size(), state.pp_size())
+        return run_meta(self.student.cfg, self.train_cfg)
 
-    def _payload(self) -> dict:
+    def _sharded_state(self, loading: bool = False) -> dict:
+        """The run's state as megatron's sharded state dict: model and projection weights, optimizer state (per
+        model parameter, so that it reshards), and the counters (plain values, the same on every rank)."""
+        weights = {"model": self.pair.student.sharded_state_dict()}
+        if self.intermediate is not None:
+            weights["intermediate"] = self.intermediate.sharded_state_dict()
+        return {
+            **weights,
+            "optimizer": self.engine.sharded_state_dict(weights, loading),
+            "train": {
+                "step": self.step,
+                "skipped": self.skipped,
+                "skipped_in_a_row": self.skipped_in_a_row,
+                "last_logit_loss": self.last_logit_loss,
+                "last_loss": self.last_loss,
+            },
+        }
+
+    def _rng(self) -> dict:
         from megatron.core.tensor_parallel import random as mrandom
 
         tracker = mrandom.get_cuda_rng_tracker()
-        return {
-            "model": {k: v for k, v in self.pair.student.state_dict().items() if isinstance(v, torch.Tensor)},
-            "intermediate": self.intermediate.module.state_dict() if self.intermediate else {},
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "skipped": self.skipped,
-            "skipped_in_a_row": self.skipped_in_a_row,
-            "last_logit_loss": self.last_logit_loss,
-            "last_loss": self.last_loss,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_tracker": dict(tracker.get_states()) if hasattr(tracker, "get_states") else {},
-        }
+        return {"cpu": torch.get_rng_state(),
+                "tracker": dict(tracker.get_states()) if hasattr(tracker, "get_states") else {}}
 
     def save(self) -> None:
-        checkpointing.save(self.output / "checkpoints", self.step, self._payload(), self._meta(),
+        checkpointing.save(self.output / "checkpoints", self.step, self._sharded_state(), self._rng(), self._meta(),
                            self.ckpt_cfg.keep_last)
 
     def resume(self) -> bool:
         from megatron.core.tensor_parallel import random as mrandom
 
-        found = checkpointing.load_latest(self.output / "checkpoints", self._meta())
+        found = checkpointing.load_latest(self.output / "checkpoints", self._meta(),
+                                          lambda: self._sharded_state(loading=True))
         if found is None:
             return False
-        _, payload = found
-        self.pair.student.load_state_dict(payload["model"], strict=False)
+        loaded = found.state
+        self.pair.student.load_state_dict(loaded["model"])
         if self.intermediate is not None:
-            self.intermediate.module.load_state_dict(payload["intermediate"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.step = int(payload["step"])
-        self.skipped, self.skipped_in_a_row = int(payload["skipped"]), int(payload["skipped_in_a_row"])
-        previous = payload["last_logit_loss"]
+            self.intermediate.load_sharded(loaded["intermediate"])
+        self.engine.load_state_dict(loaded["optimizer"])
+        counters = loaded["train"]
+        self.step = int(counters["step"])
+        self.skipped, self.skipped_in_a_row = int(counters["skipped"]), int(counters["skipped_in_a_row"])
+        previous = counters["last_logit_loss"]
         self.last_logit_loss = None if previous is None else float(previous)
-        self.last_loss = float(payload.get("last_loss", float("nan")))
-        torch.set_rng_state(payload["rng_cpu"])
-        if payload["rng_tracker"]:
-            mrandom.get_cuda_rng_tracker().set_states(payload["rng_tracker"])
+        self.last_loss = float(counters["last_loss"])
+        if found.rng is not None:  # the same layout: every rank continues its own random streams
+            torch.set_rng_state(found.rng["cpu"])
+            if found.rng["tracker"]:
+                mrandom.get_cuda_rng_tracker().set_states(found.rng["tracker"])
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -478,7 +477,7 @@ class Trainer:
         """Give the models back as they came: no forward or gradient hooks of training, outputs as logits."""
         if self.intermediate is not None:
             self.intermediate.remove()
-        self.optimizer.remove_hooks()
+        self.engine.release()
         self.pair.restore()
 
     def _on_sigterm(self, _signum, _frame) -> None:
@@ -492,7 +491,7 @@ class Trainer:
 def distill(
     student: LoadedModel,
     teacher: Optional[LoadedModel],
-    data: str | Path,
+    data: str | Path | list[BlendComponent],
     output: str | Path,
     train: TrainConfig,
     optim: OptimConfig = OptimConfig(),
@@ -502,15 +501,16 @@ def distill(
     log: LogConfig = LogConfig(),
     teacher_cache: Optional[TeacherCacheConfig] = None,
 ) -> DistillResult:
-    """Train ``student`` from ``teacher`` (or with CE alone when None) on the prepared dataset ``data``.
+    """Train ``student`` from ``teacher`` (or with CE alone when None) on the prepared dataset ``data`` (or a
+    weighted blend of several).
 
     Checkpoints, ``metrics.jsonl`` and TensorBoard events go under ``output``; an existing checkpoint there is
     resumed when ``checkpoint.resume``. The trained weights stay in ``student.model``, which is returned to the
     caller without the hooks training puts on it. With ``teacher_cache`` (``teacher`` None) the teacher's
     outputs come from a logit cache written by ``cache-logits``.
     """
-    trainer = Trainer(student, teacher, Path(data), Path(output), train, optim, loss, checkpoint, evaluation, log,
-                      teacher_cache)
+    trainer = Trainer(student, teacher, data if isinstance(data, list) else str(data), Path(output), train, optim,
+                      loss, checkpoint, evaluation, log, teacher_cache)
     try:
         return trainer.run()
     finally:

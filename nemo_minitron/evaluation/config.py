@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer
 
 from nemo_minitron.config import StrictModel
+from nemo_minitron.data.config import DataSource
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
 
@@ -30,8 +31,9 @@ class EvalConfig(StrictModel):
     """What to evaluate (``model``), on what (``data``: a prepared dataset directory or a text file)."""
 
     model: str = Field(min_length=1, description="HF or nemo_minitron model directory, or embedded:...")
-    data: Optional[str] = Field(None, min_length=1,
-                                description="prepared dataset directory (see prepare-data) or a text file")
+    data: Optional[DataSource] = Field(None, description="prepared dataset directory (see prepare-data), a text "
+                                                         "file, or a weighted blend of prepared datasets "
+                                                         "([{weight, path}, ...]: each scored on its own)")
     split: Literal["train", "valid"] = "valid"
     seq_length: int = Field(512, ge=2)
     micro_batch_size: int = Field(4, ge=1)

@@ -130,6 +130,8 @@ def validate(cfg: EvalConfig) -> None:
         raise UserError(f"harness.tasks: a task is listed twice: {cfg.harness.tasks}")
     if LAMBADA_LOCAL in cfg.harness.tasks and cfg.data is None:
         raise UserError(f"data: {LAMBADA_LOCAL} needs held-out text (a prepared dataset or a text file)")
+    if isinstance(cfg.data, list):
+        raise UserError("data: backend=lm-eval reads one prepared dataset or a text file, not a blend")
     if cfg.harness.device == "cuda" and not torch.cuda.is_available():
         raise UserError("harness.device: cuda is not available on this machine")
     model_dir = resolve_model_dir(cfg.model)

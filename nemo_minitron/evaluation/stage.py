@@ -3,6 +3,10 @@
 Each window of ``seq_length`` tokens is scored as :mod:`nemo_minitron.evaluation.loss` describes (the same
 windows and the same tokens that ``transformers``' ``model(ids, labels=ids)`` scores), and the perplexity is
 exp of the mean loss over all scored tokens.
+
+A blend of prepared datasets (``data: [{weight, path}, ...]``) is never mixed for evaluation: each component's
+held-out split is scored on its own (``components`` of the result), and the headline loss is the components'
+losses weighted as the blend.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +22,15 @@ import torch.distributed as dist
 
 from nemo_minitron.checkpoint.integrity import check_model
 from nemo_minitron.checkpoint.io import load_model, read_model_config, resolve_model_dir
-from nemo_minitron.data import TokenDataset, eval_windows, load_tokenizer, text_file_tokens
+from nemo_minitron.data import (
+    HeldOut,
+    TokenDataset,
+    eval_windows,
+    heldout_sets,
+    load_tokenizer,
+    prepared_components,
+    text_file_tokens,
+)
 from nemo_minitron.data.prepare import META_FILE
 from nemo_minitron.dtypes import torch_dtype
 from nemo_minitron.errors import UserError
@@ -39,6 +51,25 @@ class EvalResult:
     windows: int
     seconds: float
     tokens_per_second: float
+    # A blend's components, each scored on its own held-out windows (empty for one dataset or a text file).
+    components: list[ComponentLoss] = field(default_factory=list)
+
+
+@dataclass
+class ComponentLoss:
+    path: str
+    weight: float
+    loss: float
+    perplexity: float
+    tokens: int
+    windows: int
+
+
+def eval_sets(cfg: EvalConfig, tokenizer_dir: Path) -> list[HeldOut]:
+    """The held-out windows of each component of ``cfg.data`` (one set for a dataset or a text file)."""
+    if isinstance(cfg.data, list):
+        return heldout_sets(cfg.data, cfg.seq_length, cfg.max_windows, cfg.split)
+    return [HeldOut(Path(cfg.data).expanduser(), 1.0, eval_tokens(cfg, tokenizer_dir))]
 
 
 def eval_tokens(cfg: EvalConfig, tokenizer_dir: Path) -> list[torch.Tensor]:
@@ -81,7 +112,9 @@ def validate(cfg: EvalConfig) -> None:
         raise UserError("data: required (a prepared dataset directory or a text file)")
     model_cfg = read_model_config(resolve_model_dir(cfg.model))
     check_divisible(model_cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
-    data = Path(cfg.data).expanduser() if cfg.data is not None else None
+    if isinstance(cfg.data, list):
+        prepared_components(cfg.data, "data")
+    data = Path(cfg.data).expanduser() if isinstance(cfg.data, str) else None
     if data is not None and not data.exists():
         raise UserError(f"eval data not found: {data}")
     if data is not None and data.is_dir() and not (data / META_FILE).is_file():
@@ -96,29 +129,41 @@ def evaluate(cfg: EvalConfig) -> EvalResult | HarnessResult:
     if cfg.backend == "lm-eval":
         return _write_output(cfg, run_harness(cfg))
     model_dir = resolve_model_dir(cfg.model)
-    windows = eval_tokens(cfg, model_dir)
+    sets = eval_sets(cfg, model_dir)
     if cfg.backend == "hf":
         if cfg.parallel.model_parallel_size > 1:
             raise UserError("backend=hf runs on one process: set parallel sizes to 1")
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype)).eval()
-        start = time.perf_counter()
-        total, count = _hf_loss_sums(cfg, model, windows)
+
+        def loss_sums(windows):
+            return _hf_loss_sums(cfg, model, windows)
     else:
         state.initialize(cfg.parallel, cfg.seed)
         loaded = load_model(cfg.model, dtype=torch_dtype(cfg.dtype))
-        start = time.perf_counter()
-        total, count = windows_loss_sums(loaded.model, loaded.cfg.vocab_size, windows, cfg.micro_batch_size)
+
+        def loss_sums(windows):
+            return windows_loss_sums(loaded.model, loaded.cfg.vocab_size, windows, cfg.micro_batch_size)
+    start = time.perf_counter()
+    components = []
+    for heldout in sets:
+        total, count = loss_sums(heldout.windows)
+        components.append(ComponentLoss(path=str(heldout.path), weight=heldout.weight, loss=total / count,
+                                        perplexity=math.exp(total / count), tokens=count,
+                                        windows=len(heldout.windows)))
     seconds = time.perf_counter() - start
-    loss = total / count
+    # One set: its loss exactly as it was computed; a blend: the components' losses weighted as the blend.
+    loss = sum(c.weight * c.loss for c in components) if len(components) > 1 else components[0].loss
+    windows = sum(c.windows for c in components)
     result = EvalResult(
         loss=loss,
         perplexity=math.exp(loss),
-        tokens=count,
-        windows=len(windows),
+        tokens=sum(c.tokens for c in components),
+        windows=windows,
         seconds=seconds,
-        tokens_per_second=len(windows) * cfg.seq_length / seconds,
+        tokens_per_second=windows * cfg.seq_length / seconds,
+        components=components if isinstance(cfg.data, list) else [],
     )
     return _write_output(cfg, result)
 

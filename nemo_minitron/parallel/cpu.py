@@ -8,7 +8,9 @@ schedules, the default causal mask, the optimizers, gradient clipping and the L2
 names ``"torch.cuda.FloatTensor"`` by which the mixed-precision and distributed optimizers sort parameters, a
 CUDA-only RNG tracker, and the CUDA generator's state that activation recomputation saves before a
 checkpointed forward and restores to recompute it. On a machine without CUDA these calls can only fail, so
-redirecting them to the CPU changes nothing for GPU runs.
+redirecting them to the CPU changes nothing for GPU runs. One more is about precision: without Transformer Engine
+or apex, megatron's gradient norm is torch's fp32 norm of each tensor, off by ~1e-4 for a large tensor on CPU;
+it is accumulated in float64 instead.
 """
 
 from __future__ import annotations
@@ -129,6 +131,16 @@ def install_rng_tracker(seed: int, tp_rank: int) -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _l2_norm_float64(_chunk_size, _noop_flag, tensor_lists, _per_tensor, *_args):
+    """megatron's fallback ``multi_tensor_l2norm`` (the L2 norm of all tensors of ``tensor_lists[0]``), summed in
+    float64 without a float64 copy of each tensor."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1), None
+    total = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).pow(2).sum().sqrt()
+    return total.float().reshape(1), None
+
+
 def apply_cpu_patches() -> None:
     """Redirect megatron-core's CUDA-only call sites to the CPU. Idempotent; does nothing with CUDA."""
     global _APPLIED
@@ -155,4 +167,5 @@ def apply_cpu_patches() -> None:
     for module in (transformer_utils, schedules, core_utils, param_and_grad_buffer, optimizer, distrib_optimizer,
                    clip_grads):
         module.torch = cpu_torch
+    clip_grads.l2_norm_impl = _l2_norm_float64
     _APPLIED = True

@@ -13,6 +13,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
+from nemo_minitron.data.config import DataSource
 from nemo_minitron.distill.config import OptimConfig, TrainingSections, TrainSettings, check_recompute
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
@@ -96,7 +97,8 @@ class NASStageConfig(StrictModel):
 
     model: str = Field(min_length=1)
     teacher: str = Field(min_length=1, description="distils the short-listed candidates")
-    data: str = Field(min_length=1, description="prepared dataset: calibration (train) and ranking (valid)")
+    data: DataSource = Field(description="prepared dataset, or a weighted blend of several ([{weight, path}, ...]): "
+                                         "calibration (train) and ranking (valid)")
     output: str = Field(min_length=1)
     params: float = Field(gt=0, description="a fraction of the model's parameters, or an absolute count if > 1")
     nas: NASConfig

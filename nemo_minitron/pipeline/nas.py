@@ -13,12 +13,11 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
-from nemo_minitron.data import TokenDataset, eval_windows
+from nemo_minitron.data import HeldOut, heldout_sets, prepared_components
 from nemo_minitron.distill.config import CheckpointConfig, LogConfig
 from nemo_minitron.distill.trainer import check_fp8_train, distill
 from nemo_minitron.dtypes import torch_dtype
@@ -92,19 +91,24 @@ def validate(cfg: NASStageConfig) -> None:
         # Candidates are distilled in FP8 here or, the winner, later in the run: only FP8-able shapes qualify.
         check_fp8_train(train.fp8, train.seq_length, train.compile)
     _search(cfg)
+    prepared_components(cfg.data, "data")
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
 
 
-def _heldout_windows(cfg: NASStageConfig) -> list[torch.Tensor]:
-    valid = TokenDataset(str(Path(cfg.data) / "valid"))
-    return list(eval_windows(valid, cfg.distill.train.seq_length, cfg.nas.eval_windows))
+def _heldout_windows(cfg: NASStageConfig) -> list[HeldOut]:
+    """The ranking windows: ``nas.eval_windows`` of each component of ``data`` (one for a single dataset)."""
+    return heldout_sets(cfg.data, cfg.distill.train.seq_length, cfg.nas.eval_windows)
 
 
-def _heldout_loss(loaded: LoadedModel, windows: list[torch.Tensor], micro_batch_size: int) -> float:
+def _heldout_loss(loaded: LoadedModel, sets: list[HeldOut], micro_batch_size: int) -> float:
+    """Held-out loss on ``sets``: each component's on its own windows, weighted as the blend."""
     loaded.model.eval()
-    total, count = windows_loss_sums(loaded.model, loaded.cfg.vocab_size, windows, micro_batch_size)
-    return total / count
+    loss = 0.0
+    for heldout in sets:
+        total, count = windows_loss_sums(loaded.model, loaded.cfg.vocab_size, heldout.windows, micro_batch_size)
+        loss += heldout.weight * (total / count)
+    return loss
 
 
 def _is_writer() -> bool:
@@ -196,7 +200,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
         "best_student": best["student"],
         "ranking_changed": [r["name"] for r in shortlist] != [r["name"] for r in ranked],
         "short_kd_tokens_total": sum(r.get("short_kd_tokens", 0) for r in shortlist),
-        "heldout_tokens": len(windows) * (cfg.distill.train.seq_length - 1),
+        "heldout_tokens": sum(len(h.windows) for h in windows) * (cfg.distill.train.seq_length - 1),
         "seconds": time.perf_counter() - start,
         "importance_seconds": scored.seconds,
     }

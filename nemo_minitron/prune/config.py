@@ -8,6 +8,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from nemo_minitron.config import StrictModel
+from nemo_minitron.data.config import DataSource
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
 
@@ -47,7 +48,8 @@ class PruneTarget(StrictModel):
 class CalibrationConfig(StrictModel):
     """Forward-only calibration samples from the train split of a prepared dataset."""
 
-    data: str = Field(min_length=1, description="prepared dataset directory (prepare-data)")
+    data: DataSource = Field(description="prepared dataset directory (prepare-data), or a weighted blend of several: "
+                                         "[{weight, path}, ...]")
     num_samples: int = Field(1024, gt=0)
     seq_length: int = Field(512, ge=2)
     micro_batch_size: int = Field(4, gt=0)

@@ -17,8 +17,7 @@ import torch
 
 from nemo_minitron.checkpoint.integrity import check_model
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
-from nemo_minitron.data import SequenceSampler, TokenDataset
-from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.data import prepared_components, train_sampler
 from nemo_minitron.dtypes import torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import check_can_create
@@ -76,22 +75,15 @@ def validate(cfg: PruneConfig) -> None:
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
     check_can_create(cfg.output, "output", directory=True)
-    data = Path(cfg.calibration.data)
-    if not (data / META_FILE).is_file():
-        raise UserError(f"calibration.data: {data} is not a prepared dataset (run prepare-data first)")
+    prepared_components(cfg.calibration.data, "calibration.data")
     check_model(cfg.model)
 
 
 def calibration_batches(cal: CalibrationConfig) -> list[torch.Tensor]:
-    """This DP rank's calibration micro-batches [micro_batch_size, seq_length + 1] from the train split."""
-    sampler = SequenceSampler(
-        TokenDataset(str(Path(cal.data) / "train")),
-        cal.seq_length,
-        cal.micro_batch_size,
-        seed=cal.seed,
-        dp_rank=state.dp_rank(),
-        dp_size=state.dp_size(),
-    )
+    """This DP rank's calibration micro-batches [micro_batch_size, seq_length + 1] from the train split (of each
+    component of a blend, in its proportions)."""
+    sampler = train_sampler(cal.data, cal.seq_length, cal.micro_batch_size, seed=cal.seed,
+                            dp_rank=state.dp_rank(), dp_size=state.dp_size())
     count = max(1, cal.num_samples // sampler.global_batch_size)
     batches = sampler.batches()
     return [next(batches) for _ in range(count)]

@@ -47,7 +47,9 @@ def test_divergence_skips_non_finite_steps_then_stops_with_the_last_good_checkpo
     assert sorted(checkpoint_dirs(out)) == [STEPS, STEPS + 1]
     assert files(checkpoint_dirs(out)[STEPS]) == before
     last_good = load_shard(checkpoint_dirs(out)[STEPS + 1])
-    assert (last_good["step"], last_good["skipped"], last_good["skipped_in_a_row"]) == (STEPS + 1, 0, 0)
+    counters = last_good["train"]
+    assert (last_good["step"], counters["step"], counters["skipped"], counters["skipped_in_a_row"]) == (
+        STEPS + 1, STEPS + 1, 0, 0)
     assert not (out / "final").exists() and leftovers(out) == []
 
 
@@ -62,7 +64,7 @@ def limit_file_size(max_bytes: int):
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoints(models, reference, tmp_path):
-    """The continued run may write files of at most 1 MiB: metrics.jsonl grows, the next checkpoint (38 MB)
+    """The continued run may write files of at most 1 MiB: metrics.jsonl grows, the next checkpoint (tens of MB)
     cannot be written."""
     out = copy_run(reference, tmp_path / "run", drop_final=True)
     before = {step: files(path) for step, path in checkpoint_dirs(out).items()}
@@ -77,3 +79,21 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoints(mode
     assert {step: files(path) for step, path in checkpoint_dirs(out).items()} == before
     assert leftovers(out) == [] and not (out / "final").exists()
     assert json.loads((out / "result.json").read_text())["steps"] == STEPS  # the finished run's, untouched
+
+
+def test_an_unreadable_newest_checkpoint_is_passed_over_for_the_previous_one(models, reference, tmp_path):
+    """A disk fault truncated the newest checkpoint's data file: the rerun says so in one line, resumes from the
+    checkpoint before it, and redoes the last step bit for bit."""
+    out = copy_run(reference, tmp_path / "run", drop_final=True)
+    newest = checkpoint_dirs(out)[STEPS]
+    data = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    proc = run_cli(distill_args(models, out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("nemo-minitron:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"nemo-minitron: checkpoint step_{STEPS:08d} is unreadable (") and lines[0].endswith(
+        f"); resuming from step_{STEPS - 1:08d}"), proc.stderr[-3000:]
+    assert ((out / "final" / "model.safetensors").read_bytes()
+            == (reference / "final" / "model.safetensors").read_bytes())
+    assert [r for r in metrics(out) if "loss" in r] == [r for r in metrics(reference) if "loss" in r]

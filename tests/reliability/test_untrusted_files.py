@@ -5,8 +5,8 @@ function to instantiate; and no config chooses where inside a run directory a fi
 from __future__ import annotations
 
 import ast
-import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import torch
 
 from conftest import destroy_state
 
-from .reliability_helpers import distill_args
+from .reliability_helpers import STEPS, checkpoint_dirs, copy_run, distill_args
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nemo_minitron"
 ROOT = PACKAGE.parent
@@ -95,8 +95,9 @@ def test_every_load_in_the_package_is_safe():
 
     with pytest.raises(ValueError, match="not a reference of the stage table"):
         stages._resolve("os:system")
-    # The one place that reads training checkpoints does use weights_only loading.
-    assert "torch.load(file, weights_only=True" in (PACKAGE / "distill" / "checkpointing.py").read_text()
+    # The place that reads training checkpoints guards what the libraries it calls unpickle.
+    source = (PACKAGE / "distill" / "checkpointing.py").read_text()
+    assert "weights_only=True" in source and source.count("mcore_fixes.apply()") >= 2
 
 
 # ------------------------------------------------------------------------------------------ pickle bombs
@@ -112,58 +113,70 @@ class Bomb:
         return os.system, (f"touch {self.marker}",)
 
 
-def plant_checkpoint(root: Path, meta: dict, write) -> Path:
-    """A complete-looking checkpoint ``root/step_00000001`` whose shard ``write(file)`` produces."""
-    step = root / "step_00000001"
-    step.mkdir(parents=True)
-    (step / "meta.json").write_text(json.dumps({**meta, "step": 1, "world_size": 1}))
-    write(step / "rank00000.pt")
-    return step
+# Every file of a training checkpoint that is unpickled when it is read: torch's checkpoint metadata (plain
+# pickle), megatron's common state (a torch zip) and a rank's random-generator states (a torch zip).
+BOMB_TARGETS = [".metadata", "common.pt", "rng/rank00000.pt"]
 
 
-@pytest.mark.parametrize("container", ["torch_zip", "raw_pickle"])
-def test_a_pickle_bomb_checkpoint_shard_is_refused(tmp_path, container):
-    """The optimizer and RNG states of a shard are objects a bomb could hide in; loading refuses them."""
-    import pickle
-
-    from nemo_minitron.distill import checkpointing
-    from nemo_minitron.errors import UserError
-
-    marker = tmp_path / "exploited"
-    payload = {"model": {"w": torch.zeros(2)}, "optimizer": Bomb(marker), "rng_cpu": Bomb(marker), "step": 1}
-    if container == "torch_zip":
-        write = lambda file: torch.save(payload, file)  # noqa: E731
+def plant_bomb(file: Path, marker: Path) -> None:
+    if file.name == ".metadata":
+        file.write_bytes(pickle.dumps(Bomb(marker)))
     else:
-        write = lambda file: file.write_bytes(pickle.dumps(payload))  # noqa: E731
-    plant_checkpoint(tmp_path / "checkpoints", {}, write)
-    with pytest.raises(UserError) as err:
-        checkpointing.load_latest(tmp_path / "checkpoints", {})
-    assert "\n" not in str(err.value)
-    assert str(err.value).endswith("rank00000.pt: refused: it holds objects other than tensors and plain data")
+        torch.save({"train": Bomb(marker)}, file)
+
+
+def detonate(file: Path) -> None:
+    """Unpickle ``file`` without any guard."""
+    with open(file, "rb") as f:
+        pickle.load(f) if file.name == ".metadata" else torch.load(f, weights_only=False)  # noqa: S301
+
+
+@pytest.mark.parametrize("target", BOMB_TARGETS)
+def test_distill_refuses_to_resume_from_a_pickle_bomb(models, reference, tmp_path, capsys, target):
+    out = copy_run(reference, tmp_path / "run", drop_final=True)
+    newest = checkpoint_dirs(out)[STEPS]
+    marker = tmp_path / "exploited"
+    plant_bomb(newest / target, marker)
+    capsys.readouterr()
+    assert run_main(distill_args(models, out, **{"train.max_steps": STEPS + 1})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"nemo-minitron distill: error: {newest}: refused: it holds objects other than tensors and "
+                   "plain data"]
     assert not marker.exists()
     # The same bytes, unpickled without the guard, would have run the command: the test bomb is live.
-    with open(tmp_path / "checkpoints" / "step_00000001" / "rank00000.pt", "rb") as f:
-        torch.load(f, weights_only=False) if container == "torch_zip" else pickle.load(f)  # noqa: S301
+    detonate(newest / target)
     assert marker.exists()
 
 
-def test_distill_refuses_to_resume_from_a_pickle_bomb(models, tmp_path, capsys):
-    from nemo_minitron.checkpoint.io import read_model_config
-    from nemo_minitron.distill.config import TrainConfig
-    from nemo_minitron.distill.trainer import run_meta
+def test_checkpoint_byte_items_load_as_plain_data_only(tmp_path):
+    """megatron's ShardedObjects (a layer's ``_extra_state``) are byte items in torch's checkpoint files, which
+    torch unpickles with ``weights_only=False``: after the fixes they load with ``weights_only=True``."""
+    import io
 
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from nemo_minitron.parallel import mcore_fixes
+
+    mcore_fixes.apply()
     marker = tmp_path / "exploited"
-    out = tmp_path / "run"
-    args = distill_args(models, out)
-    train = TrainConfig(seq_length=16, micro_batch_size=2, global_batch_size=4, max_steps=8)
-    meta = run_meta(read_model_config(models["student"]), train, 1, 1)
-    shard = plant_checkpoint(out / "checkpoints", meta, lambda f: torch.save({"optimizer": Bomb(marker)}, f))
-    capsys.readouterr()
-    assert run_main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"nemo-minitron distill: error: {shard / 'rank00000.pt'}: refused: it holds objects other "
-                   "than tensors and plain data"]
+    buffer = io.BytesIO()
+    torch.save(Bomb(marker), buffer)
+    planner = DefaultLoadPlanner(flatten_state_dict=False)
+    planner.state_dict = {}
+
+    class Item:
+        class dest_index:
+            fqn = "layer._extra_state"
+
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(Item, buffer)
     assert not marker.exists()
+    plain = io.BytesIO()
+    torch.save({"scale": torch.ones(2)}, plain)
+    plain.seek(0)
+    planner.load_bytes(Item, plain)
+    assert torch.equal(planner.state_dict["layer._extra_state"]["scale"], torch.ones(2))
 
 
 # ------------------------------------------------------------------------------------------ configs

@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace) -> TrainConfig:
 
 def _trainer(args: argparse.Namespace, out: Path, cache: TeacherCacheConfig | None) -> Trainer:
     teacher = None if cache is not None else load_model(embedded.TEACHER, dtype=torch.bfloat16)
-    return Trainer(load_model(args.student, dtype=torch.bfloat16), teacher, Path(args.data), out, _train(args),
+    return Trainer(load_model(args.student, dtype=torch.bfloat16), teacher, args.data, out, _train(args),
                    OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2), LossConfig(), CheckpointConfig(resume=False,
                    every_steps=10**6), EvalDuringTraining(every_steps=0, max_windows=args.eval_windows),
                    LogConfig(progress=False, tensorboard=False), teacher_cache=cache)

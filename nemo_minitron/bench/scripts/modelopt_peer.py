@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.config import load_config
-from nemo_minitron.data.prepare import META_FILE
+from nemo_minitron.data.blend import prepared_components
 from nemo_minitron.dtypes import DTYPE_NAMES, torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.config import EvalConfig
@@ -235,8 +235,7 @@ def prune_with_modelopt(teacher: str, target: PruneTarget, calibration: Calibrat
     if dtype not in DTYPE_NAMES:
         raise UserError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
     export_config(read_model_config(resolve_model_dir(teacher)), target)
-    if not (Path(calibration.data) / META_FILE).is_file():
-        raise UserError(f"calibration.data: {calibration.data} is not a prepared dataset (run prepare-data first)")
+    prepared_components(calibration.data, "calibration.data")
     if output.exists() and not overwrite:
         raise UserError(f"output directory already exists: {output} (set overwrite=true to replace it)")
     state.initialize(state.ParallelConfig())
