@@ -160,6 +160,20 @@ def check_recompute(train: TrainSettings, loss: LossConfig) -> None:
                          "outputs they compare carry no gradient then): use recompute selective or none")
 
 
+def check_cache_loss(loss: LossConfig) -> None:
+    """ValueError unless ``loss`` can be computed from a teacher logit cache."""
+    logits = loss.logits
+    # The cache holds the teacher's distribution at temperature 1, cut to its top-k: a tempered teacher or a
+    # divergence over the whole vocabulary cannot be rebuilt from it.
+    if logits.divergence != "forward_kl" or logits.temperature != 1:
+        raise ValueError("teacher_cache needs loss.logits.divergence forward_kl at temperature 1 (the cache holds "
+                         "the teacher's top-k at temperature 1)")
+    if logits.top_k is not None:
+        raise ValueError("with teacher_cache, set teacher_cache.top_k instead of loss.logits.top_k")
+    if loss.intermediate.pairs:
+        raise ValueError("loss.intermediate needs the teacher's hidden states: not available from teacher_cache")
+
+
 class CheckpointConfig(StrictModel):
     every_steps: int = Field(100, gt=0)
     keep_last: int = Field(2, gt=0)
@@ -193,8 +207,23 @@ class TrainingSections(StrictModel):
     log: LogConfig = LogConfig()
 
 
+class TeacherCacheConfig(StrictModel):
+    """Distil from a teacher logit cache written by ``cache-logits`` instead of running the teacher."""
+
+    path: str = Field(min_length=1, description="the cache directory (its index.json)")
+    tail: Literal["bucket", "renormalize"] = Field(
+        "bucket", description="bucket: the teacher's probability mass outside its cached top-k is one more bucket "
+                              "(forward KL over k + 1 buckets, the student's bucket is its mass outside those k "
+                              "tokens); renormalize: the top-k alone, renormalised")
+    top_k: Optional[int] = Field(None, gt=0, description="read only the first top_k of the cached tokens (the "
+                                                         "rest joins the tail); none: all of them")
+
+
 class DistillConfig(TrainingSections):
-    """The ``distill`` stage. ``mode: ce`` trains ``student`` alone with the LM loss (no teacher)."""
+    """The ``distill`` stage. ``mode: ce`` trains ``student`` alone with the LM loss (no teacher).
+
+    ``teacher_cache``: the teacher's outputs come from a logit cache and no teacher is built; ``teacher``, when
+    given beside it, is only checked against the teacher the cache was made from."""
 
     mode: Literal["kd", "ce"] = "kd"
     student: str = Field(min_length=1)
@@ -202,6 +231,7 @@ class DistillConfig(TrainingSections):
         "checkpoint", description="random: the student's architecture from freshly initialised weights (a "
                                   "from-scratch baseline)")
     teacher: Optional[str] = None
+    teacher_cache: Optional[TeacherCacheConfig] = None
     data: DataSource = Field(description="prepared dataset directory (prepare-data), or a weighted blend of several: "
                                          "[{weight, path}, ...]")
     output: str = Field(min_length=1)
@@ -210,10 +240,16 @@ class DistillConfig(TrainingSections):
 
     @model_validator(mode="after")
     def _teacher(self) -> "DistillConfig":
-        if self.mode == "kd" and not self.teacher:
-            raise ValueError("mode kd needs a teacher")
-        if self.mode == "ce" and self.teacher:
-            raise ValueError("mode ce trains without a teacher: remove teacher")
+        if self.mode == "kd" and not (self.teacher or self.teacher_cache):
+            raise ValueError("mode kd needs a teacher or a teacher_cache")
+        if self.mode == "ce" and (self.teacher or self.teacher_cache):
+            raise ValueError("mode ce trains without a teacher: remove teacher and teacher_cache")
+        return self
+
+    @model_validator(mode="after")
+    def _cache(self) -> "DistillConfig":
+        if self.teacher_cache is not None:
+            check_cache_loss(self.loss)
         return self
 
     @model_validator(mode="after")
@@ -225,3 +261,43 @@ class DistillConfig(TrainingSections):
     def _recompute(self) -> "DistillConfig":
         check_recompute(self.train, self.loss)
         return self
+
+
+class CacheLogitsConfig(StrictModel):
+    """The ``cache-logits`` stage: the teacher's top-k log-probabilities on the windows a distillation reads.
+
+    The windows are the first ``windows`` of the distillation sampler's global order for ``seq_length`` and
+    ``seed`` (``train.seq_length`` and ``train.seed`` of the distillation that reads the cache): a distillation
+    of S steps of global batch G reads S x G of them, whatever its micro-batch size and parallel layout."""
+
+    teacher: str = Field(min_length=1)
+    data: DataSource = Field(description="prepared dataset directory (prepare-data), or a weighted blend of several "
+                                         "(the distillation's data)")
+    output: str = Field(min_length=1)
+    seq_length: int = Field(512, ge=2)
+    seed: int = Field(1234, description="the distillation's train.seed: it orders the windows")
+    windows: Optional[int] = Field(None, gt=0, description="how many windows of the global order to cache")
+    max_tokens: Optional[int] = Field(None, gt=0, description="alternative to windows: ceil(max_tokens / "
+                                                              "seq_length) windows")
+    top_k: int = Field(64, gt=0)
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="of the stored log-probabilities")
+    teacher_dtype: Dtype = "bfloat16"
+    micro_batch_size: int = Field(4, gt=0)
+    windows_per_shard: int = Field(64, gt=0, description="windows per shard file (a multiple of "
+                                                         "micro_batch_size)")
+    chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the output projection")
+    parallel: ParallelConfig = ParallelConfig()
+
+    @model_validator(mode="after")
+    def _shape(self) -> "CacheLogitsConfig":
+        if (self.windows is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of windows and max_tokens")
+        if self.windows_per_shard % self.micro_batch_size:
+            raise ValueError(f"windows_per_shard {self.windows_per_shard} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
+
+    def num_windows(self) -> int:
+        if self.windows is not None:
+            return self.windows
+        return math.ceil(self.max_tokens / self.seq_length)

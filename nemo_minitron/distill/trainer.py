@@ -35,6 +35,7 @@ from nemo_minitron.checkpoint.io import (
 )
 from nemo_minitron.data import BlendComponent, heldout_sets, prepared_components, train_sampler
 from nemo_minitron.distill import checkpointing
+from nemo_minitron.distill.cache import CachedTeacher, check_teacher_cache
 from nemo_minitron.distill.config import (
     CheckpointConfig,
     DistillConfig,
@@ -42,6 +43,7 @@ from nemo_minitron.distill.config import (
     LogConfig,
     LossConfig,
     OptimConfig,
+    TeacherCacheConfig,
     TrainConfig,
     check_recompute,
 )
@@ -104,7 +106,8 @@ def validate(cfg: DistillConfig) -> None:
         check_can_create(path, "output", directory=True)
     student = read_model_config(resolve_model_dir(cfg.student))
     check_divisible(student, tp, pp)
-    if cfg.mode == "kd":
+    online = cfg.mode == "kd" and cfg.teacher_cache is None  # a teacher model runs beside the student
+    if online:
         teacher = read_model_config(resolve_model_dir(cfg.teacher))
         try:
             check_divisible(teacher, tp, pp)
@@ -131,7 +134,7 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.train.fp8:
         check_fp8_train(cfg.train.fp8, cfg.train.seq_length, cfg.train.compile)
         check_fp8_shapes(student, tp)
-        if cfg.mode == "kd":
+        if online:
             check_fp8_shapes(teacher, tp, model="teacher")
     for component in prepared_components(cfg.data, "data"):
         data, meta = component.path, component.meta
@@ -145,9 +148,12 @@ def validate(cfg: DistillConfig) -> None:
                                 f"of train.seq_length + 1 = {cfg.train.seq_length + 1}")
     checkpointing.check_resumable(Path(cfg.output) / "checkpoints", run_meta(student, cfg.train),
                                   cfg.checkpoint.resume)
+    if cfg.teacher_cache is not None:
+        check_teacher_cache(cfg.teacher_cache, cfg.data, cfg.train, resolve_model_dir(cfg.student), student.vocab_size,
+                            cfg.teacher)
     # Last, as the slowest: every weight file is complete and has the shapes of its config.
     check_model(cfg.student)
-    if cfg.mode == "kd":
+    if online:
         try:
             check_model(cfg.teacher)
         except UserError as exc:
@@ -155,12 +161,18 @@ def validate(cfg: DistillConfig) -> None:
 
 
 class Trainer:
-    """State of one distillation run on this rank (built by :func:`distill`)."""
+    """State of one distillation run on this rank (built by :func:`distill`). With ``teacher_cache`` instead of
+    a teacher, the teacher's outputs are read from a logit cache (:mod:`~nemo_minitron.distill.cache`)."""
 
     def __init__(self, student: LoadedModel, teacher: Optional[LoadedModel], data: str | list[BlendComponent],
                  output: Path,
                  train: TrainConfig, optim: OptimConfig, loss: LossConfig, checkpoint: CheckpointConfig,
-                 evaluation: EvalDuringTraining, log: LogConfig) -> None:
+                 evaluation: EvalDuringTraining, log: LogConfig,
+                 teacher_cache: Optional[TeacherCacheConfig] = None) -> None:
+        if teacher is not None and teacher_cache is not None:
+            raise UserError("give a teacher or a teacher_cache, not both")
+        self.cached_teacher = (None if teacher_cache is None else
+                               CachedTeacher(teacher_cache, data, train, loss, student.tokenizer_dir, student.cfg))
         self.student, self.teacher = student, teacher
         self.output, self.train_cfg, self.optim_cfg = output, train, optim
         self.loss_cfg, self.ckpt_cfg, self.eval_cfg, self.log_cfg = loss, checkpoint, evaluation, log
@@ -192,7 +204,7 @@ class Trainer:
                             f"micro_batch_size x data-parallel size = {train.micro_batch_size * dp}")
         self.num_micro = train.global_batch_size // (train.micro_batch_size * dp)
         logit_cfg = loss.logits
-        if teacher is None:
+        if teacher is None and teacher_cache is None:
             logit_cfg = logit_cfg.model_copy(update={"kd_weight": 0.0, "ce_weight": 1.0})
         self.logit_loss = FusedLogitKD(logit_cfg, student.cfg.vocab_size)
         self.intermediate = (
@@ -228,14 +240,18 @@ class Trainer:
         """Last stage: hidden [b, s, h_s] (+ teacher's) -> (loss, report dict)."""
         flat_labels = labels.reshape(-1)
         teacher_hidden = self.pair.teacher_hidden
-        out = self.logit_loss(
-            hidden.reshape(-1, hidden.shape[-1]),
-            output_weight(self.pair.student),
-            None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-            None if teacher_hidden is None else output_weight(self.pair.teacher),
-            flat_labels,
-            None,
-        )
+        if self.cached_teacher is not None:
+            out = self.cached_teacher.loss(hidden.reshape(-1, hidden.shape[-1]), output_weight(self.pair.student),
+                                           flat_labels)
+        else:
+            out = self.logit_loss(
+                hidden.reshape(-1, hidden.shape[-1]),
+                output_weight(self.pair.student),
+                None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+                None if teacher_hidden is None else output_weight(self.pair.teacher),
+                flat_labels,
+                None,
+            )
         total = out["loss"]
         report = {"kd": out["kd"].detach().clone(), "logit_loss": total.detach().clone()}
         if "ce" in out:
@@ -280,6 +296,8 @@ class Trainer:
         return StageModule()
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> dict[str, float]:
+        if self.cached_teacher is not None:
+            self.cached_teacher.read_step(self.step, micro_batches)
         self.engine.zero_grad()
         self.mid_stage_losses.clear()
         self.pair.student.train()
@@ -481,16 +499,18 @@ def distill(
     checkpoint: CheckpointConfig = CheckpointConfig(),
     evaluation: EvalDuringTraining = EvalDuringTraining(),
     log: LogConfig = LogConfig(),
+    teacher_cache: Optional[TeacherCacheConfig] = None,
 ) -> DistillResult:
     """Train ``student`` from ``teacher`` (or with CE alone when None) on the prepared dataset ``data`` (or a
     weighted blend of several).
 
     Checkpoints, ``metrics.jsonl`` and TensorBoard events go under ``output``; an existing checkpoint there is
     resumed when ``checkpoint.resume``. The trained weights stay in ``student.model``, which is returned to the
-    caller without the hooks training puts on it.
+    caller without the hooks training puts on it. With ``teacher_cache`` (``teacher`` None) the teacher's
+    outputs come from a logit cache written by ``cache-logits``.
     """
     trainer = Trainer(student, teacher, data if isinstance(data, list) else str(data), Path(output), train, optim,
-                      loss, checkpoint, evaluation, log)
+                      loss, checkpoint, evaluation, log, teacher_cache)
     try:
         return trainer.run()
     finally:
@@ -528,9 +548,9 @@ def _run_distill(cfg: DistillConfig) -> dict:
                            recompute=cfg.train.recompute)
     student.model.train()
     teacher = (load_model(cfg.teacher, dtype=torch_dtype(cfg.train.teacher_dtype), fp8=fp8, sequence_parallel=sp)
-               if cfg.mode == "kd" else None)
+               if cfg.mode == "kd" and cfg.teacher_cache is None else None)
     result = distill(student, teacher, cfg.data, cfg.output, cfg.train, cfg.optim, cfg.loss, cfg.checkpoint,
-                     cfg.eval, cfg.log)
+                     cfg.eval, cfg.log, cfg.teacher_cache)
     final = Path(cfg.output) / "final"
     if not result.stopped_early:
         if not dist.is_initialized() or dist.get_rank() == 0:
