@@ -100,8 +100,10 @@ def save(root: Path, step: int, sharded_state: dict[str, Any], rng: dict[str, An
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from torch.distributed.checkpoint.api import CheckpointException
 
     mcore_fixes.apply()
+    mcore_fixes.take_write_error()  # (forget an earlier one)
     rank, _ = _rank_world()
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -120,8 +122,9 @@ def save(root: Path, step: int, sharded_state: dict[str, Any], rng: dict[str, An
         dist_checkpointing.save(sharded_state, str(tmp), sharded_strategy=strategy)
         (tmp / RNG_DIR).mkdir(exist_ok=True)
         _write_rng(tmp / RNG_DIR, rank, rng)
-    except (OSError, RuntimeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    except (Exception, CheckpointException) as exc:  # torch's checkpoint writer raises the latter per failed rank
+        cause = mcore_fixes.take_write_error() or _cause(exc)
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
         error = f"cannot write checkpoint {final}: {reason}"
     if not _all_ok(error is None):
         _barrier()
@@ -214,6 +217,9 @@ def _load_one(path: Path, sharded_state: Callable[[], dict[str, Any]], same_layo
     from megatron.core import dist_checkpointing
 
     rank, _ = _rank_world()
+    # Read here first: torch's reader turns the refusal into the text of another error.
+    with open(path / ".metadata", "rb") as stream:
+        mcore_fixes.read_checkpoint_metadata(stream)
     loaded = dist_checkpointing.load(sharded_state(), str(path))
     rng = None
     if same_layout:
@@ -229,7 +235,8 @@ def _cause(exc: BaseException) -> BaseException:
     while seen < 10:
         seen += 1
         if isinstance(exc, CheckpointException) and exc.failures:
-            exc = next(iter(exc.failures.values()))[0]
+            failure = next(iter(exc.failures.values()))
+            exc = failure[0] if isinstance(failure, tuple) else failure
         elif exc.__cause__ is not None:
             exc = exc.__cause__
         else:

@@ -12,7 +12,11 @@ device. Applied once, by :func:`apply`, before an engine or a training checkpoin
    ``step`` (megatron restores it from the parameter groups), and fails with ``KeyError: 'step'``. The fix copies
    the tensors the checkpoint has. That loading also gives every parameter's state one shared ``step`` tensor,
    which torch's AdamW increments in place once per parameter: each parameter gets its own copy.
-3. Untrusted checkpoints run no code. torch's checkpoint reader unpickles the ``.metadata`` file with plain
+3. megatron writes a checkpoint's files from processes it forks for the purpose, one per file. A process forked
+   from one that runs threads (gloo's, OpenMP's) can deadlock on a lock another thread held, and a writer
+   outlives a training process killed mid-save, holding its output open. The files are written by the training
+   process itself instead, one after the other (each rank writes its own share of the checkpoint either way).
+4. Untrusted checkpoints run no code. torch's checkpoint reader unpickles the ``.metadata`` file with plain
    ``pickle.load`` and reads byte items (megatron's ``ShardedObject``, e.g. a layer's ``_extra_state``) with
    ``torch.load(weights_only=False)``: the metadata is read with an unpickler that builds only the checkpoint
    metadata classes, and byte items with ``weights_only=True``.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import queue
 
 import torch
 
@@ -55,6 +60,43 @@ class CheckpointMetadataUnpickler(pickle.Unpickler):
 
 def read_checkpoint_metadata(stream):
     return CheckpointMetadataUnpickler(stream).load()
+
+
+class _WriteRecorder:
+    """A file opened for writing that remembers the OSError of a failed write (the last one, class-wide)."""
+
+    error: OSError | None = None
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    @classmethod
+    def open(cls, path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        return cls(file) if "w" in mode else file
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            _WriteRecorder.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
+
+
+def take_write_error() -> OSError | None:
+    """The OSError of the last failed checkpoint write since the previous call (megatron reports it as a
+    RuntimeError with the error's text only)."""
+    error, _WriteRecorder.error = _WriteRecorder.error, None
+    return error
 
 
 def _padded_world_tensors(optimizer, state: dict) -> dict:
@@ -119,6 +161,30 @@ def apply() -> None:
                 per_param["step"] = per_param["step"].clone()
 
     DistributedOptimizer.load_state_dict = load_state_dict_unshared_steps
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    def write_in_this_process(transform_list, use_msc, rank, write_buckets, global_results_queue) -> None:
+        results: queue.Queue = queue.Queue()
+        counts: queue.Queue = queue.Queue()
+        written: dict | Exception = {}
+        for index, bucket in enumerate(write_buckets):
+            counts.put(index)
+            _WriteRecorder.error = None
+            FileSystemWriterAsync.write_preloaded_data(transform_list, index, bucket, results, counts,
+                                                       use_fsync=True, use_msc=use_msc)
+            index, result = results.get()
+            if isinstance(result, Exception):
+                # torch's serializer reports a failed write (a full disk) only as "unexpected pos": the
+                # operating system's error, as the file saw it, says what happened.
+                written = _WriteRecorder.error or result
+                break
+            written[index] = result
+        global_results_queue.put(written)
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_this_process)
+    filesystem_async.open = _WriteRecorder.open
 
     def read_metadata(self, *args, **kwargs):
         from torch.distributed.checkpoint.metadata import StorageMeta
