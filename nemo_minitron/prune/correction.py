@@ -37,7 +37,7 @@ from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.parallel.cpu import cuda_available
-from nemo_minitron.prune.slicing import fc1_rows, qkv_rows
+from nemo_minitron.prune.rows import fc1_rows, qkv_rows
 
 # The linear layers that are re-fit, by the kind of their input: MLP neurons, attention heads (both split over
 # TP), and the hidden channels after the two norms (the same on every TP rank).
