@@ -14,8 +14,10 @@ device. Applied once, by :func:`apply`, before an engine or a training checkpoin
    which torch's AdamW increments in place once per parameter: each parameter gets its own copy.
 3. megatron writes a checkpoint's files from processes it forks for the purpose, one per file. A process forked
    from one that runs threads (gloo's, OpenMP's) can deadlock on a lock another thread held, and a writer
-   outlives a training process killed mid-save, holding its output open. The files are written by the training
-   process itself instead, one after the other (each rank writes its own share of the checkpoint either way).
+   outlives a training process killed mid-save, holding its output open, as does the process megatron spawns to
+   serve the queue of their results. The files are written by the training process itself instead, one after the
+   other (each rank writes its own share of the checkpoint either way), and the results pass through a queue of
+   this process.
 4. Untrusted checkpoints run no code. torch's checkpoint reader unpickles the ``.metadata`` file with plain
    ``pickle.load`` and reads byte items (megatron's ``ShardedObject``, e.g. a layer's ``_extra_state``) with
    ``torch.load(weights_only=False)``: the metadata is read with an unpickler that builds only the checkpoint
@@ -185,6 +187,10 @@ def apply() -> None:
 
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_this_process)
     filesystem_async.open = _WriteRecorder.open
+    # The writers' results then need no queue between processes: megatron's is served by a process it spawns,
+    # which would outlive a killed training process too.
+    writes_queue: queue.Queue = queue.Queue()
+    filesystem_async._get_write_results_queue = lambda: writes_queue
 
     def read_metadata(self, *args, **kwargs):
         from torch.distributed.checkpoint.metadata import StorageMeta
