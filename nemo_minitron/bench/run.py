@@ -67,6 +67,9 @@ def stage_keys(cfg: BenchConfig) -> list[str]:
 
 def validate(cfg: BenchConfig) -> None:
     """Checks that need no compute: teacher, corpus, targets, and the peers the bench runs."""
+    if cfg.data.input is None or cfg.data.out_of_blend:
+        raise UserError("data: the bench reads one corpus (data.input); blends and out-of-blend texts are run by "
+                        "`nemo-minitron run`")
     teacher = read_model_config(resolve_model_dir(cfg.teacher))
     list_input_files(cfg.data.input)
     target = target_config(teacher, cfg.target)
