@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from nemo_minitron.pipeline.config import RunConfig
+from nemo_minitron.pipeline.config import RunConfig, RunData
 from nemo_minitron.pipeline.ledger import Ledger
 
 
@@ -64,16 +64,16 @@ def _table(rows: list[dict], generation: Optional[dict], columns: list[tuple[str
     return "\n".join(lines)
 
 
-def _losses(ledger: Ledger, key: str, names: list[str], out_of_blend: list[str]) -> dict[str, float]:
-    """Held-out loss per training corpus (blends only: one corpus is the headline loss) and per out-of-blend
-    text of the eval stage ``key``, by corpus name."""
+def corpus_losses(ledger: Ledger, data: RunData, key: str) -> dict[str, float]:
+    """Held-out loss of the finished eval stage ``key`` per corpus of a blend (one corpus: none, the headline
+    loss is its loss) and per out-of-blend text (stage ``<key>.out_of_blend``), by the corpus's ``input``."""
     found = {}
-    if len(names) > 1:
+    if data.input is None:
         components = _result(ledger, key)["components"]
-        found.update({name: c["loss"] for name, c in zip(names, components, strict=True)})
-    if out_of_blend:
+        found.update({ref: c["loss"] for (ref, _), c in zip(data.corpora(), components, strict=True)})
+    if data.out_of_blend:
         components = _result(ledger, f"{key}.out_of_blend")["components"]
-        found.update({name: c["loss"] for name, c in zip(out_of_blend, components, strict=True)})
+        found.update({t.input: c["loss"] for t, c in zip(data.out_of_blend, components, strict=True)})
     return found
 
 
@@ -98,7 +98,7 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
     teacher_ref = str(out / "teacher_correction" / "final") if cfg.teacher_correction else cfg.teacher
     teacher_params = read_model_config(resolve_model_dir(teacher_ref)).num_params()
     rows = [{"name": "teacher", "params": teacher_params, "param_ratio": 1.0, "loss": teacher_eval["loss"],
-             "perplexity": teacher_eval["perplexity"], "losses": _losses(ledger, "eval.teacher", names, extra)}]
+             "perplexity": teacher_eval["perplexity"], "losses": corpus_losses(ledger, cfg.data, "eval.teacher")}]
     steps, images = [], []
     for i, step in enumerate(cfg.schedule, 1):
         home = out / f"step{i}"
@@ -115,11 +115,11 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
             images.append((f"Step {i}: importance", f"report_files/step{i}_importance.png"))
         rows.append({"name": f"step {i} pruned", "params": params, "param_ratio": params / teacher_params,
                      "loss": pruned_eval["loss"], "perplexity": pruned_eval["perplexity"],
-                     "losses": _losses(ledger, f"step{i}.eval_pruned", names, extra)})
+                     "losses": corpus_losses(ledger, cfg.data, f"step{i}.eval_pruned")})
         if distilled_eval:
             rows.append({"name": f"step {i} distilled", "params": params, "param_ratio": params / teacher_params,
                          "loss": distilled_eval["loss"], "perplexity": distilled_eval["perplexity"],
-                         "losses": _losses(ledger, f"step{i}.eval_distilled", names, extra)})
+                         "losses": corpus_losses(ledger, cfg.data, f"step{i}.eval_distilled")})
         steps.append({
             "index": i,
             "shape": shape.model_dump(),

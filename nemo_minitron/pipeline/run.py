@@ -28,7 +28,7 @@ from nemo_minitron.fsutil import DirectoryLock
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline import report
-from nemo_minitron.pipeline.config import RunConfig, ScheduleStep
+from nemo_minitron.pipeline.config import RunConfig, RunData, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
 from nemo_minitron.pipeline.nas import NASStageConfig, budget, candidates
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
@@ -40,36 +40,41 @@ def _slug(ref: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", ref.removeprefix("embedded:")).strip("-")[-48:] or "corpus"
 
 
-def corpus_dirs(cfg: RunConfig) -> list[tuple[str, str, Path, float]]:
+def corpus_dirs(output: str | Path, data: RunData) -> list[tuple[str, str, Path, float]]:
     """``(ledger key, input, prepared directory, weight)`` of each training corpus: one corpus is prepared into
     ``<output>/data``, the corpora of a blend into ``<output>/data/<n>-<name>``."""
-    out = Path(cfg.output)
-    if cfg.data.input is not None:
-        return [("data", cfg.data.input, out / "data", 1.0)]
+    out = Path(output)
+    if data.input is not None:
+        return [("data", data.input, out / "data", 1.0)]
     return [(f"data.{i}", ref, out / "data" / f"{i}-{_slug(ref)}", weight)
-            for i, (ref, weight) in enumerate(cfg.data.corpora(), 1)]
+            for i, (ref, weight) in enumerate(data.corpora(), 1)]
 
 
-def out_of_blend_dirs(cfg: RunConfig) -> list[tuple[str, str, Path]]:
+def out_of_blend_dirs(output: str | Path, data: RunData) -> list[tuple[str, str, Path]]:
     """``(ledger key, input, prepared directory)`` of each out-of-blend text (``<output>/out_of_blend/...``)."""
-    return [(f"data.out_of_blend.{i}", t.input, Path(cfg.output) / "out_of_blend" / f"{i}-{_slug(t.input)}")
-            for i, t in enumerate(cfg.data.out_of_blend, 1)]
+    return [(f"data.out_of_blend.{i}", t.input, Path(output) / "out_of_blend" / f"{i}-{_slug(t.input)}")
+            for i, t in enumerate(data.out_of_blend, 1)]
 
 
-def eval_keys(cfg: RunConfig, key: str) -> list[str]:
-    """An eval stage's key and, when the run has out-of-blend texts, the key of their evaluation."""
-    return [key] + ([f"{key}.out_of_blend"] if cfg.data.out_of_blend else [])
+def data_keys(output: str | Path, data: RunData) -> list[str]:
+    """The keys of the stages that prepare the corpora and the out-of-blend texts."""
+    return [k for k, *_ in corpus_dirs(output, data)] + [k for k, *_ in out_of_blend_dirs(output, data)]
+
+
+def eval_keys(data: RunData, key: str) -> list[str]:
+    """An eval stage's key and, when there are out-of-blend texts, the key of their evaluation."""
+    return [key] + ([f"{key}.out_of_blend"] if data.out_of_blend else [])
 
 
 def stage_keys(cfg: RunConfig) -> list[str]:
     """Every stage of ``cfg`` in the order it runs (the names ``rerun_from`` takes)."""
-    keys = [k for k, *_ in corpus_dirs(cfg)] + [k for k, *_ in out_of_blend_dirs(cfg)]
-    keys += (["teacher_correction"] if cfg.teacher_correction else []) + eval_keys(cfg, "eval.teacher")
+    keys = data_keys(cfg.output, cfg.data)
+    keys += (["teacher_correction"] if cfg.teacher_correction else []) + eval_keys(cfg.data, "eval.teacher")
     for i, step in enumerate(cfg.schedule, 1):
         keys += [f"step{i}.prune" if step.target is not None else f"step{i}.nas"]
-        keys += eval_keys(cfg, f"step{i}.eval_pruned")
+        keys += eval_keys(cfg.data, f"step{i}.eval_pruned")
         if step.kd_tokens:
-            keys += [f"step{i}.distill", *eval_keys(cfg, f"step{i}.eval_distilled")]
+            keys += [f"step{i}.distill", *eval_keys(cfg.data, f"step{i}.eval_distilled")]
     return keys + ["export", "export.teacher", "generation"]
 
 
@@ -133,11 +138,12 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.out)
         self.log: list[dict] = []
-        corpora = corpus_dirs(cfg)
+        corpora = corpus_dirs(cfg.output, cfg.data)
         # What every stage reads: the prepared directory of one corpus, or the blend of the prepared corpora.
         self.data: DataSource = (str(corpora[0][2]) if cfg.data.input is not None else
                                  [BlendComponent(weight=w, path=str(d)) for _, _, d, w in corpora])
-        self.out_of_blend = [BlendComponent(weight=1.0, path=str(d)) for _, _, d in out_of_blend_dirs(cfg)]
+        self.out_of_blend = [BlendComponent(weight=1.0, path=str(d)) for _, _, d in out_of_blend_dirs(cfg.output,
+                                                                                                       cfg.data)]
         c = cfg.calibration
         self.calibration = CalibrationConfig(data=self.data, num_samples=c.num_samples, seq_length=c.seq_length,
                                              micro_batch_size=c.micro_batch_size, seed=c.seed)
@@ -172,9 +178,9 @@ class Runner:
 
     def prepare_data(self) -> None:
         d = self.cfg.data
-        prepared = [(key, ref, path, d.valid_fraction) for key, ref, path, _ in corpus_dirs(self.cfg)]
+        prepared = [(key, ref, path, d.valid_fraction) for key, ref, path, _ in corpus_dirs(self.out, d)]
         prepared += [(key, ref, path, text.valid_fraction)
-                     for (key, ref, path), text in zip(out_of_blend_dirs(self.cfg), d.out_of_blend)]
+                     for (key, ref, path), text in zip(out_of_blend_dirs(self.out, d), d.out_of_blend)]
         for key, ref, path, valid_fraction in prepared:
             self.stage(key, "prepare-data", PrepareDataConfig(
                 input=ref, tokenizer=self.cfg.teacher, output_dir=str(path), valid_fraction=valid_fraction,
@@ -194,7 +200,7 @@ class Runner:
         valid split of each out-of-blend text (a second stage, ``<key>.out_of_blend``)."""
         e = self.cfg.eval
         result = None
-        for stage_key, data in zip(eval_keys(self.cfg, key), [self.data, self.out_of_blend]):
+        for stage_key, data in zip(eval_keys(self.cfg.data, key), [self.data, self.out_of_blend]):
             path = self.out / "eval" / f"{stage_key.replace('.', '_')}.json"
             config = EvalConfig(model=model, data=data, seq_length=e.seq_length,
                                 micro_batch_size=e.micro_batch_size, max_windows=e.max_windows, dtype=e.dtype,
@@ -202,6 +208,10 @@ class Runner:
             found = self.stage(stage_key, "eval", config, [path])
             result = found if result is None else result
         return result
+
+    def corpus_losses(self, key: str) -> dict[str, float]:
+        """:func:`~nemo_minitron.pipeline.report.corpus_losses` of the finished eval stage ``key``."""
+        return report.corpus_losses(self.ledger, self.cfg.data, key)
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
                 optim=None, student_init: str = "checkpoint") -> dict:
