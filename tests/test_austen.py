@@ -62,3 +62,15 @@ def test_embedded_austen_folders(tmp_path, monkeypatch):
 def test_unknown_embedded_names_the_corpora():
     with pytest.raises(UserError, match="embedded:austen-persuasion"):
         embedded.resolve_path("embedded:austin")
+
+
+def test_damaged_r_data_is_one_line(tmp_path):
+    source = embedded.janeaustenr_data_dir()
+    for name in ("Rdata.rdx", "Rdata.rdb"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    (tmp_path / "Rdata.rdb").write_bytes((source / "Rdata.rdb").read_bytes()[:50_000])
+    with pytest.raises(UserError, match=r"Rdata.rdb:\w+: cannot decompress the R data"):
+        lazyload_vectors(tmp_path)
+    (tmp_path / "Rdata.rdx").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match="cannot read the R data"):
+        lazyload_vectors(tmp_path)

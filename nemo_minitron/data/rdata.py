@@ -8,7 +8,9 @@ pairlists, character/logical/integer/double vectors and lists, with their attrib
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import struct
 import zlib
 from pathlib import Path
@@ -106,10 +108,25 @@ def lazyload_vectors(data_dir: Path) -> dict[str, list]:
         blob = rdb.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
         raise UserError(f"{data_dir}: cannot read the R data ({exc})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("variables"), dict):
+        raise UserError(f"{rdx}: not an R lazy-load index")
     found = {}
     for name, (offset, length) in index["variables"].items():
         offset, length = int(offset), int(length)
-        part = blob[offset : offset + length]
-        # 4 bytes of uncompressed length, then the zlib stream (R's default lazy-load compression).
-        found[name] = unserialize(zlib.decompress(part[4:]), f"{rdb}:{name}")
+        found[name] = unserialize(_blob(blob[offset : offset + length], f"{rdb}:{name}"), f"{rdb}:{name}")
     return found
+
+
+def _blob(part: bytes, what: str) -> bytes:
+    """One lazy-load blob: 4 bytes of uncompressed length, then a zlib stream (R's default), or a type byte
+    (``2`` bzip2, ``Z`` xz, ``0`` stored) and the data (R's ``compress = 2, 3``)."""
+    try:
+        if part[4:5] == b"2":
+            return bz2.decompress(part[5:])
+        if part[4:5] == b"Z":
+            return lzma.decompress(part[5:])
+        if part[4:5] == b"0":
+            return part[5:]
+        return zlib.decompress(part[4:])
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exc:
+        raise UserError(f"{what}: cannot decompress the R data ({exc})") from None
