@@ -228,7 +228,7 @@ def test_bad_input_is_one_line_before_any_compute(inputs, tmp_path):
 def test_chat_answers_are_each_models_greedy_answer(inputs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nemo_minitron.chat.answers import answers_markdown, chat_answers
+    from nemo_minitron.chat.answers import answers_markdown, chat_answers, teacher_and_student_answers
     from tiny import write_tiny_hf
 
     other = write_tiny_hf(tmp_path / "other", vocab_size=49152, with_tokenizer=True, seed=8)
@@ -243,3 +243,7 @@ def test_chat_answers_are_each_models_greedy_answer(inputs, tmp_path):
     table = answers_markdown(rows).splitlines()
     assert table[0] == "| prompt | teacher | student |" and len(table) == 2 + len(rows)
     assert table[2].startswith(f"| {PROMPTS[0]} | ")
+    # A base teacher (no chat template) has no chat ability to compare: no answers, no model loaded.
+    base = write_tiny_hf(tmp_path / "base", vocab_size=49152)
+    assert teacher_and_student_answers(base, other, PROMPTS[:1], 6) == []
+    assert teacher_and_student_answers(inputs["model"], other, PROMPTS[:2], 6) == rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nemo_minitron.chat.generate import model_dir
+from nemo_minitron.chat.generate import has_chat_template, model_dir
 
 
 def chat_answers(models: dict[str, str | Path], prompts: list[str], max_new_tokens: int) -> list[dict]:
@@ -32,6 +32,14 @@ def chat_answers(models: dict[str, str | Path], prompts: list[str], max_new_toke
                 new = new[: new.index(eos)]
             row["answers"][name] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return rows
+
+
+def teacher_and_student_answers(teacher: Path, student: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """:func:`chat_answers` of a teacher and a student; none (an empty list) when the teacher's tokenizer has no
+    chat template (a base model: there is no chat ability to keep)."""
+    if not has_chat_template(Path(teacher)):
+        return []
+    return chat_answers({"teacher": teacher, "student": student}, prompts, max_new_tokens)
 
 
 def _cell(text: str) -> str:

@@ -30,7 +30,8 @@ from nemo_minitron.fsutil import atomic_directory, check_can_create
 ANSWERS_FILE = "answers.jsonl"  # provenance for people: each prompt, its answer and the answer's token ids
 
 
-def _has_chat_template(model_dir: Path) -> bool:
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the tokenizer files of the HF directory ``model_dir`` hold a chat template."""
     if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
         return True
     config = model_dir / "tokenizer_config.json"
@@ -49,7 +50,7 @@ def model_dir(ref: str) -> Path:
         native = (path / "model_config.json").is_file()
         hint = " (a nemo_minitron checkpoint: export it with export-hf first)" if native else ""
         raise UserError(f"model: {path} is not a Hugging Face model directory (no config.json){hint}")
-    if not _has_chat_template(path):
+    if not has_chat_template(path):
         raise UserError(f"model: {path} has no chat template in its tokenizer files")
     return path
 

@@ -142,6 +142,8 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
         md += ["", "## Chat answers", "", f"Greedy answers (transformers, fp32, at most {cfg.report.chat_tokens} "
                "tokens) of the teacher and the exported student, each prompt in the tokenizer's chat template:", "",
                answers_markdown(chat)]
+    elif chat is not None:
+        md += ["", "## Chat answers", "", "None: the teacher's tokenizer has no chat template."]
     for step in steps:
         if step["nas"]:
             md += ["", f"## Step {step['index']}: architecture search", "",

@@ -13,7 +13,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from nemo_minitron.chat.answers import chat_answers
+from nemo_minitron.chat.answers import teacher_and_student_answers
 from nemo_minitron.checkpoint.config import ConvertConfig
 from nemo_minitron.checkpoint.hf import check_exportable, is_hf_dir
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
@@ -228,8 +228,9 @@ def _run_pipeline(cfg: RunConfig) -> dict:
             new_tokens=cfg.report.generation_tokens), [])
     chat = None
     if cfg.report.chat_tokens:
-        chat_models = {"teacher": str(teacher_hf), "student": str(student_hf)}
-        chat = r.task("chat", {"models": chat_models, "prompts": cfg.report.chat_prompts,
-                               "max_new_tokens": cfg.report.chat_tokens},
-                      lambda: chat_answers(chat_models, cfg.report.chat_prompts, cfg.report.chat_tokens), [])
+        rep = cfg.report
+        chat = r.task("chat", {"teacher": str(teacher_hf), "student": str(student_hf), "prompts": rep.chat_prompts,
+                               "max_new_tokens": rep.chat_tokens},
+                      lambda: teacher_and_student_answers(teacher_hf, student_hf, rep.chat_prompts, rep.chat_tokens),
+                      [])
     return report.write(cfg, r.ledger, r.log, generation, student_hf, chat)
