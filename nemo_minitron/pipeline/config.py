@@ -176,10 +176,14 @@ class RunEval(StrictModel):
 
 
 class RunReport(StrictModel):
-    """Generation speed measured for the report: greedy decoding in transformers on this machine."""
+    """What the report shows besides losses: greedy generation speed in transformers on this machine, and the
+    teacher's and the student's greedy answers to a few chat prompts, side by side."""
 
     generation_prompts: list[str] = ["To be, or not to be, that is the question:"]
     generation_tokens: int = Field(64, ge=0, description="0 skips the generation benchmark")
+    chat_prompts: list[str] = Field(["Who wrote Macbeth?", "What is the capital of France?",
+                                     "Give me three tips for sleeping better."], min_length=1)
+    chat_tokens: int = Field(48, ge=0, description="longest chat answer in tokens; 0 skips the chat answers")
 
 
 class RunConfig(StrictModel):

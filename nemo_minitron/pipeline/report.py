@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from nemo_minitron.chat.answers import answers_markdown
 from nemo_minitron.pipeline.config import RunConfig, RunData
 from nemo_minitron.pipeline.ledger import Ledger
 
@@ -83,7 +84,8 @@ def _weights(cfg: RunConfig) -> list[tuple[str, float]]:
     return [(name, w / total) for name, w in corpora]
 
 
-def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[dict], student_hf: Path) -> dict:
+def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[dict], student_hf: Path,
+          chat: Optional[list[dict]] = None) -> dict:
     """Write ``report.json``, ``report.md`` and the plots; print the before/after table; return the summary."""
     from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 
@@ -148,6 +150,7 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
         "steps": steps,
         "kd_tokens": kd_tokens,
         "generation": generation,
+        "chat_answers": chat,
         "stages": stages,
         "wall_seconds": sum(s["seconds"] for s in stages),
         "this_invocation": log,
@@ -172,6 +175,12 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
     if generation:
         md += ["", f"Greedy generation on this machine (transformers, fp32, batch 1, {generation['new_tokens']} "
                f"tokens): student {generation['speedup']:.2f}x the teacher's tokens/s."]
+    if chat:
+        md += ["", "## Chat answers", "", f"Greedy answers (transformers, fp32, at most {cfg.report.chat_tokens} "
+               "tokens) of the teacher and the exported student, each prompt in the tokenizer's chat template:", "",
+               answers_markdown(chat)]
+    elif chat is not None:
+        md += ["", "## Chat answers", "", "None: the teacher's tokenizer has no chat template."]
     for step in steps:
         if step["nas"]:
             md += ["", f"## Step {step['index']}: architecture search", "",

@@ -14,6 +14,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from nemo_minitron.chat.answers import teacher_and_student_answers
 from nemo_minitron.checkpoint.config import ConvertConfig
 from nemo_minitron.checkpoint.hf import check_exportable, is_hf_dir
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
@@ -75,7 +76,7 @@ def stage_keys(cfg: RunConfig) -> list[str]:
         keys += eval_keys(cfg.data, f"step{i}.eval_pruned")
         if step.kd_tokens:
             keys += [f"step{i}.distill", *eval_keys(cfg.data, f"step{i}.eval_distilled")]
-    return keys + ["export", "export.teacher", "generation"]
+    return keys + ["export", "export.teacher", "generation"] + (["chat"] if cfg.report.chat_tokens else [])
 
 
 def validate(cfg: RunConfig) -> None:
@@ -229,8 +230,8 @@ class Runner:
 
 def run_pipeline(cfg: RunConfig) -> dict:
     """data -> [teacher correction] -> eval teacher -> (prune | NAS -> eval -> distill -> eval) per schedule
-    step -> export HF -> generation speed -> report. Returns the report's summary. The run directory is locked
-    meanwhile: a second run on it stops before any work."""
+    step -> export HF -> generation speed -> chat answers -> report. Returns the report's summary. The run
+    directory is locked meanwhile: a second run on it stops before any work."""
     with DirectoryLock(cfg.output, "run directory"):
         return _run_pipeline(cfg)
 
@@ -280,4 +281,11 @@ def _run_pipeline(cfg: RunConfig) -> dict:
         generation = r.stage("generation", "generation-speed", GenerationConfig(
             teacher=str(teacher_hf), student=str(student_hf), prompts=cfg.report.generation_prompts,
             new_tokens=cfg.report.generation_tokens), [])
-    return report.write(cfg, r.ledger, r.log, generation, student_hf)
+    chat = None
+    if cfg.report.chat_tokens:
+        rep = cfg.report
+        chat = r.task("chat", {"teacher": str(teacher_hf), "student": str(student_hf), "prompts": rep.chat_prompts,
+                               "max_new_tokens": rep.chat_tokens},
+                      lambda: teacher_and_student_answers(teacher_hf, student_hf, rep.chat_prompts, rep.chat_tokens),
+                      [])
+    return report.write(cfg, r.ledger, r.log, generation, student_hf, chat)
