@@ -4,12 +4,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+JANEAUSTENR := r-cran-janeaustenr=1.0.0-1
+AUSTEN_DATA := $(VENV)/debian/usr/lib/R/site-library/janeaustenr/data/Rdata.rdx
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: install setup run test test-all test-reliability test-slurm install-llama-cpp test-gguf install-modelopt \
 	test-modelopt bench bench-quick clean-runs
 
-install: $(STAMP)
+install: $(STAMP) $(AUSTEN_DATA)
 
 $(STAMP): setup.py requirements/cpu.txt requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,23 +23,34 @@ $(STAMP): setup.py requirements/cpu.txt requirements/constraints.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Converts the teacher GGUF into an HF directory in the cache and tokenizes the corpus (both once).
-setup: $(STAMP)
+# General-English prose, Jane Austen's six novels, ships in Debian's r-cran-janeaustenr (R's lazy-load data,
+# read by nemo_minitron/data/rdata.py without R): unpacked into $(VENV)/debian, not installed (no R needed).
+$(AUSTEN_DATA): $(STAMP)
+	rm -rf $(VENV)/debian.tmp && mkdir -p $(VENV)/debian.tmp
+	cd $(VENV)/debian.tmp && { apt-get download -qq $(JANEAUSTENR) 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -qq $(JANEAUSTENR); }; }
+	dpkg-deb -x $(VENV)/debian.tmp/r-cran-janeaustenr_*_all.deb $(VENV)/debian.tmp/root
+	rm -rf $(VENV)/debian && mv $(VENV)/debian.tmp/root $(VENV)/debian && rm -rf $(VENV)/debian.tmp
+
+# Converts the teacher GGUF into an HF directory in the cache and tokenizes the corpora (each once).
+setup: install
 	$(BIN)/nemo-minitron prepare-data conf/prepare_data/shakespeare.yaml
+	$(BIN)/nemo-minitron prepare-data conf/prepare_data/austen.yaml
+	$(BIN)/nemo-minitron prepare-data conf/prepare_data/austen_persuasion.yaml
 
 run: setup
 	$(BIN)/nemo-minitron run conf/run/smollm2_width_55.yaml
 
 # Lints first (ruff, pinned in requirements/cpu.txt, with the rules of pyproject.toml), then the tests.
-test: $(STAMP)
+test: install
 	$(BIN)/ruff check nemo_minitron tests benchmarks
 	$(BIN)/python -m pytest -q -m "not slow and not modelopt" tests
 
 # Kill and resume, bad inputs, untrusted files, non-finite steps, a full disk (also part of `make test`).
-test-reliability: $(STAMP)
+test-reliability: install
 	$(BIN)/python -m pytest -q tests/reliability
 
-test-all: $(STAMP)
+test-all: install
 	$(BIN)/python -m pytest -q tests
 
 # Jobs on a real one-node Slurm (tests/test_launch.py starts munge, slurmctld and slurmd itself, as root).

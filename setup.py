@@ -25,6 +25,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["nemo_minitron", "nemo_minitron.*"]),
+    package_data={"nemo_minitron.chat": ["prompts/*.jsonl"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16,<0.20",

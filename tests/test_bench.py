@@ -165,3 +165,43 @@ def test_readme_results_section_is_replaced_between_its_markers():
     assert splice_readme(new, "| a | b |\n|---|---|\n") == new
     with pytest.raises(UserError, match="no <!-- results:start --> ... <!-- results:end --> section"):
         splice_readme("# Tool\n", "x\n")
+
+
+def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, tmp_path):
+    """The bench on a weighted blend with an out-of-blend text: every arm reads the blend, and the report gives
+    each model's held-out loss on each corpus and on the out-of-blend text, the eval stages' own numbers."""
+    text = (inputs["corpus"] / "part0.md").read_text(encoding="utf-8")
+    for name, count in (("bench-prose", 4), ("bench-other", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(count):  # the same play, reversed word by word: another text of the same vocabulary
+            words = text.split()[i::count]
+            (tmp_path / name / f"part{i}.txt").write_text(" ".join(reversed(words)) * 2, encoding="utf-8")
+    plays, prose, other = str(inputs["corpus"]), str(tmp_path / "bench-prose"), str(tmp_path / "bench-other")
+    config = tiny_bench(inputs, tmp_path / "bench", aggregations=[["mean", "l2"]], data={
+        "blend": [{"weight": 1, "input": plays}, {"weight": 1, "input": prose}],
+        "out_of_blend": [{"input": other}], "valid_fraction": 0.25})
+    proc = cli("bench", str(config), "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "bench-quick"
+    ledger = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert list(ledger) == stage_keys(BenchConfig(**yaml.safe_load(config.read_text()), quick=True))
+    blend = ledger["ours.train"]["config"]["data"]
+    assert [c["weight"] for c in blend] == [1.0, 1.0] and ledger["ours.prune"]["config"]["calibration"]["data"] == blend
+    results = json.loads((out / "report.json").read_text())["results"]
+
+    def losses(name: str) -> dict[str, float]:
+        found = json.loads((out / "eval" / f"{name}.json").read_text())["components"]
+        extra = json.loads((out / "eval" / f"{name}_out_of_blend.json").read_text())["components"]
+        return {plays: found[0]["loss"], prose: found[1]["loss"], other: extra[0]["loss"]}
+
+    assert results["teacher_losses"] == losses("eval_teacher")
+    assert results["out_of_blend"] == [other]
+    for arm in ("ours", "random", "magnitude", "depth", "corrected"):
+        assert results[arm]["pruned_losses"] == losses(f"{arm}_eval_pruned"), arm
+        assert results[arm]["losses"] == losses(f"{arm}_eval_trained"), arm
+        weighted = (results[arm]["losses"][plays] + results[arm]["losses"][prose]) / 2
+        assert results[arm]["loss"] == pytest.approx(weighted, rel=1e-12)
+    md = (out / "report.md").read_text()
+    assert f"| model | {plays} | {prose} | {other} (out of blend) |" in md
+    t = results["teacher_losses"]
+    assert f"| teacher | {t[plays]:.4f} | {t[prose]:.4f} | {t[other]:.4f} |" in md

@@ -111,6 +111,11 @@ def test_run_end_to_end_skip_resume_and_changed_config(inputs) -> None:
     for name in ("report.md", "report_files/loss_curves.png", "report_files/step1_importance.png"):
         assert (run / name).stat().st_size > 0, name
     assert "| teacher |" in first.stdout and str(run / "export" / "hf") in first.stdout
+    # The teacher's and the student's greedy answers to the default chat prompts, side by side.
+    chat = report["chat_answers"]
+    assert [c["prompt"] for c in chat] == load_config(RunConfig, config).report.chat_prompts
+    assert all(set(c["answers"]) == {"teacher", "student"} for c in chat)
+    assert "## Chat answers" in (run / "report.md").read_text()
     records = [json.loads(line) for line in (run / "step1/distill/metrics.jsonl").read_text().splitlines()]
     kd = [r["kd"] for r in records if "kd" in r]
     assert len(kd) == 8 and kd[-1] < kd[0]
@@ -281,3 +286,95 @@ def test_a_second_run_on_a_held_run_directory_stops_before_any_work(inputs) -> N
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_run_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs) -> None:
+    """A run on a weighted blend of two corpora with an out-of-blend text: each corpus is prepared on its own,
+    every stage reads the blend, and every eval row reports each corpus's held-out loss (the headline weighted as
+    the blend) and the out-of-blend text's, each equal to transformers' loss on the same windows."""
+    from nemo_minitron import embedded
+    from nemo_minitron.config import load_config
+    from nemo_minitron.evaluation.config import EvalConfig
+    from nemo_minitron.evaluation.stage import evaluate
+    from nemo_minitron.pipeline.config import RunConfig
+    from nemo_minitron.pipeline.run import stage_keys
+
+    root = inputs["root"]
+    for name, novel, parts in (("prose", embedded.resolve_path(embedded.AUSTEN) / "emma", 8),
+                               ("other", embedded.resolve_path(embedded.AUSTEN_HELD_OUT) / "persuasion", 4)):
+        text = (novel / "chapter-001.txt").read_text(encoding="utf-8")
+        (root / name).mkdir()
+        for i in range(parts):
+            (root / name / f"part{i}.txt").write_text(text[i * 2000 : (i + 1) * 2000], encoding="utf-8")
+    plays, prose, other = str(inputs["corpus"]), str(root / "prose"), str(root / "other")
+    config = tiny_run(inputs, root / "blend", data={
+        "blend": [{"weight": 3, "input": plays}, {"weight": 1, "input": prose}],
+        "out_of_blend": [{"input": other}], "valid_fraction": 0.25},
+        schedule=[{"target": {"hidden_size": 48, "ffn_hidden_size": 64}, "kd_tokens": 256}],
+        report={"generation_tokens": 0})
+    done = cli("run", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = root / "blend"
+    ledger = json.loads((run / "pipeline.json").read_text())["stages"]
+    expected = [k for k in stage_keys(load_config(RunConfig, config)) if k not in ("export.teacher", "generation")]
+    assert list(ledger) == expected
+    assert expected[:3] == ["data.1", "data.2", "data.out_of_blend.1"]
+    assert "step1.eval_distilled.out_of_blend" in expected
+    dirs = sorted((run / "data").iterdir()) + sorted((run / "out_of_blend").iterdir())
+    assert [d.name.split("-")[0] for d in dirs] == ["1", "2", "1"] and all((d / "meta.json").is_file() for d in dirs)
+    blend = [{"weight": 3.0, "path": str(dirs[0])}, {"weight": 1.0, "path": str(dirs[1])}]
+    # Training, calibration and the periodic evaluation read the blend; nothing reads the out-of-blend text.
+    assert ledger["step1.distill"]["config"]["data"] == blend
+    assert ledger["step1.prune"]["config"]["calibration"]["data"] == blend
+    assert str(dirs[2]) not in json.dumps({k: v["config"] for k, v in ledger.items()
+                                           if not k.endswith(".out_of_blend") and not k.startswith("data.")})
+
+    report = json.loads((run / "report.json").read_text())
+    names = ["teacher", "step 1 pruned", "step 1 distilled", "final student"]
+    assert [r["name"] for r in report["rows"]] == names
+    for row in report["rows"]:
+        assert set(row["losses"]) == {plays, prose, other}
+        weighted = 0.75 * row["losses"][plays] + 0.25 * row["losses"][prose]
+        assert abs(row["loss"] - weighted) <= 1e-9 * weighted, row
+    # transformers on the same held-out windows of each prepared directory (the teacher and the exported student).
+    for row, model in ((report["rows"][0], inputs["teacher"]), (report["rows"][-1], run / "export" / "hf")):
+        for name, folder in zip((plays, prose, other), dirs):
+            ref = evaluate(EvalConfig(model=str(model), data=str(folder), backend="hf", seq_length=32,
+                                      micro_batch_size=2, max_windows=8)).loss
+            assert abs(row["losses"][name] - ref) <= 1e-4 * ref, (row["name"], name, row["losses"][name], ref)
+    md = (run / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    assert f"| {plays} (weight 0.75) | {prose} (weight 0.25) | {other} (out of blend) |" in header
+    assert "out of blend (never trained, calibrated or searched on" in md
+
+
+def test_run_data_is_one_corpus_or_a_blend() -> None:
+    from nemo_minitron.config import build_config
+    from nemo_minitron.errors import UserError
+    from nemo_minitron.pipeline.config import RunConfig
+
+    base = {"output": "out", "teacher": "t", "schedule": [{"target": {"hidden_size": 8}, "kd_tokens": 0}]}
+    both = {"input": "a", "blend": [{"weight": 1, "input": "b"}]}
+    for data, message in ((both, "give exactly one of input"), ({}, "give exactly one of input"),
+                          ({"blend": [{"weight": 1, "input": "a"}], "out_of_blend": [{"input": "a"}]},
+                           "a is listed twice"),
+                          ({"blend": [{"weight": 0, "input": "a"}]}, "greater than 0")):
+        with pytest.raises(UserError, match=message):
+            build_config(RunConfig, {**base, "data": data}, [])
+    cfg = build_config(RunConfig, {**base, "data": {"input": "a"}}, [])
+    assert cfg.data.corpora() == [("a", 1.0)] and cfg.data.out_of_blend == []
+
+
+def test_default_job_distils_on_a_blend_and_reports_an_out_of_blend_novel() -> None:
+    from nemo_minitron.config import load_config
+    from nemo_minitron.data.prepare import list_input_files
+    from nemo_minitron.pipeline.config import RunConfig
+    from nemo_minitron.pipeline.run import validate
+
+    cfg = load_config(RunConfig, ROOT / "conf/run/smollm2_width_55.yaml")
+    assert cfg.data.corpora() == [("embedded:shakespeare", 0.5), ("embedded:austen", 0.5)]
+    assert [t.input for t in cfg.data.out_of_blend] == ["embedded:austen-persuasion"]
+    validate(cfg)
+    trained = {Path(name).parts[0] for name, _ in list_input_files("embedded:austen")}
+    assert "persuasion" not in trained and len(trained) == 5
+    assert {Path(name).parts[0] for name, _ in list_input_files("embedded:austen-persuasion")} == {"persuasion"}

@@ -93,6 +93,36 @@ def _plots(out: Path, results: dict) -> list[str]:
     return files
 
 
+def _corpus_table(results: dict) -> list[str]:
+    """With a blend or out-of-blend texts: each model's held-out loss on each corpus, scored on its own."""
+    names = list(results.get("teacher_losses") or {})
+    if not names:
+        return []
+    extra = set(results.get("out_of_blend", []))
+    lines = ["", "Held-out loss per corpus (each corpus's held-out split scored on its own; the losses above weight "
+             "a blend's corpora as the blend; an out-of-blend text is in no arm's training, calibration or "
+             "search data).", "",
+             "| model | " + " | ".join(f"{n} (out of blend)" if n in extra else n for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+
+    def row(label: str, losses: dict) -> None:
+        lines.append(f"| {label} | " + " | ".join(f"{losses[n]:.4f}" for n in names) + " |")
+
+    row("teacher", results["teacher_losses"])
+    if results.get("corrected", {}).get("teacher_losses"):
+        row("corrected teacher", results["corrected"]["teacher_losses"])
+    for key, label in [("ours", ARMS["ours"]), ("recovery", "ours, recovery budget"),
+                       *[(k, v) for k, v in ARMS.items() if k != "ours"]]:
+        a = results.get(key)
+        if a is None:
+            continue
+        if a.get("pruned_losses"):
+            row(f"{label}, pruned", a["pruned_losses"])
+        if a.get("losses"):
+            row(f"{label}, after {a['tokens']:,} tokens", a["losses"])
+    return lines
+
+
 def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tuple[str, str]:
     """(report.md, results.md)."""
     b = results["budgets"]
@@ -118,6 +148,7 @@ def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tupl
             diff = "" if key == "ours" else f"{d['vs_ours'][key]:+.4f}"
             pruned = f"{a['pruned_loss']:.4f}" if "pruned_loss" in a else "-"
             arms.append(f"| {label} | {pruned} | {a['loss']:.4f} | {diff} |")
+    arms += _corpus_table(results)
     s = d["scratch"]
     reach = (f"reached ours' held-out loss ({s['target_eval_loss']:.4f}) after {s['tokens_to_reach']:,} tokens: "
              f"{s['ratio']:.1f}x ours' tokens" if not s["lower_bound"] else

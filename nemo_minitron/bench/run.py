@@ -30,7 +30,7 @@ from nemo_minitron.data.prepare import list_input_files
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline.config import RunConfig, RunReport, ScheduleStep
-from nemo_minitron.pipeline.run import Runner
+from nemo_minitron.pipeline.run import Runner, data_keys, eval_keys
 from nemo_minitron.prune.config import ImportanceConfig, PruneConfig, PruneTarget
 from nemo_minitron.prune.stage import target_config
 
@@ -48,16 +48,21 @@ def depth_target(teacher: ModelConfig, width: ModelConfig) -> PruneTarget:
 
 def stage_keys(cfg: BenchConfig) -> list[str]:
     """Every stage of the bench in the order it runs (the names ``rerun_from`` takes)."""
-    def arm(key: str) -> list[str]:
-        return [f"{key}.prune", f"{key}.eval_pruned", f"{key}.train", f"{key}.eval_trained"]
+    def ev(key: str) -> list[str]:
+        return eval_keys(cfg.data, key)
 
-    keys = ["data", "eval.teacher", *arm("ours"), "recovery.train", "recovery.eval_trained", *arm("random"),
-            *arm("magnitude"), "ce.train", "ce.eval_trained", "scratch.train", "scratch.eval_trained", *arm("depth"),
-            "corrected.teacher_correction", "corrected.eval_teacher", *arm("corrected")]
+    def arm(key: str) -> list[str]:
+        return [f"{key}.prune", *ev(f"{key}.eval_pruned"), f"{key}.train", *ev(f"{key}.eval_trained")]
+
+    keys = [*data_keys(cfg.out_dir, cfg.data), *ev("eval.teacher"), *arm("ours"), "recovery.train",
+            *ev("recovery.eval_trained"), *arm("random"), *arm("magnitude"), "ce.train", *ev("ce.eval_trained"),
+            "scratch.train", *ev("scratch.eval_trained"), *arm("depth"), "corrected.teacher_correction",
+            *ev("corrected.eval_teacher"), *arm("corrected")]
     for seq_agg, batch_agg in cfg.aggregations:
         if (seq_agg, batch_agg) != (cfg.importance.seq_agg, cfg.importance.batch_agg):
-            keys += [f"agg.{seq_agg}_{batch_agg}.prune", f"agg.{seq_agg}_{batch_agg}.eval_pruned"]
-    keys += [f"iterative.step{i}.prune" for i in range(1, len(cfg.iterative_steps) + 2)] + ["iterative.eval_pruned"]
+            keys += [f"agg.{seq_agg}_{batch_agg}.prune", *ev(f"agg.{seq_agg}_{batch_agg}.eval_pruned")]
+    keys += [f"iterative.step{i}.prune" for i in range(1, len(cfg.iterative_steps) + 2)]
+    keys += ev("iterative.eval_pruned")
     if cfg.peers.modelopt:
         keys += arm("modelopt")
     if cfg.speed:
@@ -68,7 +73,8 @@ def stage_keys(cfg: BenchConfig) -> list[str]:
 def validate(cfg: BenchConfig) -> None:
     """Checks that need no compute: teacher, corpus, targets, and the peers the bench runs."""
     teacher = read_model_config(resolve_model_dir(cfg.teacher))
-    list_input_files(cfg.data.input)
+    for ref in [ref for ref, _ in cfg.data.corpora()] + [t.input for t in cfg.data.out_of_blend]:
+        list_input_files(ref)
     target = target_config(teacher, cfg.target)
     shape = teacher
     for i, step in enumerate(cfg.iterative_steps):
@@ -123,13 +129,15 @@ class _Bench:
         """Prune, evaluate, distill from ``teacher`` for ``tokens``, evaluate."""
         pruned = self.prune(key, model, target, importance)
         return {"pruned": pruned, "pruned_loss": self.r.eval(f"{key}.eval_pruned", pruned)["loss"],
+                "pruned_losses": self.r.corpus_losses(f"{key}.eval_pruned"),
                 **self.train(key, "kd", pruned, teacher, tokens)}
 
     def train(self, key: str, mode: str, student: str, teacher, tokens: int, student_init: str = "checkpoint") -> dict:
         out = self.out / key / "train"
         result = self.r.distill(f"{key}.train", mode, student, teacher, tokens, out, student_init=student_init)
         return {"tokens": result["tokens"], "loss": self.r.eval(f"{key}.eval_trained", result["final"])["loss"],
-                "curve": _curve(out / "metrics.jsonl"), "train_dir": str(out)}
+                "losses": self.r.corpus_losses(f"{key}.eval_trained"), "curve": _curve(out / "metrics.jsonl"),
+                "train_dir": str(out)}
 
 
 def _curve(metrics: Path) -> dict:
@@ -154,6 +162,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     r.prepare_data()
     results["teacher_loss"] = r.eval("eval.teacher", cfg.teacher)["loss"]
+    results["teacher_losses"] = r.corpus_losses("eval.teacher")
+    results["out_of_blend"] = [t.input for t in cfg.data.out_of_blend]
 
     # Ours, at the comparison budget and at the recovery budget (the same pruned student).
     ours = results["ours"] = bench.arm("ours", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens)
@@ -175,6 +185,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     corrected = r.distill("corrected.teacher_correction", "ce", cfg.teacher, None, b.correction_tokens,
                           out / "corrected" / "teacher")["final"]
     results["corrected"] = {"teacher_loss": r.eval("corrected.eval_teacher", corrected)["loss"],
+                            "teacher_losses": r.corpus_losses("corrected.eval_teacher"),
                             **bench.arm("corrected", corrected, cfg.target, cfg.importance, corrected,
                                         b.compare_tokens)}
     results["aggregation"] = []
@@ -191,7 +202,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     for i, step in enumerate([*cfg.iterative_steps, cfg.target], 1):
         model = bench.prune(f"iterative.step{i}", model, step, cfg.importance)
     results["iterative"] = {"steps": len(cfg.iterative_steps) + 1,
-                            "pruned_loss": r.eval("iterative.eval_pruned", model)["loss"]}
+                            "pruned_loss": r.eval("iterative.eval_pruned", model)["loss"],
+                            "pruned_losses": r.corpus_losses("iterative.eval_pruned")}
 
     if cfg.peers.modelopt:
         results["modelopt"] = _modelopt_arm(bench, cfg)
@@ -219,18 +231,21 @@ def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
     return {"ours_importance_s": found["seconds"]["ours_importance"],
             "modelopt_importance_s": found["seconds"]["modelopt_prune"], "overlap": found["overlap"],
             "pruned_loss": bench.r.eval("modelopt.eval_pruned", pruned)["loss"],
+            "pruned_losses": bench.r.corpus_losses("modelopt.eval_pruned"),
             **bench.train("modelopt", "kd", pruned, cfg.teacher, cfg.active.compare_tokens)}
 
 
 def _speed(bench: _Bench, cfg: BenchConfig, student: str) -> dict:
     b, r, speed = cfg.active, bench.r, bench.out / "speed"
+    # The speed scripts read one prepared dataset: a blend's first corpus (speed does not depend on the text).
+    data = bench.data if isinstance(bench.data, str) else bench.data[0].path
     args = {
-        "kd_throughput": ["--student", student, "--data", bench.data, "--steps", str(b.speed_steps),
+        "kd_throughput": ["--student", student, "--data", data, "--steps", str(b.speed_steps),
                           "--seq", str(b.speed_seq)],
-        "importance_overhead": ["--data", bench.data, "--seq", str(b.speed_seq),
+        "importance_overhead": ["--data", data, "--seq", str(b.speed_seq),
                                 "--samples", str(min(b.calibration_samples, 64))],
         "kl_memory": ["--tokens", str(b.kl_tokens), "--vocab", str(b.kl_vocab)],
-        "tp_step_time": ["--data", bench.data, "--steps", str(b.speed_steps), "--seq", str(b.speed_seq)],
+        "tp_step_time": ["--data", data, "--steps", str(b.speed_steps), "--seq", str(b.speed_seq)],
     }
     # "<name>.py", as recorded before the scripts moved into the package: finished stages stay finished.
     return {key: r.task(f"speed.{key}", {"script": f"{key}.py", "args": args[key]},

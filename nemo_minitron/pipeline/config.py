@@ -20,13 +20,48 @@ from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneTarget
 
 
-class RunData(StrictModel):
-    """The corpus, tokenized with the teacher's tokenizer into ``<output>/data``."""
+class RunCorpus(StrictModel):
+    """One corpus of a training blend, with its share of the training samples."""
+
+    weight: float = Field(gt=0, description="relative share of training samples (weights need not sum to 1)")
+    input: str = Field(min_length=1, description="file, folder, glob or embedded:...")
+
+
+class OutOfBlendText(StrictModel):
+    """A text in no training blend: prepared like the corpora, and only its held-out split is ever read (by
+    the eval stages); no stage trains, calibrates or searches on any of it."""
 
     input: str = Field(min_length=1, description="file, folder, glob or embedded:...")
+    valid_fraction: float = Field(0.5, gt=0, lt=1)
+
+
+class RunData(StrictModel):
+    """The corpus (``input``) or weighted blend of corpora (``blend``), each tokenized with the teacher's
+    tokenizer into the run directory, and the out-of-blend texts evaluated beside them."""
+
+    input: Optional[str] = Field(None, min_length=1, description="one corpus: file, folder, glob or embedded:...")
+    blend: list[RunCorpus] = Field([], description="several corpora with weights, instead of input")
+    out_of_blend: list[OutOfBlendText] = Field([], description="texts scored by every eval stage, never trained on")
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 1234
     jsonl_text_key: str = Field("text", min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RunData":
+        if (self.input is None) == (not self.blend):
+            raise ValueError("give exactly one of input (one corpus) and blend (weighted corpora)")
+        inputs = [self.input] if self.input is not None else [c.input for c in self.blend]
+        inputs += [t.input for t in self.out_of_blend]
+        for i, ref in enumerate(inputs):
+            if ref in inputs[:i]:
+                raise ValueError(f"{ref} is listed twice (an out-of-blend text must be in no blend)")
+        return self
+
+    def corpora(self) -> list[tuple[str, float]]:
+        """``(input, weight)`` of each training corpus (one corpus: weight 1)."""
+        if self.input is not None:
+            return [(self.input, 1.0)]
+        return [(c.input, c.weight) for c in self.blend]
 
 
 class RunCalibration(StrictModel):
@@ -141,10 +176,14 @@ class RunEval(StrictModel):
 
 
 class RunReport(StrictModel):
-    """Generation speed measured for the report: greedy decoding in transformers on this machine."""
+    """What the report shows besides losses: greedy generation speed in transformers on this machine, and the
+    teacher's and the student's greedy answers to a few chat prompts, side by side."""
 
     generation_prompts: list[str] = ["To be, or not to be, that is the question:"]
     generation_tokens: int = Field(64, ge=0, description="0 skips the generation benchmark")
+    chat_prompts: list[str] = Field(["Who wrote Macbeth?", "What is the capital of France?",
+                                     "Give me three tips for sleeping better."], min_length=1)
+    chat_tokens: int = Field(48, ge=0, description="longest chat answer in tokens; 0 skips the chat answers")
 
 
 class RunConfig(StrictModel):

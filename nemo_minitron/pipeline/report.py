@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from nemo_minitron.pipeline.config import RunConfig
+from nemo_minitron.chat.answers import answers_markdown
+from nemo_minitron.pipeline.config import RunConfig, RunData
 from nemo_minitron.pipeline.ledger import Ledger
 
 
@@ -49,30 +50,57 @@ def _loss_curves_png(path: Path, steps: list[dict], teacher_loss: float, held_ou
     plt.close(fig)
 
 
-def _table(rows: list[dict], generation: Optional[dict]) -> str:
-    lines = ["| model | parameters | held-out loss | held-out ppl | generation tok/s |", "|---|---|---|---|---|"]
+def _table(rows: list[dict], generation: Optional[dict], columns: list[tuple[str, str]]) -> str:
+    """The before/after table; ``columns`` are ``(header, key of row["losses"])`` of the per-corpus losses."""
+    head = "| model | parameters | held-out loss | held-out ppl | " + "".join(f"{h} | " for h, _ in columns)
+    lines = [head + "generation tok/s |", "|---|---|---|---|" + "---|" * len(columns) + "---|"]
     for row in rows:
         gen = ""
         if generation and row["name"] in ("teacher", "final student"):
             key = "teacher" if row["name"] == "teacher" else "student"
             gen = f"{generation[f'{key}_tokens_per_second']:.1f}"
+        losses = "".join(f"{row['losses'][k]:.4f} | " for _, k in columns)
         lines.append(f"| {row['name']} | {row['params'] / 1e6:.1f}M ({row['param_ratio']:.1%}) | {row['loss']:.4f} | "
-                     f"{row['perplexity']:.2f} | {gen} |")
+                     f"{row['perplexity']:.2f} | {losses}{gen} |")
     return "\n".join(lines)
 
 
-def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[dict], student_hf: Path) -> dict:
+def corpus_losses(ledger: Ledger, data: RunData, key: str) -> dict[str, float]:
+    """Held-out loss of the finished eval stage ``key`` per corpus of a blend (one corpus: none, the headline
+    loss is its loss) and per out-of-blend text (stage ``<key>.out_of_blend``), by the corpus's ``input``."""
+    found = {}
+    if data.input is None:
+        components = _result(ledger, key)["components"]
+        found.update({ref: c["loss"] for (ref, _), c in zip(data.corpora(), components, strict=True)})
+    if data.out_of_blend:
+        components = _result(ledger, f"{key}.out_of_blend")["components"]
+        found.update({t.input: c["loss"] for t, c in zip(data.out_of_blend, components, strict=True)})
+    return found
+
+
+def _weights(cfg: RunConfig) -> list[tuple[str, float]]:
+    corpora = cfg.data.corpora()
+    total = sum(w for _, w in corpora)
+    return [(name, w / total) for name, w in corpora]
+
+
+def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[dict], student_hf: Path,
+          chat: Optional[list[dict]] = None) -> dict:
     """Write ``report.json``, ``report.md`` and the plots; print the before/after table; return the summary."""
     from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 
     out = Path(cfg.output)
+    names = [ref for ref, _ in cfg.data.corpora()]
+    extra = [t.input for t in cfg.data.out_of_blend]
+    columns = [(f"{name} (weight {w:.2f})", name) for name, w in _weights(cfg) if len(names) > 1]
+    columns += [(f"{name} (out of blend)", name) for name in extra]
     files = out / "report_files"
     files.mkdir(exist_ok=True)
     teacher_eval = _result(ledger, "eval.teacher")
     teacher_ref = str(out / "teacher_correction" / "final") if cfg.teacher_correction else cfg.teacher
     teacher_params = read_model_config(resolve_model_dir(teacher_ref)).num_params()
     rows = [{"name": "teacher", "params": teacher_params, "param_ratio": 1.0, "loss": teacher_eval["loss"],
-             "perplexity": teacher_eval["perplexity"]}]
+             "perplexity": teacher_eval["perplexity"], "losses": corpus_losses(ledger, cfg.data, "eval.teacher")}]
     steps, images = [], []
     for i, step in enumerate(cfg.schedule, 1):
         home = out / f"step{i}"
@@ -88,10 +116,12 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
             shutil.copyfile(heatmap, files / f"step{i}_importance.png")
             images.append((f"Step {i}: importance", f"report_files/step{i}_importance.png"))
         rows.append({"name": f"step {i} pruned", "params": params, "param_ratio": params / teacher_params,
-                     "loss": pruned_eval["loss"], "perplexity": pruned_eval["perplexity"]})
+                     "loss": pruned_eval["loss"], "perplexity": pruned_eval["perplexity"],
+                     "losses": corpus_losses(ledger, cfg.data, f"step{i}.eval_pruned")})
         if distilled_eval:
             rows.append({"name": f"step {i} distilled", "params": params, "param_ratio": params / teacher_params,
-                         "loss": distilled_eval["loss"], "perplexity": distilled_eval["perplexity"]})
+                         "loss": distilled_eval["loss"], "perplexity": distilled_eval["perplexity"],
+                         "losses": corpus_losses(ledger, cfg.data, f"step{i}.eval_distilled")})
         steps.append({
             "index": i,
             "shape": shape.model_dump(),
@@ -120,6 +150,7 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
         "steps": steps,
         "kd_tokens": kd_tokens,
         "generation": generation,
+        "chat_answers": chat,
         "stages": stages,
         "wall_seconds": sum(s["seconds"] for s in stages),
         "this_invocation": log,
@@ -127,14 +158,29 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
         "report": str(out / "report.md"),
     }
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = _table(rows, generation)
+    table = _table(rows, generation, columns)
+    if len(names) > 1:
+        corpus = ("blend " + ", ".join(f"{w:.2f} `{name}`" for name, w in _weights(cfg)) + f" (prepared under "
+                  f"`{out / 'data'}`); held-out loss: each corpus's held-out split scored on its own, the headline "
+                  "weighted as the blend")
+    else:
+        corpus = f"corpus `{names[0]}`; held-out split of `{out / 'data'}`"
+    if extra:
+        corpus += ("; out of blend (never trained, calibrated or searched on; its held-out split, prepared under "
+                   f"`{out / 'out_of_blend'}`): " + ", ".join(f"`{name}`" for name in extra))
     md = [f"# Minitron run: {out}", "", f"Teacher `{cfg.teacher}`"
           + (" (after teacher correction)" if cfg.teacher_correction else "")
-          + f"; corpus `{cfg.data.input}`; held-out split of `{out / 'data'}`.", "", "## Before / after", "",
+          + f"; {corpus}.", "", "## Before / after", "",
           table, "", f"Distillation tokens: {kd_tokens:,}."]
     if generation:
         md += ["", f"Greedy generation on this machine (transformers, fp32, batch 1, {generation['new_tokens']} "
                f"tokens): student {generation['speedup']:.2f}x the teacher's tokens/s."]
+    if chat:
+        md += ["", "## Chat answers", "", f"Greedy answers (transformers, fp32, at most {cfg.report.chat_tokens} "
+               "tokens) of the teacher and the exported student, each prompt in the tokenizer's chat template:", "",
+               answers_markdown(chat)]
+    elif chat is not None:
+        md += ["", "## Chat answers", "", "None: the teacher's tokenizer has no chat template."]
     for step in steps:
         if step["nas"]:
             md += ["", f"## Step {step['index']}: architecture search", "",
@@ -155,4 +201,5 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
     print(table)
     print(f"report: {out / 'report.md'}\nexported HF student: {student_hf}", flush=True)
     return {"report": str(out / "report.md"), "exported_hf_student": str(student_hf), "kd_tokens": kd_tokens,
-            "teacher_perplexity": rows[0]["perplexity"], "final_perplexity": final["perplexity"]}
+            "teacher_perplexity": rows[0]["perplexity"], "final_perplexity": final["perplexity"],
+            "teacher_losses": rows[0]["losses"], "final_losses": final["losses"]}

@@ -8,16 +8,18 @@ records the finished ones; an interrupted distillation resumes from its own chec
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from nemo_minitron.chat.answers import teacher_and_student_answers
 from nemo_minitron.checkpoint.config import ConvertConfig
 from nemo_minitron.checkpoint.hf import check_exportable, is_hf_dir
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 from nemo_minitron.config import StrictModel
-from nemo_minitron.data.config import PrepareDataConfig
+from nemo_minitron.data.config import BlendComponent, DataSource, PrepareDataConfig
 from nemo_minitron.data.prepare import list_input_files
 from nemo_minitron.distill.config import DistillConfig, LossConfig
 from nemo_minitron.distill.trainer import check_fp8_train
@@ -27,7 +29,7 @@ from nemo_minitron.fsutil import DirectoryLock
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline import report
-from nemo_minitron.pipeline.config import RunConfig, ScheduleStep
+from nemo_minitron.pipeline.config import RunConfig, RunData, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
 from nemo_minitron.pipeline.nas import NASStageConfig, budget, candidates
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
@@ -35,21 +37,56 @@ from nemo_minitron.prune.stage import target_config
 from nemo_minitron.stages import run_stage
 
 
+def _slug(ref: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", ref.removeprefix("embedded:")).strip("-")[-48:] or "corpus"
+
+
+def corpus_dirs(output: str | Path, data: RunData) -> list[tuple[str, str, Path, float]]:
+    """``(ledger key, input, prepared directory, weight)`` of each training corpus: one corpus is prepared into
+    ``<output>/data``, the corpora of a blend into ``<output>/data/<n>-<name>``."""
+    out = Path(output)
+    if data.input is not None:
+        return [("data", data.input, out / "data", 1.0)]
+    return [(f"data.{i}", ref, out / "data" / f"{i}-{_slug(ref)}", weight)
+            for i, (ref, weight) in enumerate(data.corpora(), 1)]
+
+
+def out_of_blend_dirs(output: str | Path, data: RunData) -> list[tuple[str, str, Path]]:
+    """``(ledger key, input, prepared directory)`` of each out-of-blend text (``<output>/out_of_blend/...``)."""
+    return [(f"data.out_of_blend.{i}", t.input, Path(output) / "out_of_blend" / f"{i}-{_slug(t.input)}")
+            for i, t in enumerate(data.out_of_blend, 1)]
+
+
+def data_keys(output: str | Path, data: RunData) -> list[str]:
+    """The keys of the stages that prepare the corpora and the out-of-blend texts."""
+    return [k for k, *_ in corpus_dirs(output, data)] + [k for k, *_ in out_of_blend_dirs(output, data)]
+
+
+def eval_keys(data: RunData, key: str) -> list[str]:
+    """An eval stage's key and, when there are out-of-blend texts, the key of their evaluation."""
+    return [key] + ([f"{key}.out_of_blend"] if data.out_of_blend else [])
+
+
 def stage_keys(cfg: RunConfig) -> list[str]:
     """Every stage of ``cfg`` in the order it runs (the names ``rerun_from`` takes)."""
-    keys = ["data"] + (["teacher_correction"] if cfg.teacher_correction else []) + ["eval.teacher"]
+    keys = data_keys(cfg.output, cfg.data)
+    keys += (["teacher_correction"] if cfg.teacher_correction else []) + eval_keys(cfg.data, "eval.teacher")
     for i, step in enumerate(cfg.schedule, 1):
-        keys += [f"step{i}.prune" if step.target is not None else f"step{i}.nas", f"step{i}.eval_pruned"]
+        keys += [f"step{i}.prune" if step.target is not None else f"step{i}.nas"]
+        keys += eval_keys(cfg.data, f"step{i}.eval_pruned")
         if step.kd_tokens:
-            keys += [f"step{i}.distill", f"step{i}.eval_distilled"]
-    return keys + ["export", "export.teacher", "generation"]
+            keys += [f"step{i}.distill", *eval_keys(cfg.data, f"step{i}.eval_distilled")]
+    return keys + ["export", "export.teacher", "generation"] + (["chat"] if cfg.report.chat_tokens else [])
 
 
 def validate(cfg: RunConfig) -> None:
     """Every check that needs no compute: the teacher, the corpus, each step's target against the shape the
     step before leaves (a NAS step must have candidates), and that the final shape can be exported."""
     teacher = read_model_config(resolve_model_dir(cfg.teacher))
-    list_input_files(cfg.data.input)
+    for ref, _ in cfg.data.corpora():
+        list_input_files(ref)
+    for text in cfg.data.out_of_blend:
+        list_input_files(text.input)
     if cfg.rerun_from is not None and cfg.rerun_from not in stage_keys(cfg):
         raise UserError(f"rerun_from: no stage {cfg.rerun_from!r}; stages: {', '.join(stage_keys(cfg))}")
     shape = teacher
@@ -102,7 +139,12 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.out)
         self.log: list[dict] = []
-        self.data = str(self.out / "data")
+        corpora = corpus_dirs(cfg.output, cfg.data)
+        # What every stage reads: the prepared directory of one corpus, or the blend of the prepared corpora.
+        self.data: DataSource = (str(corpora[0][2]) if cfg.data.input is not None else
+                                 [BlendComponent(weight=w, path=str(d)) for _, _, d, w in corpora])
+        self.out_of_blend = [BlendComponent(weight=1.0, path=str(d)) for _, _, d in out_of_blend_dirs(cfg.output,
+                                                                                                       cfg.data)]
         c = cfg.calibration
         self.calibration = CalibrationConfig(data=self.data, num_samples=c.num_samples, seq_length=c.seq_length,
                                              micro_batch_size=c.micro_batch_size, seed=c.seed)
@@ -137,9 +179,13 @@ class Runner:
 
     def prepare_data(self) -> None:
         d = self.cfg.data
-        self.stage("data", "prepare-data", PrepareDataConfig(
-            input=d.input, tokenizer=self.cfg.teacher, output_dir=self.data, valid_fraction=d.valid_fraction,
-            split_seed=d.split_seed, jsonl_text_key=d.jsonl_text_key), [Path(self.data)])
+        prepared = [(key, ref, path, d.valid_fraction) for key, ref, path, _ in corpus_dirs(self.out, d)]
+        prepared += [(key, ref, path, text.valid_fraction)
+                     for (key, ref, path), text in zip(out_of_blend_dirs(self.out, d), d.out_of_blend)]
+        for key, ref, path, valid_fraction in prepared:
+            self.stage(key, "prepare-data", PrepareDataConfig(
+                input=ref, tokenizer=self.cfg.teacher, output_dir=str(path), valid_fraction=valid_fraction,
+                split_seed=d.split_seed, jsonl_text_key=d.jsonl_text_key), [path])
 
     def prune(self, key: str, model: str, output: Path, target: PruneTarget, importance: ImportanceConfig) -> str:
         """Prune ``model`` to ``target`` into ``output`` on the run's calibration set; the pruned directory.
@@ -151,12 +197,22 @@ class Runner:
         return str(output)
 
     def eval(self, key: str, model: str) -> dict:
+        """Held-out loss on the training data's valid split (each blend component on its own), then on the
+        valid split of each out-of-blend text (a second stage, ``<key>.out_of_blend``)."""
         e = self.cfg.eval
-        path = self.out / "eval" / f"{key.replace('.', '_')}.json"
-        config = EvalConfig(model=model, data=self.data, seq_length=e.seq_length,
-                            micro_batch_size=e.micro_batch_size, max_windows=e.max_windows, dtype=e.dtype,
-                            parallel=self.cfg.parallel, output=str(path), seed=self.cfg.seed)
-        return self.stage(key, "eval", config, [path])
+        result = None
+        for stage_key, data in zip(eval_keys(self.cfg.data, key), [self.data, self.out_of_blend]):
+            path = self.out / "eval" / f"{stage_key.replace('.', '_')}.json"
+            config = EvalConfig(model=model, data=data, seq_length=e.seq_length,
+                                micro_batch_size=e.micro_batch_size, max_windows=e.max_windows, dtype=e.dtype,
+                                parallel=self.cfg.parallel, output=str(path), seed=self.cfg.seed)
+            found = self.stage(stage_key, "eval", config, [path])
+            result = found if result is None else result
+        return result
+
+    def corpus_losses(self, key: str) -> dict[str, float]:
+        """:func:`~nemo_minitron.pipeline.report.corpus_losses` of the finished eval stage ``key``."""
+        return report.corpus_losses(self.ledger, self.cfg.data, key)
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
                 optim=None, student_init: str = "checkpoint") -> dict:
@@ -174,8 +230,8 @@ class Runner:
 
 def run_pipeline(cfg: RunConfig) -> dict:
     """data -> [teacher correction] -> eval teacher -> (prune | NAS -> eval -> distill -> eval) per schedule
-    step -> export HF -> generation speed -> report. Returns the report's summary. The run directory is locked
-    meanwhile: a second run on it stops before any work."""
+    step -> export HF -> generation speed -> chat answers -> report. Returns the report's summary. The run
+    directory is locked meanwhile: a second run on it stops before any work."""
     with DirectoryLock(cfg.output, "run directory"):
         return _run_pipeline(cfg)
 
@@ -225,4 +281,11 @@ def _run_pipeline(cfg: RunConfig) -> dict:
         generation = r.stage("generation", "generation-speed", GenerationConfig(
             teacher=str(teacher_hf), student=str(student_hf), prompts=cfg.report.generation_prompts,
             new_tokens=cfg.report.generation_tokens), [])
-    return report.write(cfg, r.ledger, r.log, generation, student_hf)
+    chat = None
+    if cfg.report.chat_tokens:
+        rep = cfg.report
+        chat = r.task("chat", {"teacher": str(teacher_hf), "student": str(student_hf), "prompts": rep.chat_prompts,
+                               "max_new_tokens": rep.chat_tokens},
+                      lambda: teacher_and_student_answers(teacher_hf, student_hf, rep.chat_prompts, rep.chat_tokens),
+                      [])
+    return report.write(cfg, r.ledger, r.log, generation, student_hf, chat)
