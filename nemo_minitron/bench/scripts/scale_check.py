@@ -1,11 +1,12 @@
 """The distillation trainer on megatron-core's engine at 8 ranks (DP2 x TP2 x PP2, sequence parallel), on CPU.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_check.py [--data runs/data/shakespeare-smollm2] \\
-        [--steps 4] [--seq 128] [--json FILE]
+        [--steps 4] [--seq 256] [--json FILE]
 
-A random Llama teacher (hidden 128, 4 layers, 4 heads in 2 query groups, MLP 256) and a narrower student (hidden
-96, MLP 192) with the embedded teacher's vocabulary (49,152) distil on the prepared corpus, fp32, global batch 8
-of ``--seq`` tokens, a checkpoint every 2 steps. Runs, each on local gloo ranks:
+A random Llama teacher (hidden 256, 8 layers, 4 heads in 2 query groups, MLP 512) and a narrower student (hidden
+192, MLP 384) with the embedded teacher's vocabulary (49,152) distil on the prepared corpus, fp32, global batch 8
+of ``--seq`` tokens (micro-batches of 2), the fused KD loss in chunks of 128 tokens, a checkpoint every 2 steps.
+Runs, each on local gloo ranks:
 
 1. one rank: the reference losses;
 2. DP2 x TP2 x PP2 with sequence parallelism (8 ranks), the peak memory of its last step measured;
@@ -49,9 +50,9 @@ def random_pair(out: Path) -> tuple[str, str]:
     try:
         tokenizer_dir = resolve_model_dir(embedded.TEACHER)
         base = read_model_config(tokenizer_dir)
-        teacher = base.model_copy(update={"hidden_size": 128, "num_layers": 4, "num_attention_heads": 4,
-                                          "num_query_groups": 2, "head_dim": 32, "ffn_hidden_size": 256})
-        student = teacher.model_copy(update={"hidden_size": 96, "ffn_hidden_size": 192})
+        teacher = base.model_copy(update={"hidden_size": 256, "num_layers": 8, "num_attention_heads": 4,
+                                          "num_query_groups": 2, "head_dim": 64, "ffn_hidden_size": 512})
+        student = teacher.model_copy(update={"hidden_size": 192, "ffn_hidden_size": 384})
         paths = []
         for name, cfg in (("teacher", teacher), ("student", student)):
             model = build_model(cfg, dtype=torch.float32, use_te=False)
@@ -72,6 +73,7 @@ def _rank(job: dict) -> dict:
         CheckpointConfig,
         EvalDuringTraining,
         LogConfig,
+        LogitKDConfig,
         LossConfig,
         OptimConfig,
         TrainConfig,
@@ -88,7 +90,8 @@ def _rank(job: dict) -> dict:
     student = load_model(job["student"], dtype=torch.float32, sequence_parallel=sp, recompute=job["recompute"])
     teacher = load_model(job["teacher"], dtype=torch.float32, sequence_parallel=sp)
     trainer = Trainer(student, teacher, Path(job["data"]), Path(job["output"]), train,
-                      OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1), LossConfig(),
+                      OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1),
+                      LossConfig(logits=LogitKDConfig(chunk_tokens=128)),
                       CheckpointConfig(every_steps=2, keep_last=job["steps"]),
                       EvalDuringTraining(every_steps=0, max_windows=1), LogConfig(progress=False, tensorboard=False))
     peak = None
@@ -127,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="runs/data/shakespeare-smollm2")
     parser.add_argument("--steps", type=int, default=4, help="an even number: a checkpoint every 2 steps")
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args()
     if args.steps < 4 or args.steps % 2:
