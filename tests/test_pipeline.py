@@ -368,13 +368,14 @@ def test_run_data_is_one_corpus_or_a_blend() -> None:
 def test_default_job_distils_on_a_blend_and_reports_an_out_of_blend_novel() -> None:
     from nemo_minitron.config import load_config
     from nemo_minitron.data.prepare import list_input_files
-    from nemo_minitron.pipeline.config import RunConfig
+    from nemo_minitron.pipeline.config import GENERATED, RunConfig
     from nemo_minitron.pipeline.run import validate
 
     cfg = load_config(RunConfig, ROOT / "conf/run/smollm2_width_55.yaml")
     assert cfg.data.corpora() == [("embedded:shakespeare", 0.5), ("embedded:austen", 0.5)]
     assert [t.input for t in cfg.data.out_of_blend] == ["embedded:austen-persuasion"]
-    validate(cfg)
+    assert cfg.data.components()[-1] == (GENERATED, 0.05) and cfg.data.generated.prompts == "embedded:chat-prompts"
+    validate(cfg)  # the teacher has a chat template, the prompts are readable
     trained = {Path(name).parts[0] for name, _ in list_input_files("embedded:austen")}
     assert "persuasion" not in trained and len(trained) == 5
     assert {Path(name).parts[0] for name, _ in list_input_files("embedded:austen-persuasion")} == {"persuasion"}
