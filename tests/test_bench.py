@@ -168,8 +168,11 @@ def test_readme_results_section_is_replaced_between_its_markers():
 
 
 def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, tmp_path):
-    """The bench on a weighted blend with an out-of-blend text: every arm reads the blend, and the report gives
-    each model's held-out loss on each corpus and on the out-of-blend text, the eval stages' own numbers."""
+    """The bench on a weighted blend with the teacher's generated chat answers and an out-of-blend text: every
+    arm reads the blend, and the report gives each model's held-out loss on each component and on the
+    out-of-blend text, the eval stages' own numbers."""
+    from nemo_minitron.pipeline.config import GENERATED
+
     text = (inputs["corpus"] / "part0.md").read_text(encoding="utf-8")
     for name, count in (("bench-prose", 4), ("bench-other", 2)):
         (tmp_path / name).mkdir()
@@ -179,6 +182,8 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
     plays, prose, other = str(inputs["corpus"]), str(tmp_path / "bench-prose"), str(tmp_path / "bench-other")
     config = tiny_bench(inputs, tmp_path / "bench", aggregations=[["mean", "l2"]], data={
         "blend": [{"weight": 1, "input": plays}, {"weight": 1, "input": prose}],
+        "generated": {"weight": 0.5, "max_prompts": 6, "batch_size": 3, "valid_fraction": 0.5,
+                      "sampling": {"temperature": 0, "max_new_tokens": 8}},
         "out_of_blend": [{"input": other}], "valid_fraction": 0.25})
     proc = cli("bench", str(config), "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -186,22 +191,25 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
     ledger = json.loads((out / "pipeline.json").read_text())["stages"]
     assert list(ledger) == stage_keys(BenchConfig(**yaml.safe_load(config.read_text()), quick=True))
     blend = ledger["ours.train"]["config"]["data"]
-    assert [c["weight"] for c in blend] == [1.0, 1.0] and ledger["ours.prune"]["config"]["calibration"]["data"] == blend
+    assert [c["weight"] for c in blend] == [1.0, 1.0, 0.5] and blend[2]["path"] == str(out / "data" / "generated")
+    assert ledger["ours.prune"]["config"]["calibration"]["data"] == blend
+    assert ledger["generate"]["config"]["model"] == str(inputs["teacher"])
     results = json.loads((out / "report.json").read_text())["results"]
 
     def losses(name: str) -> dict[str, float]:
         found = json.loads((out / "eval" / f"{name}.json").read_text())["components"]
         extra = json.loads((out / "eval" / f"{name}_out_of_blend.json").read_text())["components"]
-        return {plays: found[0]["loss"], prose: found[1]["loss"], other: extra[0]["loss"]}
+        return {plays: found[0]["loss"], prose: found[1]["loss"], GENERATED: found[2]["loss"], other: extra[0]["loss"]}
 
     assert results["teacher_losses"] == losses("eval_teacher")
     assert results["out_of_blend"] == [other]
     for arm in ("ours", "random", "magnitude", "depth", "corrected"):
         assert results[arm]["pruned_losses"] == losses(f"{arm}_eval_pruned"), arm
         assert results[arm]["losses"] == losses(f"{arm}_eval_trained"), arm
-        weighted = (results[arm]["losses"][plays] + results[arm]["losses"][prose]) / 2
+        weighted = (results[arm]["losses"][plays] + results[arm]["losses"][prose]
+                    + 0.5 * results[arm]["losses"][GENERATED]) / 2.5
         assert results[arm]["loss"] == pytest.approx(weighted, rel=1e-12)
     md = (out / "report.md").read_text()
-    assert f"| model | {plays} | {prose} | {other} (out of blend) |" in md
+    assert f"| model | {plays} | {prose} | {GENERATED} | {other} (out of blend) |" in md
     t = results["teacher_losses"]
-    assert f"| teacher | {t[plays]:.4f} | {t[prose]:.4f} | {t[other]:.4f} |" in md
+    assert f"| teacher | {t[plays]:.4f} | {t[prose]:.4f} | {t[GENERATED]:.4f} | {t[other]:.4f} |" in md

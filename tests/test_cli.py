@@ -98,6 +98,11 @@ def test_every_stage_has_a_shipped_config() -> None:
          "data.blend: Value error, a is listed twice"),
         (["prune", "conf/prune/smollm2_width_55.yaml", "calibration.data=[{weight: -1, path: a}]"],
          "calibration.data.blend.0.weight: Input should be greater than 0"),
+        (["run", "conf/run/smollm2_width_55.yaml", "data.generated.weight=0"],
+         "data.generated.weight: Input should be greater than 0"),
+        (["run", "conf/run/smollm2_width_55.yaml", "data.generated.model=x"], "data.generated.model: unknown key"),
+        (["run", "conf/run/smollm2_width_55.yaml", "data.generated.prompts=/nonexistent.jsonl"],
+         "data.generated: prompts: /nonexistent.jsonl is not a file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, capsys) -> None:

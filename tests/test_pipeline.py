@@ -368,13 +368,93 @@ def test_run_data_is_one_corpus_or_a_blend() -> None:
 def test_default_job_distils_on_a_blend_and_reports_an_out_of_blend_novel() -> None:
     from nemo_minitron.config import load_config
     from nemo_minitron.data.prepare import list_input_files
-    from nemo_minitron.pipeline.config import RunConfig
+    from nemo_minitron.pipeline.config import GENERATED, RunConfig
     from nemo_minitron.pipeline.run import validate
 
     cfg = load_config(RunConfig, ROOT / "conf/run/smollm2_width_55.yaml")
     assert cfg.data.corpora() == [("embedded:shakespeare", 0.5), ("embedded:austen", 0.5)]
     assert [t.input for t in cfg.data.out_of_blend] == ["embedded:austen-persuasion"]
-    validate(cfg)
+    assert cfg.data.components()[-1] == (GENERATED, 0.05) and cfg.data.generated.prompts == "embedded:chat-prompts"
+    validate(cfg)  # the teacher has a chat template, the prompts are readable
     trained = {Path(name).parts[0] for name, _ in list_input_files("embedded:austen")}
     assert "persuasion" not in trained and len(trained) == 5
     assert {Path(name).parts[0] for name, _ in list_input_files("embedded:austen-persuasion")} == {"persuasion"}
+
+
+def test_run_blends_the_teachers_generated_chat_answers(inputs) -> None:
+    """``data.generated``: the run's teacher answers the prompts (the same dataset as the ``generate`` stage run on
+    its own), every stage reads the answers blended in at their weight, each eval row reports their held-out
+    loss (equal to transformers' on the same windows) beside the corpus's, and a second run skips every stage."""
+    from nemo_minitron.chat.config import GenerateConfig
+    from nemo_minitron.chat.generate import generate
+    from nemo_minitron.config import load_config
+    from nemo_minitron.evaluation.config import EvalConfig
+    from nemo_minitron.evaluation.stage import evaluate
+    from nemo_minitron.pipeline.config import GENERATED, RunConfig
+    from nemo_minitron.pipeline.run import stage_keys
+
+    root, plays = inputs["root"], str(inputs["corpus"])
+    settings = {"max_prompts": 6, "batch_size": 3, "valid_fraction": 0.5,
+                "sampling": {"temperature": 0.7, "max_new_tokens": 8, "seed": 5}}
+    config = tiny_run(inputs, root / "chat", data={
+        "input": plays, "valid_fraction": 0.25, "generated": {"weight": 0.5, **settings}},
+        schedule=[{"target": {"hidden_size": 48, "ffn_hidden_size": 64}, "kd_tokens": 256}],
+        report={"generation_tokens": 0, "chat_tokens": 0})
+    done = cli("run", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = root / "chat"
+    ledger = json.loads((run / "pipeline.json").read_text())["stages"]
+    expected = [k for k in stage_keys(load_config(RunConfig, config)) if k not in ("export.teacher", "generation")]
+    assert list(ledger) == expected and expected[:2] == ["data.1", "generate"]
+
+    # The answers are the teacher's: the generate stage on its own writes the same bytes.
+    generated = run / "data" / "generated"
+    alone = generate(GenerateConfig.model_validate({"model": str(inputs["teacher"]), "output_dir": str(root / "alone"),
+                                                    "split_seed": 1234, **settings}))
+    assert alone["prompts"] == 6 and alone["num_valid_tokens"] > 0
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx"):
+        assert (generated / name).read_bytes() == (root / "alone" / name).read_bytes(), name
+
+    corpus_dir = next(d for d in (run / "data").iterdir() if d.name.startswith("1-"))
+    blend = [{"weight": 1.0, "path": str(corpus_dir)}, {"weight": 0.5, "path": str(generated)}]
+    assert ledger["step1.distill"]["config"]["data"] == blend
+    assert ledger["step1.prune"]["config"]["calibration"]["data"] == blend
+    assert ledger["eval.teacher"]["config"]["data"] == blend
+
+    report = json.loads((run / "report.json").read_text())
+    for row in report["rows"]:
+        assert set(row["losses"]) == {plays, GENERATED}
+        weighted = (row["losses"][plays] + 0.5 * row["losses"][GENERATED]) / 1.5
+        assert abs(row["loss"] - weighted) <= 1e-9 * weighted, row
+    for row, model in ((report["rows"][0], inputs["teacher"]), (report["rows"][-1], run / "export" / "hf")):
+        ref = evaluate(EvalConfig(model=str(model), data=str(generated), backend="hf", seq_length=32,
+                                  micro_batch_size=2, max_windows=8)).loss
+        assert abs(row["losses"][GENERATED] - ref) <= 1e-4 * ref, (row["name"], row["losses"][GENERATED], ref)
+    md = (run / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    assert f"| {plays} (weight 0.67) | {GENERATED} (weight 0.33) |" in header
+    assert "the teacher's sampled answers to 6 prompts" in md
+
+    again = cli("run", str(config))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert skipped(again.stdout) == set(ledger)
+
+
+def test_generated_data_needs_a_teacher_with_a_chat_template(inputs, tmp_path) -> None:
+    """A teacher whose tokenizer has no chat template is refused in one line before anything is written."""
+    from tiny import write_tiny_hf
+
+    teacher = write_tiny_hf(tmp_path / "base", vocab_size=49152, hidden_size=64, intermediate_size=96, seed=3,
+                            with_tokenizer=True)
+    config = json.loads((teacher / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (teacher / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (teacher / extra).unlink(missing_ok=True)
+    path = tiny_run({**inputs, "teacher": teacher}, tmp_path / "run",
+                    data={"input": str(inputs["corpus"]), "generated": {"weight": 0.1}})
+    done = cli("run", str(path))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"nemo-minitron run: error: data.generated: model: {teacher} has no chat template in its tokenizer files"]
+    assert not (tmp_path / "run").exists()

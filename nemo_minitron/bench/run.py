@@ -30,7 +30,7 @@ from nemo_minitron.data.prepare import list_input_files
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline.config import RunConfig, RunReport, ScheduleStep
-from nemo_minitron.pipeline.run import Runner, data_keys, eval_keys
+from nemo_minitron.pipeline.run import Runner, check_generated, data_keys, eval_keys
 from nemo_minitron.prune.config import ImportanceConfig, PruneConfig, PruneTarget
 from nemo_minitron.prune.stage import target_config
 
@@ -75,6 +75,7 @@ def validate(cfg: BenchConfig) -> None:
     teacher = read_model_config(resolve_model_dir(cfg.teacher))
     for ref in [ref for ref, _ in cfg.data.corpora()] + [t.input for t in cfg.data.out_of_blend]:
         list_input_files(ref)
+    check_generated(cfg.out_dir, cfg.teacher, cfg.data)
     target = target_config(teacher, cfg.target)
     shape = teacher
     for i, step in enumerate(cfg.iterative_steps):

@@ -28,12 +28,10 @@ class SamplingConfig(StrictModel):
         return value
 
 
-class GenerateConfig(StrictModel):
-    """The ``generate`` stage: ``model`` answers each prompt of ``prompts``; every (prompt, answer) pair is
-    rendered with the model tokenizer's chat template and written to ``output_dir`` as a prepared dataset
-    (``train``/``valid`` indexed datasets and ``meta.json``, like ``prepare-data``), ready to blend."""
+class GenerateSettings(StrictModel):
+    """What is asked and how it is answered: the part of the ``generate`` stage's config that does not name the
+    model or the output (the ``run`` job's ``data.generated`` takes these from the run's teacher and directory)."""
 
-    model: str = Field(min_length=1, description="Hugging Face model directory with a chat template, or embedded:...")
     prompts: str = Field(SHIPPED_PROMPTS, min_length=1,
                          description="JSON lines file, one prompt per record under `prompt_key`; "
                                      f"{SHIPPED_PROMPTS}: the package's general prompts")
@@ -41,9 +39,17 @@ class GenerateConfig(StrictModel):
     max_prompts: Optional[int] = Field(None, ge=2, description="the first N prompts only")
     system_prompt: Optional[str] = Field(None, min_length=1,
                                          description="a system message before each prompt (none: the template's own)")
-    output_dir: str = Field(min_length=1)
     sampling: SamplingConfig = SamplingConfig()
     batch_size: int = Field(8, ge=1, description="prompts decoded together (left-padded)")
     dtype: Literal["float32", "bfloat16"] = "float32"
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of prompts held out (by a stable hash)")
+
+
+class GenerateConfig(GenerateSettings):
+    """The ``generate`` stage: ``model`` answers each prompt of ``prompts``; every (prompt, answer) pair is
+    rendered with the model tokenizer's chat template and written to ``output_dir`` as a prepared dataset
+    (``train``/``valid`` indexed datasets and ``meta.json``, like ``prepare-data``), ready to blend."""
+
+    model: str = Field(min_length=1, description="Hugging Face model directory with a chat template, or embedded:...")
+    output_dir: str = Field(min_length=1)
     split_seed: int = 1234

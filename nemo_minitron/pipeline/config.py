@@ -12,6 +12,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
+from nemo_minitron.chat.config import GenerateSettings
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data.config import DataSource
 from nemo_minitron.distill.config import OptimConfig, TrainingSections, TrainSettings, check_recompute
@@ -35,12 +36,25 @@ class OutOfBlendText(StrictModel):
     valid_fraction: float = Field(0.5, gt=0, lt=1)
 
 
+GENERATED = "generated chat answers"  # the name of the ``data.generated`` component in reports
+
+
+class GeneratedData(GenerateSettings):
+    """The run teacher's sampled answers to chat prompts (the ``generate`` stage, run on the teacher as given,
+    before any teacher correction), chat-rendered into ``<output>/data/generated`` and blended in with
+    ``weight``; its held-out prompts are evaluated as a component of their own."""
+
+    weight: float = Field(gt=0, description="relative share of training samples, against the corpora's weights")
+
+
 class RunData(StrictModel):
     """The corpus (``input``) or weighted blend of corpora (``blend``), each tokenized with the teacher's
-    tokenizer into the run directory, and the out-of-blend texts evaluated beside them."""
+    tokenizer into the run directory, optionally the teacher's generated chat answers blended in
+    (``generated``), and the out-of-blend texts evaluated beside them."""
 
     input: Optional[str] = Field(None, min_length=1, description="one corpus: file, folder, glob or embedded:...")
     blend: list[RunCorpus] = Field([], description="several corpora with weights, instead of input")
+    generated: Optional[GeneratedData] = Field(None, description="the teacher's chat answers, blended in")
     out_of_blend: list[OutOfBlendText] = Field([], description="texts scored by every eval stage, never trained on")
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 1234
@@ -62,6 +76,15 @@ class RunData(StrictModel):
         if self.input is not None:
             return [(self.input, 1.0)]
         return [(c.input, c.weight) for c in self.blend]
+
+    def blended(self) -> bool:
+        """Whether training reads a blend (of corpora, or of one corpus and the generated answers)."""
+        return self.input is None or self.generated is not None
+
+    def components(self) -> list[tuple[str, float]]:
+        """``(name, weight)`` of each component of the training data, in blend order: the corpora by their
+        ``input``, then the generated answers (:data:`GENERATED`)."""
+        return self.corpora() + ([(GENERATED, self.generated.weight)] if self.generated is not None else [])
 
 
 class RunCalibration(StrictModel):

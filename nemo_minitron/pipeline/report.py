@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_minitron.chat.answers import answers_markdown
-from nemo_minitron.pipeline.config import RunConfig, RunData
+from nemo_minitron.pipeline.config import GENERATED, RunConfig, RunData
 from nemo_minitron.pipeline.ledger import Ledger
 
 
@@ -69,9 +69,9 @@ def corpus_losses(ledger: Ledger, data: RunData, key: str) -> dict[str, float]:
     """Held-out loss of the finished eval stage ``key`` per corpus of a blend (one corpus: none, the headline
     loss is its loss) and per out-of-blend text (stage ``<key>.out_of_blend``), by the corpus's ``input``."""
     found = {}
-    if data.input is None:
+    if data.blended():
         components = _result(ledger, key)["components"]
-        found.update({ref: c["loss"] for (ref, _), c in zip(data.corpora(), components, strict=True)})
+        found.update({ref: c["loss"] for (ref, _), c in zip(data.components(), components, strict=True)})
     if data.out_of_blend:
         components = _result(ledger, f"{key}.out_of_blend")["components"]
         found.update({t.input: c["loss"] for t, c in zip(data.out_of_blend, components, strict=True)})
@@ -79,7 +79,7 @@ def corpus_losses(ledger: Ledger, data: RunData, key: str) -> dict[str, float]:
 
 
 def _weights(cfg: RunConfig) -> list[tuple[str, float]]:
-    corpora = cfg.data.corpora()
+    corpora = cfg.data.components()
     total = sum(w for _, w in corpora)
     return [(name, w / total) for name, w in corpora]
 
@@ -90,7 +90,7 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
     from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 
     out = Path(cfg.output)
-    names = [ref for ref, _ in cfg.data.corpora()]
+    names = [ref for ref, _ in cfg.data.components()]
     extra = [t.input for t in cfg.data.out_of_blend]
     columns = [(f"{name} (weight {w:.2f})", name) for name, w in _weights(cfg) if len(names) > 1]
     columns += [(f"{name} (out of blend)", name) for name in extra]
@@ -165,6 +165,11 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
                   "weighted as the blend")
     else:
         corpus = f"corpus `{names[0]}`; held-out split of `{out / 'data'}`"
+    made = _result(ledger, "generate")
+    if made:
+        corpus += (f"; `{GENERATED}`: the teacher's sampled answers to {made['prompts']} prompts of "
+                   f"`{cfg.data.generated.prompts}` ({made['answer_tokens']:,} answer tokens, "
+                   f"{made['unfinished_answers']} cut at the token limit), in its chat template")
     if extra:
         corpus += ("; out of blend (never trained, calibrated or searched on; its held-out split, prepared under "
                    f"`{out / 'out_of_blend'}`): " + ", ".join(f"`{name}`" for name in extra))

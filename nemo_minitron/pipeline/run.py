@@ -14,7 +14,9 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from nemo_minitron.chat import generate as chat_generate
 from nemo_minitron.chat.answers import teacher_and_student_answers
+from nemo_minitron.chat.config import GenerateConfig
 from nemo_minitron.checkpoint.config import ConvertConfig
 from nemo_minitron.checkpoint.hf import check_exportable, is_hf_dir
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
@@ -43,9 +45,10 @@ def _slug(ref: str) -> str:
 
 def corpus_dirs(output: str | Path, data: RunData) -> list[tuple[str, str, Path, float]]:
     """``(ledger key, input, prepared directory, weight)`` of each training corpus: one corpus is prepared into
-    ``<output>/data``, the corpora of a blend into ``<output>/data/<n>-<name>``."""
+    ``<output>/data``, the corpora of a blend (or one corpus blended with generated answers) into
+    ``<output>/data/<n>-<name>``."""
     out = Path(output)
-    if data.input is not None:
+    if data.input is not None and data.generated is None:
         return [("data", data.input, out / "data", 1.0)]
     return [(f"data.{i}", ref, out / "data" / f"{i}-{_slug(ref)}", weight)
             for i, (ref, weight) in enumerate(data.corpora(), 1)]
@@ -57,9 +60,34 @@ def out_of_blend_dirs(output: str | Path, data: RunData) -> list[tuple[str, str,
             for i, t in enumerate(data.out_of_blend, 1)]
 
 
+def generated_config(output: str | Path, teacher: str, data: RunData) -> Optional[GenerateConfig]:
+    """The ``generate`` stage's config for ``data.generated`` (the teacher's answers, into
+    ``<output>/data/generated``); None without it."""
+    g = data.generated
+    if g is None:
+        return None
+    settings = g.model_dump(exclude={"weight"})
+    return GenerateConfig(model=teacher, output_dir=str(Path(output) / "data" / "generated"),
+                          split_seed=data.split_seed, **settings)
+
+
+def check_generated(output: str | Path, teacher: str, data: RunData) -> None:
+    """``data.generated``'s checks that need no model: the teacher has a chat template, the prompts are readable.
+    (Its output is the run directory's own: one made with other settings is redone through ``rerun_from``.)"""
+    if data.generated is None:
+        return
+    try:
+        chat_generate.model_dir(teacher)
+        chat_generate.load_prompts(generated_config(output, teacher, data))
+    except UserError as exc:
+        raise UserError(f"data.generated: {exc}") from None
+
+
 def data_keys(output: str | Path, data: RunData) -> list[str]:
-    """The keys of the stages that prepare the corpora and the out-of-blend texts."""
-    return [k for k, *_ in corpus_dirs(output, data)] + [k for k, *_ in out_of_blend_dirs(output, data)]
+    """The keys of the stages that prepare the corpora and the out-of-blend texts, and generate the chat
+    answers."""
+    return ([k for k, *_ in corpus_dirs(output, data)] + [k for k, *_ in out_of_blend_dirs(output, data)]
+            + (["generate"] if data.generated else []))
 
 
 def eval_keys(data: RunData, key: str) -> list[str]:
@@ -87,6 +115,7 @@ def validate(cfg: RunConfig) -> None:
         list_input_files(ref)
     for text in cfg.data.out_of_blend:
         list_input_files(text.input)
+    check_generated(cfg.output, cfg.teacher, cfg.data)
     if cfg.rerun_from is not None and cfg.rerun_from not in stage_keys(cfg):
         raise UserError(f"rerun_from: no stage {cfg.rerun_from!r}; stages: {', '.join(stage_keys(cfg))}")
     shape = teacher
@@ -141,8 +170,11 @@ class Runner:
         self.log: list[dict] = []
         corpora = corpus_dirs(cfg.output, cfg.data)
         # What every stage reads: the prepared directory of one corpus, or the blend of the prepared corpora.
-        self.data: DataSource = (str(corpora[0][2]) if cfg.data.input is not None else
-                                 [BlendComponent(weight=w, path=str(d)) for _, _, d, w in corpora])
+        self.generated = generated_config(cfg.output, cfg.teacher, cfg.data)
+        blend = [BlendComponent(weight=w, path=str(d)) for _, _, d, w in corpora]
+        if self.generated is not None:
+            blend.append(BlendComponent(weight=cfg.data.generated.weight, path=self.generated.output_dir))
+        self.data: DataSource = blend if cfg.data.blended() else str(corpora[0][2])
         self.out_of_blend = [BlendComponent(weight=1.0, path=str(d)) for _, _, d in out_of_blend_dirs(cfg.output,
                                                                                                        cfg.data)]
         c = cfg.calibration
@@ -178,6 +210,8 @@ class Runner:
         return result
 
     def prepare_data(self) -> None:
+        """Prepare the corpora and the out-of-blend texts, then generate the chat answers: the teacher as given,
+        before any correction, so that teacher correction reads the same blend as the stages after it."""
         d = self.cfg.data
         prepared = [(key, ref, path, d.valid_fraction) for key, ref, path, _ in corpus_dirs(self.out, d)]
         prepared += [(key, ref, path, text.valid_fraction)
@@ -186,6 +220,8 @@ class Runner:
             self.stage(key, "prepare-data", PrepareDataConfig(
                 input=ref, tokenizer=self.cfg.teacher, output_dir=str(path), valid_fraction=valid_fraction,
                 split_seed=d.split_seed, jsonl_text_key=d.jsonl_text_key), [path])
+        if self.generated is not None:
+            self.stage("generate", "generate", self.generated, [Path(self.generated.output_dir)])
 
     def prune(self, key: str, model: str, output: Path, target: PruneTarget, importance: ImportanceConfig) -> str:
         """Prune ``model`` to ``target`` into ``output`` on the run's calibration set; the pruned directory.
