@@ -191,3 +191,31 @@ def test_teacher_cache_is_auto_a_mapping_or_null(tmp_path) -> None:
     path.write_text(yaml.safe_dump({**base, "distill": {"teacher_cache": "yes"}}))
     with pytest.raises(UserError, match="distill.teacher_cache: .*give auto, a mapping"):
         load_config(RunConfig, path)
+
+
+def test_cache_is_written_from_the_corrected_teacher(inputs, tmp_path, monkeypatch) -> None:  # noqa: F811
+    path = tiny_run(inputs, tmp_path / "corrected", teacher_correction={"tokens": 64},
+                    schedule=[{"target": {"hidden_size": 48}, "kd_tokens": 64}],
+                    report={"generation_tokens": 0, "chat_tokens": 0})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["distill"]["teacher_cache"] = {"top_k": 8}
+    path.write_text(yaml.safe_dump(cfg))
+    run = load_config(RunConfig, path)
+    loaded = _run(run, monkeypatch)
+    out = Path(run.output)
+    corrected = out / "teacher_correction" / "final"
+    stages = list(_ledger(run))
+    assert stages.index("teacher_correction") < stages.index("teacher_cache") < stages.index("step1.distill")
+    index = json.loads((out / "teacher_cache" / "index.json").read_text())
+    assert index["teacher"]["path"] == str(corrected.absolute())
+    assert (index["windows"], index["top_k"], index["dtype"]) == (4, 8, "bfloat16")
+    assert loaded.count(f"cache:{corrected}") == 1 and f"trainer:{corrected}" not in loaded
+
+
+def test_run_refuses_a_cache_top_k_beyond_the_vocabulary_before_any_work(inputs, tmp_path) -> None:  # noqa: F811
+    from nemo_minitron.pipeline.run import validate
+
+    run = _config(inputs, tmp_path / "too_wide", {"top_k": VOCAB + 1})
+    with pytest.raises(UserError, match=f"^distill.teacher_cache.top_k {VOCAB + 1} exceeds the teacher's vocabulary"):
+        validate(run)
+    assert not (tmp_path / "too_wide").exists()
