@@ -8,14 +8,21 @@ Paths (prepared data, checkpoints, reports) are all derived from ``output``, the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from nemo_minitron.chat.config import GenerateSettings
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data.config import DataSource
-from nemo_minitron.distill.config import OptimConfig, TrainingSections, TrainSettings, check_recompute
+from nemo_minitron.distill.config import (
+    OptimConfig,
+    TeacherCacheConfig,
+    TrainingSections,
+    TrainSettings,
+    check_cache_loss,
+    check_recompute,
+)
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneTarget
@@ -96,16 +103,53 @@ class RunCalibration(StrictModel):
     seed: int = 1234
 
 
+class AutoTeacherCache(StrictModel):
+    """``teacher_cache: auto``: one teacher logit cache (``cache-logits``) for every distillation that reads the
+    same tokens; ``auto`` takes these defaults, a mapping sets them."""
+
+    top_k: int = Field(64, gt=0, description="cached tokens per position")
+    tail: Literal["bucket", "renormalize"] = Field("bucket", description="as teacher_cache.tail of distill")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="of the stored log-probabilities")
+
+
 class RunDistill(TrainingSections):
     """How every distillation of the run trains (its length is the schedule step's ``kd_tokens``; its periodic
     held-out loss uses the run's ``eval`` windows)."""
 
     train: TrainSettings = TrainSettings()
+    teacher_cache: Optional[AutoTeacherCache] = Field(
+        None, description="auto: run the teacher once into a logit cache that every distillation (NAS "
+                          "candidates, schedule steps) reads instead of running it; none: the teacher runs "
+                          "beside each student")
+
+    @field_validator("teacher_cache", mode="before")
+    @classmethod
+    def _auto(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value != "auto":
+                raise ValueError(f"give auto, a mapping (top_k, tail, dtype) or null, not {value!r}")
+            return {}
+        return value
 
     @model_validator(mode="after")
     def _recompute(self) -> "RunDistill":
         check_recompute(self.train, self.loss)
         return self
+
+    @model_validator(mode="after")
+    def _cache(self) -> "RunDistill":
+        if self.teacher_cache is not None:
+            check_cache_loss(self.loss)
+        return self
+
+    def windows(self, tokens: int) -> int:
+        """Windows of a teacher logit cache that a distillation of ``tokens`` tokens reads (steps x global
+        batch); 0 for none."""
+        return self.train.for_tokens(tokens).steps() * self.train.global_batch_size if tokens else 0
+
+    def cache_reader(self, path: str) -> TeacherCacheConfig:
+        """How a distillation reads the cache at ``path`` that ``teacher_cache`` wrote."""
+        return TeacherCacheConfig(path=path, tail=self.teacher_cache.tail)
 
 
 class TeacherCorrection(StrictModel):
@@ -167,10 +211,19 @@ class NASStageConfig(StrictModel):
     overwrite: bool = False
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234
+    teacher_cache: Optional[TeacherCacheConfig] = Field(
+        None, description="a logit cache written before (by run) that the short distillations read; with "
+                          "distill.teacher_cache auto and none given, nas writes one under output")
 
     @model_validator(mode="after")
     def _parallel(self) -> "NASStageConfig":
         self.distill.train.check_parallel(self.parallel, "distill.train")
+        return self
+
+    @model_validator(mode="after")
+    def _cache(self) -> "NASStageConfig":
+        if self.teacher_cache is not None:
+            check_cache_loss(self.distill.loss)
         return self
 
 

@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from nemo_minitron.checkpoint.hf import check_exportable
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
-from nemo_minitron.data import HeldOut, heldout_sets, prepared_components
-from nemo_minitron.distill.config import CheckpointConfig, LogConfig
+from nemo_minitron.data import DataSource, HeldOut, heldout_sets, prepared_components
+from nemo_minitron.distill.cache import check_cache_fits, read_index, run_cache_logits
+from nemo_minitron.distill.config import CacheLogitsConfig, CheckpointConfig, LogConfig, TeacherCacheConfig
 from nemo_minitron.distill.trainer import check_fp8_train, distill
 from nemo_minitron.dtypes import torch_dtype
 from nemo_minitron.errors import UserError
@@ -26,8 +27,9 @@ from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
+from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.sharding import check_divisible
-from nemo_minitron.pipeline.config import NASConfig, NASStageConfig
+from nemo_minitron.pipeline.config import NASConfig, NASStageConfig, RunDistill
 from nemo_minitron.prune.config import WIDTH_KEYS, PruneTarget
 from nemo_minitron.prune.stage import calibration_batches, cut, heatmap_png, score, target_config
 
@@ -69,6 +71,39 @@ def name_of(target: PruneTarget) -> str:
     return "-".join(f"{short[k]}{getattr(target, k)}" for k in SEARCH_KEYS)
 
 
+def cache_config(teacher: str, data: DataSource, output: str, distill: RunDistill, windows: int,
+                 parallel: ParallelConfig) -> CacheLogitsConfig:
+    """The ``cache-logits`` config of ``distill.teacher_cache`` (auto): ``windows`` windows of the order that
+    ``distill``'s distillations read ``data`` in (its seq_length and seed), from ``teacher`` in its
+    ``train.teacher_dtype``."""
+    auto, train = distill.teacher_cache, distill.train
+    return CacheLogitsConfig(teacher=teacher, data=data, output=output, seq_length=train.seq_length,
+                             seed=train.seed, windows=windows, top_k=auto.top_k, dtype=auto.dtype,
+                             teacher_dtype=train.teacher_dtype, micro_batch_size=train.micro_batch_size,
+                             windows_per_shard=16 * train.micro_batch_size,
+                             chunk_tokens=distill.loss.logits.chunk_tokens, parallel=parallel)
+
+
+def check_cache_top_k(distill: RunDistill, vocab_size: int) -> None:
+    """One-line UserError when ``distill.teacher_cache`` (auto) asks for more tokens than the vocabulary has."""
+    if distill.teacher_cache is not None and distill.teacher_cache.top_k > vocab_size:
+        raise UserError(f"distill.teacher_cache.top_k {distill.teacher_cache.top_k} exceeds the teacher's "
+                        f"vocabulary ({vocab_size} tokens)")
+
+
+def _teacher_cache(cfg: NASStageConfig) -> TeacherCacheConfig | None:
+    """The cache the short distillations read: the one given, or with distill.teacher_cache auto one written
+    now under ``output``; None when they run the teacher."""
+    if cfg.teacher_cache is not None or not cfg.nas.short_kd_tokens:
+        return cfg.teacher_cache if cfg.nas.short_kd_tokens else None
+    if cfg.distill.teacher_cache is None:
+        return None
+    path = str(Path(cfg.output) / "teacher_cache")
+    run_cache_logits(cache_config(cfg.teacher, cfg.data, path, cfg.distill,
+                                  cfg.distill.windows(cfg.nas.short_kd_tokens), cfg.parallel))
+    return cfg.distill.cache_reader(path)
+
+
 def _search(cfg: NASStageConfig) -> list[PruneTarget]:
     """The candidates of ``cfg`` in the model's parameter budget (none: a one-line error)."""
     src = read_model_config(resolve_model_dir(cfg.model))
@@ -92,6 +127,13 @@ def validate(cfg: NASStageConfig) -> None:
         check_fp8_train(train.fp8, train.seq_length, train.compile)
     _search(cfg)
     prepared_components(cfg.data, "data")
+    check_cache_top_k(cfg.distill, read_model_config(resolve_model_dir(cfg.teacher)).vocab_size)
+    if cfg.teacher_cache is not None and cfg.nas.short_kd_tokens:
+        # The candidates do not exist yet: the tokenizer checked is the source model's, which they keep.
+        check_cache_fits(read_index(cfg.teacher_cache.path), data=cfg.data, seq_length=train.seq_length,
+                         seed=train.seed, windows_needed=cfg.distill.windows(cfg.nas.short_kd_tokens),
+                         student_dir=resolve_model_dir(cfg.model), student_vocab=src.vocab_size, teacher=cfg.teacher,
+                         top_k=cfg.teacher_cache.top_k)
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise UserError(f"output directory already exists: {cfg.output} (set overwrite=true to replace it)")
 
@@ -124,6 +166,9 @@ def run_nas(cfg: NASStageConfig) -> dict:
     if _is_writer() and out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
+    cache = _teacher_cache(cfg)
+    if cache is not None:
+        state.initialize(cfg.parallel, cfg.seed)  # the same random state as without the cache
     loaded = load_model(cfg.model, dtype=torch_dtype(cfg.prune_dtype), use_te=False)
     scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance, progress=cfg.calibration.progress)
     if _is_writer():
@@ -154,7 +199,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
     fp8, sp = cfg.distill.train.fp8, cfg.distill.train.sequence_parallel
     teacher = (load_model(cfg.teacher, dtype=torch_dtype(cfg.distill.train.teacher_dtype), fp8=fp8,
                           sequence_parallel=sp)
-               if cfg.nas.short_kd_tokens else None)
+               if cfg.nas.short_kd_tokens and cache is None else None)
     shortlist = table[: cfg.nas.top_k]
     for row in shortlist:
         home = out / "candidates" / row["name"]
@@ -162,7 +207,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
         save_checkpoint(pruned, home / "pruned", overwrite=True)
         del pruned
         row["pruned"] = str(home / "pruned")
-        if teacher is None:
+        if not cfg.nas.short_kd_tokens:
             row["loss_short_kd"], row["student"] = row["loss_pruned"], row["pruned"]
             continue
         student = load_model(row["pruned"], dtype=torch_dtype(cfg.distill.train.dtype), fp8=fp8, sequence_parallel=sp,
@@ -174,6 +219,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
             CheckpointConfig(every_steps=10**9, keep_last=1, resume=False),
             cfg.distill.eval.model_copy(update={"every_steps": 0}),
             LogConfig(tensorboard=False, progress=cfg.distill.log.progress),
+            teacher_cache=cache,
         )
         save_checkpoint(student, home / "short_kd" / "final", overwrite=True)
         del student
@@ -200,6 +246,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
         "best_student": best["student"],
         "ranking_changed": [r["name"] for r in shortlist] != [r["name"] for r in ranked],
         "short_kd_tokens_total": sum(r.get("short_kd_tokens", 0) for r in shortlist),
+        "teacher_cache": None if cache is None else cache.path,
         "heldout_tokens": sum(len(h.windows) for h in windows) * (cfg.distill.train.seq_length - 1),
         "seconds": time.perf_counter() - start,
         "importance_seconds": scored.seconds,

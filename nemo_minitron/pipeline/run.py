@@ -23,7 +23,7 @@ from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 from nemo_minitron.config import StrictModel
 from nemo_minitron.data.config import BlendComponent, DataSource, PrepareDataConfig
 from nemo_minitron.data.prepare import list_input_files
-from nemo_minitron.distill.config import DistillConfig, LossConfig
+from nemo_minitron.distill.config import DistillConfig, LossConfig, TeacherCacheConfig
 from nemo_minitron.distill.trainer import check_fp8_train
 from nemo_minitron.errors import StoppedEarly, UserError
 from nemo_minitron.evaluation.config import EvalConfig, GenerationConfig
@@ -33,7 +33,7 @@ from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline import report
 from nemo_minitron.pipeline.config import RunConfig, RunData, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
-from nemo_minitron.pipeline.nas import NASStageConfig, budget, candidates
+from nemo_minitron.pipeline.nas import NASStageConfig, budget, cache_config, candidates, check_cache_top_k
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
 from nemo_minitron.prune.stage import target_config
 from nemo_minitron.stages import run_stage
@@ -95,10 +95,22 @@ def eval_keys(data: RunData, key: str) -> list[str]:
     return [key] + ([f"{key}.out_of_blend"] if data.out_of_blend else [])
 
 
+def cache_windows(cfg: RunConfig) -> int:
+    """Windows of the run's teacher logit cache (``distill.teacher_cache``): as many as the longest
+    distillation that reads it (a schedule step's, or a NAS candidate's short one); 0 for no cache."""
+    if cfg.distill.teacher_cache is None:
+        return 0
+    tokens = [step.kd_tokens for step in cfg.schedule]
+    if cfg.nas is not None and any(step.params is not None for step in cfg.schedule):
+        tokens.append(cfg.nas.short_kd_tokens)
+    return max(cfg.distill.windows(t) for t in tokens)
+
+
 def stage_keys(cfg: RunConfig) -> list[str]:
     """Every stage of ``cfg`` in the order it runs (the names ``rerun_from`` takes)."""
     keys = data_keys(cfg.output, cfg.data)
-    keys += (["teacher_correction"] if cfg.teacher_correction else []) + eval_keys(cfg.data, "eval.teacher")
+    keys += ["teacher_correction"] if cfg.teacher_correction else []
+    keys += (["teacher_cache"] if cache_windows(cfg) else []) + eval_keys(cfg.data, "eval.teacher")
     for i, step in enumerate(cfg.schedule, 1):
         keys += [f"step{i}.prune" if step.target is not None else f"step{i}.nas"]
         keys += eval_keys(cfg.data, f"step{i}.eval_pruned")
@@ -121,6 +133,7 @@ def validate(cfg: RunConfig) -> None:
     shape = teacher
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     train = cfg.distill.train
+    check_cache_top_k(cfg.distill, teacher.vocab_size)
     if train.fp8:
         check_fp8_train(train.fp8, train.seq_length, train.compile)
         check_fp8_shapes(teacher, tp, model="teacher")
@@ -251,16 +264,19 @@ class Runner:
         return report.corpus_losses(self.ledger, self.cfg.data, key)
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
-                optim=None, student_init: str = "checkpoint") -> dict:
+                optim=None, student_init: str = "checkpoint",
+                teacher_cache: Optional[TeacherCacheConfig] = None) -> dict:
         """The distillation's periodic held-out loss is measured on the windows of the run's ``eval`` section,
-        as the ``eval`` stages are: every point of the report's loss curve is one evaluation."""
+        as the ``eval`` stages are: every point of the report's loss curve is one evaluation. With
+        ``teacher_cache`` the teacher's outputs are read from it (``teacher`` is only checked against it)."""
         d, e = self.cfg.distill, self.cfg.eval
         periodic = d.eval.model_copy(update={"seq_length": e.seq_length, "max_windows": e.max_windows,
                                              "micro_batch_size": e.micro_batch_size})
         config = DistillConfig(mode=mode, student=student, student_init=student_init, teacher=teacher,
                                data=self.data, output=str(output), train=d.train.for_tokens(tokens),
                                optim=optim or d.optim, loss=d.loss if mode == "kd" else LossConfig(),
-                               checkpoint=d.checkpoint, eval=periodic, log=d.log, parallel=self.cfg.parallel)
+                               checkpoint=d.checkpoint, eval=periodic, log=d.log, parallel=self.cfg.parallel,
+                               teacher_cache=teacher_cache)
         return self.stage(key, "distill", config, [output])
 
 
@@ -281,6 +297,13 @@ def _run_pipeline(cfg: RunConfig) -> dict:
         tc = cfg.teacher_correction
         r.distill("teacher_correction", "ce", cfg.teacher, None, tc.tokens, out / "teacher_correction", tc.optim)
         teacher = str(out / "teacher_correction" / "final")
+    cache = None
+    if cache_windows(cfg):
+        # After teacher correction, which changes the teacher: one cache for every distillation of the run.
+        path = out / "teacher_cache"
+        r.stage("teacher_cache", "cache-logits",
+                cache_config(teacher, data, str(path), cfg.distill, cache_windows(cfg), cfg.parallel), [path])
+        cache = cfg.distill.cache_reader(str(path))
     r.eval("eval.teacher", teacher)
 
     student = teacher
@@ -295,12 +318,13 @@ def _run_pipeline(cfg: RunConfig) -> dict:
                 model=student, teacher=teacher, data=data, output=str(home / "nas"),
                 params=budget(step.params, reference), nas=cfg.nas, calibration=calibration,
                 importance=cfg.importance, distill=cfg.distill, prune_dtype=cfg.prune_dtype, overwrite=True,
-                parallel=cfg.parallel, seed=cfg.seed), [home / "nas"])
+                parallel=cfg.parallel, seed=cfg.seed, teacher_cache=cache), [home / "nas"])
             pruned, start = found["best_pruned"], found["best_student"]
         r.eval(f"step{i}.eval_pruned", pruned)
         student = start
         if step.kd_tokens:
-            r.distill(f"step{i}.distill", "kd", start, teacher, step.kd_tokens, home / "distill")
+            r.distill(f"step{i}.distill", "kd", start, teacher, step.kd_tokens, home / "distill",
+                      teacher_cache=cache)
             student = str(home / "distill" / "final")
             r.eval(f"step{i}.eval_distilled", student)
 
