@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from nemo_minitron.distill.config import LogitKDConfig
-from nemo_minitron.distill.losses import _chunks, _Grads, _logits, _matmul_operand, _row_dot
+from nemo_minitron.distill.losses import _chunks, _Grads, _logits, _matmul_operand, _row_dot, saved_input_grads
 from nemo_minitron.parallel import state
 
 Tail = Literal["bucket", "renormalize"]
@@ -168,13 +168,7 @@ class _CachedKDFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_kd: Tensor, _grad_ce: Tensor) -> tuple[Optional[Tensor], ...]:
-        grads: _Grads = ctx.grads
-        ctx.grads = None
-        hidden_dtype, weight_dtype = ctx.input_dtypes
-        scale = grad_loss.to(grads.dtype)
-        grad_hidden = None if grads.hidden is None else grads.hidden.mul_(scale).to(hidden_dtype)
-        grad_weight = None if grads.weight is None else grads.weight.mul_(scale).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return (*saved_input_grads(ctx, grad_loss), None, None, None, None, None, None)
 
 
 class CachedLogitKD(nn.Module):

@@ -82,6 +82,18 @@ class _TokenStats(NamedTuple):
         )
 
 
+def saved_input_grads(ctx, grad_loss: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Backward of a fused loss that computed its gradients in forward (``ctx.grads``, a :class:`_Grads`): the
+    gradients of the hidden states and of the output weight, scaled by ``grad_loss``, in the inputs' dtypes."""
+    grads: _Grads = ctx.grads
+    ctx.grads = None
+    hidden_dtype, weight_dtype = ctx.input_dtypes
+    scale = grad_loss.to(grads.dtype)
+    grad_hidden = None if grads.hidden is None else grads.hidden.mul_(scale).to(hidden_dtype)
+    grad_weight = None if grads.weight is None else grads.weight.mul_(scale).to(weight_dtype)
+    return grad_hidden, grad_weight
+
+
 def _chunks(n_tok: int, chunk_tokens: int) -> list[slice]:
     return [slice(start, min(start + chunk_tokens, n_tok)) for start in range(0, n_tok, chunk_tokens)]
 
@@ -415,13 +427,7 @@ class _FusedLogitKDFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_kd: Tensor, _grad_ce: Tensor) -> tuple[Optional[Tensor], ...]:
-        grads: _Grads = ctx.grads
-        ctx.grads = None
-        hidden_dtype, weight_dtype = ctx.input_dtypes
-        scale = grad_loss.to(grads.dtype)
-        grad_hidden = None if grads.hidden is None else grads.hidden.mul_(scale).to(hidden_dtype)
-        grad_weight = None if grads.weight is None else grads.weight.mul_(scale).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return (*saved_input_grads(ctx, grad_loss), None, None, None, None, None)
 
 
 @dataclass
