@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import sys
@@ -183,12 +184,18 @@ def write_random_tokens(root: Path, vocab_size: int, num_tokens: int, seed: int)
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    from nemo_minitron.data.blend import META_FILE
+
     rng = np.random.default_rng(seed)
     for split in ("train", "valid"):
         builder = IndexedDatasetBuilder(str(root / f"{split}.bin"), dtype=np.int32)
         builder.add_item(torch.from_numpy(rng.integers(0, vocab_size, num_tokens, dtype=np.int64)))
         builder.end_document()
         builder.finalize(str(root / f"{split}.idx"))
+    meta = {"tokenizer": "random token ids", "vocab_size": vocab_size, "eos_id": None, "dtype": "int32",
+            "num_train_tokens": num_tokens, "num_valid_tokens": num_tokens, "num_train_documents": 1,
+            "num_valid_documents": 1}
+    (root / META_FILE).write_text(json.dumps(meta, indent=2))
     return root
 
 
