@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from nemo_minitron.chat.config import GenerateConfig
 from nemo_minitron.data.blend import META_FILE
+from nemo_minitron.data.prepare import prepared_meta
 from nemo_minitron.embedded import resolve_path
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_directory, check_can_create
@@ -266,15 +267,7 @@ def generate(cfg: GenerateConfig) -> dict:
             builder.finalize(str(tmp / f"{split}.idx"))
         answer_tokens = sum(len(a["ids"]) for a in answers)
         meta = {
-            "tokenizer": cfg.model,
-            "vocab_size": vocab_size,
-            "eos_id": eos_id,
-            "dtype": dtype.name,
-            "num_train_tokens": tokens["train"],
-            "num_valid_tokens": tokens["valid"],
-            "num_train_documents": documents["train"],
-            "num_valid_documents": documents["valid"],
-            "config": cfg.model_dump(mode="json"),
+            **prepared_meta(cfg.model, vocab_size, eos_id, dtype, tokens, documents, cfg.model_dump(mode="json")),
             # Speed covers the batches drawn by this invocation (a resumed one draws only the rest).
             "generated": {"prompts": len(prompts), "answers": len(answers), "answer_tokens": answer_tokens,
                           "unfinished_answers": sum(not a["finished"] for a in answers), "seconds": seconds,

@@ -354,16 +354,23 @@ def prepare_data(cfg: PrepareDataConfig) -> PreparedData:
                 listing.close()
         for split, builder in builders.items():
             builder.finalize(str(tmp / f"{split}.idx"))
-        meta = {
-            "tokenizer": cfg.tokenizer,
-            "vocab_size": vocab_size,
-            "eos_id": eos_id,
-            "dtype": dtype.name,
-            "num_train_tokens": tokens["train"],
-            "num_valid_tokens": tokens["valid"],
-            "num_train_documents": documents["train"],
-            "num_valid_documents": documents["valid"],
-            "config": cfg.model_dump(),
-        }
+        meta = prepared_meta(cfg.tokenizer, vocab_size, eos_id, dtype, tokens, documents, cfg.model_dump())
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return _from_meta(out, meta)
+
+
+def prepared_meta(tokenizer: str, vocab_size: int, eos_id, dtype, tokens: dict[str, int], documents: dict[str, int],
+                  config: dict) -> dict:
+    """The ``meta.json`` of a prepared dataset (what training and the blend checks read): its tokenizer, token
+    id range and type, and the tokens and documents of each split."""
+    return {
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "dtype": dtype.name,
+        "num_train_tokens": tokens["train"],
+        "num_valid_tokens": tokens["valid"],
+        "num_train_documents": documents["train"],
+        "num_valid_documents": documents["valid"],
+        "config": config,
+    }
