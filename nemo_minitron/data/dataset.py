@@ -3,6 +3,7 @@ and in-order held-out eval windows (per component of a blend)."""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -44,7 +45,7 @@ class TokenDataset:
         return len(self._indexed)
 
 
-class _Batches:
+class _Batches(abc.ABC):
     """Data-parallel batches over a global order of samples that a subclass defines with :meth:`sample`.
 
     A global batch is ``batch_size * dp_size`` consecutive samples of the global order and rank ``dp_rank``
@@ -57,8 +58,9 @@ class _Batches:
     dp_rank: int
     dp_size: int
 
+    @abc.abstractmethod
     def sample(self, index: int) -> np.ndarray:
-        raise NotImplementedError
+        """Sample ``index`` of the global order: ``seq_length + 1`` tokens."""
 
     @property
     def global_batch_size(self) -> int:
