@@ -145,12 +145,7 @@ def save(root: Path, step: int, sharded_state: dict[str, Any], rng: dict[str, An
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             error = f"cannot write checkpoint {final}: {exc.strerror or exc}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise UserError(error)
+    state.raise_rank0_error(error)
     return final
 
 
