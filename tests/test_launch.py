@@ -5,6 +5,7 @@ one-node Slurm (munge, slurmctld, slurmd) running prune, distill and eval jobs o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -291,6 +292,48 @@ def _requirements(path: Path) -> dict[str, str]:
 def test_image_requirements_are_the_tested_pins() -> None:
     image, tested = _requirements(ROOT / "requirements/image.txt"), _requirements(ROOT / "requirements/cpu.txt")
     assert image and all(tested.get(name) == version for name, version in image.items()), (image, tested)
+
+
+def _check_versions():
+    spec = importlib.util.spec_from_file_location("check_versions", ROOT / "docker/check_versions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_version_check_against_megatron_core_ranges() -> None:
+    """docker/check_versions.py, the Dockerfile's last step, on this environment's real metadata: megatron-core
+    0.16.1's torch and Transformer Engine ranges (TE from its `dev` extra) and this package's own, with the
+    versions an NGC base reports (pre-release torch, local version tags) or ones outside the ranges."""
+    check_versions = _check_versions()
+    here = check_versions.installed_version
+    te_range = str(next(r.specifier for r in check_versions.requirements("megatron-core", "dev")
+                        if r.name.startswith("transformer")))
+    assert te_range == "<2.12.0,>=2.9.0a0"
+
+    def failures(**versions: str) -> list[str]:
+        def version_of(name: str):
+            key = name.lower().replace("-", "_")
+            return versions.get(key, here(name))
+        return [line for line in check_versions.check(version_of) if line.startswith("FAIL")]
+
+    # The CPU environment has no Transformer Engine: both owners of the requirement say so.
+    assert [line.split(" needs ")[0] for line in failures()] == ["FAIL nemo_minitron 0.1.0",
+                                                                  "FAIL megatron-core 0.16.1"]
+    assert all(line.endswith(": not installed") for line in failures())
+    ngc_25_11 = {"transformer_engine": "2.9.0+70f53666", "torch": "2.10.0a0+b558c986e8.nv25.11"}
+    assert failures(**ngc_25_11) == []
+    assert failures(transformer_engine="2.10.0+769ed778", torch="2.10.0a0+b4e4ee81d3.nv25.12") == []
+    too_old = failures(**{**ngc_25_11, "transformer_engine": "2.8.0+40c69e75"})
+    assert too_old == ["FAIL megatron-core 0.16.1 needs transformer-engine<2.12.0,>=2.9.0a0: 2.8.0+40c69e75 is "
+                       "outside <2.12.0,>=2.9.0a0"]
+    # A torch older than megatron-core's floor (this package's own is lower).
+    assert failures(**{**ngc_25_11, "torch": "2.5.0a0+nv24.09"}) == [
+        "FAIL megatron-core 0.16.1 needs torch>=2.6.0: 2.5.0a0+nv24.09 is outside >=2.6.0"]
+    # The script itself, as the Dockerfile runs it: here it fails on the missing Transformer Engine.
+    run = subprocess.run([sys.executable, str(ROOT / "docker/check_versions.py")], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout.count("FAIL") == 2, run.stdout + run.stderr
+    assert "ok   megatron-core 0.16.1 needs torch>=2.6.0" in run.stdout
 
 
 def test_image_install_commands_in_a_throwaway_venv(tmp_path) -> None:
