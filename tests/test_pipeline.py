@@ -508,7 +508,8 @@ def test_run_launched_on_two_ranks_equals_the_run_that_spawns_its_ranks(inputs) 
     ranks = launched("run", str(config))
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-3000:] + ranks[1].stderr[-3000:]
 
-    # Rank 0 alone prints the progress and the summary; rank 1 prints nothing on stdout.
+    # Rank 0 alone prepares the data (its tokenizer's progress bar), prints the progress and the summary.
+    assert "tokenizing" in ranks[0].stderr and "tokenizing" not in ranks[1].stderr
     assert ranks[1].stdout == ""
     assert ranks[0].stdout.count("[run] data ...") == 1 and "| teacher |" in ranks[0].stdout
     ledgers = [json.loads((root / name / "pipeline.json").read_text())["stages"] for name in ("local2", "launched2")]
