@@ -32,7 +32,7 @@ from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.pipeline.config import RunConfig, RunReport, ScheduleStep
 from nemo_minitron.pipeline.run import Runner, check_generated, data_keys, eval_keys
 from nemo_minitron.prune.config import ImportanceConfig, PruneConfig, PruneTarget
-from nemo_minitron.prune.stage import target_config
+from nemo_minitron.prune.stage import resolved_dtype, target_config
 
 # Packaged (not read from a checkout's benchmarks/), so that an installed wheel runs the whole bench.
 SCRIPTS = "nemo_minitron.bench.scripts"
@@ -218,7 +218,8 @@ def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
     also times our importance estimation in the same process), then our eval and distillation as for ours."""
     peer = bench.out / "modelopt"
     prune_cfg = PruneConfig(model=cfg.teacher, output=str(peer / "ours"), target=cfg.target,
-                            calibration=bench.calibration, importance=cfg.importance, dtype=cfg.prune_dtype,
+                            calibration=bench.calibration, importance=cfg.importance,
+                            dtype=resolved_dtype(cfg.prune_dtype, cfg.teacher),
                             overwrite=True, seed=cfg.seed)
 
     def work() -> dict:

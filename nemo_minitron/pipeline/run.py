@@ -40,7 +40,7 @@ from nemo_minitron.pipeline.config import RunConfig, RunData, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
 from nemo_minitron.pipeline.nas import NASStageConfig, budget, cache_config, candidates, check_cache_top_k
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
-from nemo_minitron.prune.stage import target_config
+from nemo_minitron.prune.stage import resolved_dtype, target_config
 from nemo_minitron.stages import run_stage
 
 
@@ -263,7 +263,8 @@ class Runner:
         cfg = self.cfg
         self.stage(key, "prune", PruneConfig(
             model=model, output=str(output), target=target, calibration=self.calibration, importance=importance,
-            dtype=cfg.prune_dtype, overwrite=True, pruned_loss=False, parallel=cfg.parallel, seed=cfg.seed), [output])
+            dtype=resolved_dtype(cfg.prune_dtype, model), overwrite=True, pruned_loss=False, parallel=cfg.parallel,
+            seed=cfg.seed), [output])
         return str(output)
 
     def eval(self, key: str, model: str) -> dict:
@@ -343,7 +344,8 @@ def _run_pipeline(cfg: RunConfig) -> dict:
             found = r.stage(f"step{i}.nas", "nas", NASStageConfig(
                 model=student, teacher=teacher, data=data, output=str(home / "nas"),
                 params=budget(step.params, reference), nas=cfg.nas, calibration=calibration,
-                importance=cfg.importance, distill=cfg.distill, prune_dtype=cfg.prune_dtype, overwrite=True,
+                importance=cfg.importance, distill=cfg.distill,
+                prune_dtype=resolved_dtype(cfg.prune_dtype, student), overwrite=True,
                 parallel=cfg.parallel, seed=cfg.seed, teacher_cache=cache), [home / "nas"])
             pruned, start = found["best_pruned"], found["best_student"]
         r.eval(f"step{i}.eval_pruned", pruned)
