@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 from nemo_minitron.config import load_config
 from nemo_minitron.errors import StoppedEarly, UserError, storage_error
-from nemo_minitron.launch.slurm import parse_cli
 from nemo_minitron.stages import STAGES, print_result, quiet_libraries, run_stage
 
 
@@ -39,9 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if overrides and "=" not in overrides[0]:
         config_path = overrides.pop(0)
     try:
-        if ns.stage == "launch":
-            # `launch slurm JOB.yaml key=value ...`: a launcher, then another stage's config and overrides.
-            cfg = parse_cli(ns.args)
+        if stages[ns.stage].parser is not None:
+            # `launch slurm JOB.yaml ...`, `plan JOB.yaml ...`: another stage's config and overrides, and more.
+            cfg = stages[ns.stage].parse(ns.args)
         else:
             cfg = load_config(stages[ns.stage].config_class(), config_path, overrides)
         result = run_stage(ns.stage, cfg)

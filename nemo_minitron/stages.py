@@ -38,12 +38,18 @@ class Stage:
     # Runs on the ranks a launcher (torchrun, Slurm) started. ``run`` does, its stages sharing out the work
     # between the ranks; ``bench`` starts the ranks of its stages itself, on one machine.
     launchable: bool = True
+    # "module:function" reading the command line's arguments after the stage name into its config, for stages
+    # whose arguments are another stage's config and more (``launch``, ``plan``); None: CONFIG.yaml key=value.
+    parser: Optional[str] = None
 
     def config_class(self) -> type[StrictModel]:
         return _resolve(self.config)
 
     def entry_function(self) -> Callable[[Any], Any]:
         return _resolve(self.entry)
+
+    def parse(self, args: list[str]) -> StrictModel:
+        return _resolve(self.parser)(args)
 
     def check(self, cfg: StrictModel) -> None:
         if self.validate is not None:
@@ -84,11 +90,17 @@ STAGES: dict[str, Stage] = {
                    "nemo_minitron.bench.config:BenchConfig", "nemo_minitron.bench.run:run_bench",
                    "nemo_minitron.bench.run:validate", driver=True, launchable=False),
     "launch": Stage("submit a stage to Slurm (launch slurm JOB.yaml cluster=...)",
-                    "nemo_minitron.launch.slurm:SlurmLaunch", "nemo_minitron.launch.slurm:launch_slurm"),
+                    "nemo_minitron.launch.slurm:SlurmLaunch", "nemo_minitron.launch.slurm:launch_slurm",
+                    # Before anything is written: a job that does not fit the cluster's GPUs stops here.
+                    "nemo_minitron.plan.stage:check_launch", parser="nemo_minitron.launch.slurm:parse_cli"),
+    "plan": Stage("per-GPU memory, speed and wall time of a job's stages on a cluster (plan JOB.yaml cluster=...)",
+                  "nemo_minitron.plan.config:PlanConfig", "nemo_minitron.plan.stage:plan_stage",
+                  parser="nemo_minitron.plan.stage:parse_cli"),
 }
 
 
-_REFS = frozenset(ref for stage in STAGES.values() for ref in (stage.config, stage.entry, stage.validate) if ref)
+_REFS = frozenset(ref for stage in STAGES.values()
+                  for ref in (stage.config, stage.entry, stage.validate, stage.parser) if ref)
 
 
 def quiet_libraries() -> None:

@@ -27,6 +27,8 @@ from pydantic import Field, StringConstraints, ValidationError
 from nemo_minitron.config import StrictModel, format_validation_error, load_config, parse_overrides
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_directory
+from nemo_minitron.plan.gpus import GpuSpec
+from nemo_minitron.plan.settings import PlanSettings
 from nemo_minitron.stages import STAGES, Stage
 
 # Values written verbatim into `#SBATCH` lines, which sbatch reads itself: no shell quoting can protect them.
@@ -44,8 +46,9 @@ EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 # Set by the script for each rank; a cluster config that set them would be silently overridden.
 RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Keys of the command line that belong to the launch itself, not to the job's config.
-LAUNCH_KEYS = ("cluster", "stage", "dry_run", "run_dir")
-USAGE = "usage: nemo-minitron launch slurm JOB.yaml cluster=CLUSTER.yaml [stage=NAME] [dry_run=true] [key=value ...]"
+LAUNCH_KEYS = ("cluster", "stage", "dry_run", "run_dir", "force")
+USAGE = ("usage: nemo-minitron launch slurm JOB.yaml cluster=CLUSTER.yaml [stage=NAME] [dry_run=true] [force=true] "
+         "[plan.KEY=VALUE ...] [key=value ...]")
 
 
 class ContainerConfig(StrictModel):
@@ -65,6 +68,7 @@ class ClusterConfig(StrictModel):
     nodes: int = Field(1, ge=1)
     tasks_per_node: int = Field(1, ge=1, description="ranks per node: one per GPU")
     gpus_per_node: int = Field(0, ge=0, description="0: a CPU job (gloo)")
+    gpu: Optional[GpuSpec] = Field(None, description="the GPU type and/or its memory and peak: what the plan checks")
     cpus_per_task: int = Field(1, ge=1, description="CPU cores per rank (also its OMP_NUM_THREADS)")
     mem: Optional[SlurmMemory] = Field(None, description="memory per node; '0' is all of it")
     time: SlurmTime = "01:00:00"
@@ -92,6 +96,8 @@ class SlurmLaunch(StrictModel):
     cluster: ClusterConfig
     dry_run: bool = Field(False, description="write the run directory, do not submit")
     run_dir: Optional[Path] = Field(None, description="default: <output_dir>/<job name>-<timestamp>")
+    force: bool = Field(False, description="submit even when the plan finds the job does not fit the GPUs")
+    plan: PlanSettings = Field(PlanSettings(), description="the plan's assumptions (plan.mfu, plan.architecture...)")
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class SlurmSubmission:
 
 
 def _launchable() -> dict[str, Stage]:
-    return {name: stage for name, stage in STAGES.items() if name != "launch" and stage.launchable}
+    return {name: stage for name, stage in STAGES.items() if name not in ("launch", "plan") and stage.launchable}
 
 
 def _stage(name: str) -> Stage:
@@ -252,7 +258,9 @@ def _submit(script: Path, workdir: Path) -> str:
 
 
 def launch_slurm(request: SlurmLaunch) -> SlurmSubmission:
-    """Validate, write ``job.sbatch`` and ``job.yaml`` into a fresh run directory and submit (unless a dry run)."""
+    """Validate, write ``job.sbatch`` and ``job.yaml`` into a fresh run directory and submit (unless a dry run).
+    (The ``launch`` stage first checks the job's memory plan against the cluster's GPUs:
+    :func:`nemo_minitron.plan.stage.check_launch`.)"""
     _check(request)
     cluster = request.cluster
     job_name = f"{cluster.job_name}-{request.stage}"
@@ -295,8 +303,10 @@ def parse_cli(args: Sequence[str]) -> SlurmLaunch:
     parse_overrides(items)  # every item is key=value, or one line saying which is not
     own = {k: v for k, v in (item.split("=", 1) for item in items) if k in LAUNCH_KEYS}
     cluster_overrides = [item.removeprefix("cluster.") for item in items if item.startswith("cluster.")]
+    plan_overrides = [item.removeprefix("plan.") for item in items if item.startswith("plan.")]
     job_overrides = [
-        item for item in items if item.split("=", 1)[0] not in LAUNCH_KEYS and not item.startswith("cluster.")
+        item for item in items
+        if item.split("=", 1)[0] not in LAUNCH_KEYS and not item.startswith(("cluster.", "plan."))
     ]
     if "cluster" not in own:
         raise UserError(f"cluster=CLUSTER.yaml is required ({USAGE})")
@@ -313,6 +323,8 @@ def parse_cli(args: Sequence[str]) -> SlurmLaunch:
             # dry_run=yes / true / 1 read as YAML scalars, like every other override.
             dry_run=parse_overrides([f"dry_run={own['dry_run']}"])["dry_run"] if "dry_run" in own else False,
             run_dir=own.get("run_dir"),
+            force=parse_overrides([f"force={own['force']}"])["force"] if "force" in own else False,
+            plan=parse_overrides(plan_overrides),
         )
     except ValidationError as exc:
         raise UserError(format_validation_error(exc)) from None

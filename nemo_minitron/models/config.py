@@ -7,12 +7,14 @@ This is what the project saves next to weights (a pruned model is this config pl
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
 from pydantic import Field, model_validator
 
 from nemo_minitron.config import StrictModel
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RopeScaling(StrictModel):
@@ -90,6 +92,8 @@ class ModelConfig(StrictModel):
 
     def rope_inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies [kv_channels / 2], with Llama-3.1 scaling when configured."""
+        import torch  # here: configs that hold a model config (plan.architecture) import no torch
+
         dim = self.kv_channels
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         s = self.rope_scaling
