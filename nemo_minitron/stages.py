@@ -35,6 +35,9 @@ class Stage:
     validate: Optional[str] = None  # "module:function": every check that needs no compute
     # A driver runs in the calling process and starts the ranks of its own stages (``run``, ``bench``).
     driver: bool = False
+    # Runs on the ranks a launcher (torchrun, Slurm) started. ``run`` does, its stages sharing out the work
+    # between the ranks; ``bench`` starts the ranks of its stages itself, on one machine.
+    launchable: bool = True
 
     def config_class(self) -> type[StrictModel]:
         return _resolve(self.config)
@@ -79,7 +82,7 @@ STAGES: dict[str, Stage] = {
                  "nemo_minitron.pipeline.run:validate", driver=True),
     "bench": Stage("recovery, baselines, peers, the paper's claims and speed, in one report (--quick: short budgets)",
                    "nemo_minitron.bench.config:BenchConfig", "nemo_minitron.bench.run:run_bench",
-                   "nemo_minitron.bench.run:validate", driver=True),
+                   "nemo_minitron.bench.run:validate", driver=True, launchable=False),
     "launch": Stage("submit a stage to Slurm (launch slurm JOB.yaml cluster=...)",
                     "nemo_minitron.launch.slurm:SlurmLaunch", "nemo_minitron.launch.slurm:launch_slurm"),
 }

@@ -5,6 +5,7 @@ one-node Slurm (munge, slurmctld, slurmd) running prune, distill and eval jobs o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -146,6 +147,21 @@ def test_overrides_and_torchrun_launcher(tmp_path, capsys) -> None:
     assert subprocess.run(["bash", "-n", result["script"]]).returncode == 0
 
 
+def test_run_render(tmp_path, capsys) -> None:
+    """The whole pipeline as one job: one task per GPU, every rank runs `nemo-minitron run` (rank 0 keeps the
+    ledger and runs the single-process stages, docs/pipeline.md)."""
+    code, result, err = _launch(capsys, str(ROOT / "conf/run/llama31_8b_to_4b_width.yaml"), f"cluster={DGX}",
+                                "dry_run=true", f"cluster.output_dir={tmp_path}")
+    assert code == 0, err
+    script = Path(result["script"]).read_text()
+    assert {"--job-name=minitron-run", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(
+        _sbatch_lines(script))
+    assert f"bash -c '{RANK_LINE}; exec nemo-minitron run \"$0\"' {result['job_config']}" in script
+    run_config = STAGES["run"].config_class()
+    assert load_config(run_config, result["job_config"]) == load_config(
+        run_config, ROOT / "conf/run/llama31_8b_to_4b_width.yaml")
+
+
 def test_local_cpu_render(tmp_path, capsys) -> None:
     code, result, err = _launch(capsys, str(ROOT / "conf/eval/teacher.yaml"), f"cluster={LOCAL}", "dry_run=true",
                                 f"cluster.output_dir={tmp_path}", "parallel.pipeline_model_parallel_size=2")
@@ -171,6 +187,7 @@ BAD_LAUNCHES = [
     (["parallel.tensor_model_parallel_size=0"], "job: parallel.tensor_model_parallel_size: Input should be greater"),
     (["stage=train"], "stage: 'train' is not a stage"),
     (["stage=launch"], "stage: 'launch' is not a stage"),
+    (["stage=bench"], "stage: bench starts the ranks of its stages itself, on one machine"),
     (["dry_run=maybe"], "dry_run: Input should be a valid boolean"),
     (["justakey"], "override 'justakey' is not of the form key=value"),
 ]
@@ -275,6 +292,48 @@ def _requirements(path: Path) -> dict[str, str]:
 def test_image_requirements_are_the_tested_pins() -> None:
     image, tested = _requirements(ROOT / "requirements/image.txt"), _requirements(ROOT / "requirements/cpu.txt")
     assert image and all(tested.get(name) == version for name, version in image.items()), (image, tested)
+
+
+def _check_versions():
+    spec = importlib.util.spec_from_file_location("check_versions", ROOT / "docker/check_versions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_version_check_against_megatron_core_ranges() -> None:
+    """docker/check_versions.py, the Dockerfile's last step, on this environment's real metadata: megatron-core
+    0.16.1's torch and Transformer Engine ranges (TE from its `dev` extra) and this package's own, with the
+    versions an NGC base reports (pre-release torch, local version tags) or ones outside the ranges."""
+    check_versions = _check_versions()
+    here = check_versions.installed_version
+    te_range = str(next(r.specifier for r in check_versions.requirements("megatron-core", "dev")
+                        if r.name.startswith("transformer")))
+    assert te_range == "<2.12.0,>=2.9.0a0"
+
+    def failures(**versions: str) -> list[str]:
+        def version_of(name: str):
+            key = name.lower().replace("-", "_")
+            return versions.get(key, here(name))
+        return [line for line in check_versions.check(version_of) if line.startswith("FAIL")]
+
+    # The CPU environment has no Transformer Engine: both owners of the requirement say so.
+    assert [line.split(" needs ")[0] for line in failures()] == ["FAIL nemo_minitron 0.1.0",
+                                                                  "FAIL megatron-core 0.16.1"]
+    assert all(line.endswith(": not installed") for line in failures())
+    ngc_25_11 = {"transformer_engine": "2.9.0+70f53666", "torch": "2.10.0a0+b558c986e8.nv25.11"}
+    assert failures(**ngc_25_11) == []
+    assert failures(transformer_engine="2.10.0+769ed778", torch="2.10.0a0+b4e4ee81d3.nv25.12") == []
+    too_old = failures(**{**ngc_25_11, "transformer_engine": "2.8.0+40c69e75"})
+    assert too_old == ["FAIL megatron-core 0.16.1 needs transformer-engine<2.12.0,>=2.9.0a0: 2.8.0+40c69e75 is "
+                       "outside <2.12.0,>=2.9.0a0"]
+    # A torch older than megatron-core's floor (this package's own is lower).
+    assert failures(**{**ngc_25_11, "torch": "2.5.0a0+nv24.09"}) == [
+        "FAIL megatron-core 0.16.1 needs torch>=2.6.0: 2.5.0a0+nv24.09 is outside >=2.6.0"]
+    # The script itself, as the Dockerfile runs it: here it fails on the missing Transformer Engine.
+    run = subprocess.run([sys.executable, str(ROOT / "docker/check_versions.py")], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout.count("FAIL") == 2, run.stdout + run.stderr
+    assert "ok   megatron-core 0.16.1 needs torch>=2.6.0" in run.stdout
 
 
 def test_image_install_commands_in_a_throwaway_venv(tmp_path) -> None:
@@ -568,3 +627,56 @@ def test_real_slurm_prune_distill_eval(slurm, tmp_path) -> None:
     job_id, run_dir = _submit(slurm, tmp_path, *prune)
     log = _finished(slurm, job_id, run_dir, succeeded=False)
     assert "output directory already exists" in log and "exit code 2" in log
+
+
+@pytest.mark.slow
+def test_real_slurm_run(slurm, tmp_path) -> None:
+    """The whole pipeline as one Slurm job of two gloo ranks at PP=2: global rank 0 alone prepares the data and
+    keeps the ledger and the report, both ranks run each parallel stage; the same job again skips every stage."""
+    import yaml
+
+    from nemo_minitron import embedded
+    from nemo_minitron.pipeline.config import RunConfig
+    from nemo_minitron.pipeline.run import stage_keys
+    from tiny import write_tiny_hf
+
+    teacher = write_tiny_hf(tmp_path / "tiny", vocab_size=49152, hidden_size=64, intermediate_size=96,
+                            with_tokenizer=True, seed=31)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    play = next(embedded.corpus_dir().glob("tragedies/*hamlet*.md")).read_text(encoding="utf-8")
+    for i in range(8):
+        (corpus / f"part{i}.md").write_text(play[i * 3000 : (i + 1) * 3000], encoding="utf-8")
+    run = tmp_path / "run"
+    job = tmp_path / "tiny_run.yaml"
+    job.write_text(yaml.safe_dump({
+        "output": str(run), "teacher": str(teacher), "data": {"input": str(corpus), "valid_fraction": 0.25},
+        "calibration": {"num_samples": 4, "seq_length": 16, "micro_batch_size": 2},
+        "schedule": [{"target": {"hidden_size": 48, "ffn_hidden_size": 64}, "kd_tokens": 128}],
+        "distill": {"train": {"seq_length": 16, "micro_batch_size": 2, "global_batch_size": 4, "dtype": "float32",
+                              "teacher_dtype": "float32"},
+                    "checkpoint": {"every_steps": 1, "keep_last": 1}, "log": {"progress": False, "tensorboard": False}},
+        "eval": {"seq_length": 32, "micro_batch_size": 2, "max_windows": 4},
+        "report": {"generation_tokens": 0, "chat_tokens": 0},
+        "parallel": {"pipeline_model_parallel_size": 2},
+    }))
+
+    started = time.monotonic()
+    job_id, run_dir = _submit(slurm, tmp_path, str(job), "stage=run")
+    script = (run_dir / "job.sbatch").read_text()
+    assert "--ntasks-per-node=2" in script and 'exec nemo-minitron run "$0"' in script
+    log = _finished(slurm, job_id, run_dir)
+    ledger = json.loads((run / "pipeline.json").read_text())["stages"]
+    expected = [k for k in stage_keys(load_config(RunConfig, job)) if k not in ("export.teacher", "generation")]
+    assert list(ledger) == expected
+    # One line per stage, from global rank 0: the data was prepared once, the report printed once.
+    assert log.count("[run] data ...") == 1 and log.count("[run] step1.distill ...") == 1, log
+    assert log.count("| final student |") == 1
+    report = json.loads((run / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["teacher", "step 1 pruned", "step 1 distilled", "final student"]
+    assert report["kd_tokens"] == 128 and (run / "export" / "hf" / "config.json").is_file()
+    print(f"run job: {time.monotonic() - started:.1f} s")
+
+    job_id, run_dir = _submit(slurm, tmp_path, str(job), "stage=run")
+    log = _finished(slurm, job_id, run_dir)
+    assert log.count("finished before, skipped") == len(ledger), log

@@ -458,3 +458,93 @@ def test_generated_data_needs_a_teacher_with_a_chat_template(inputs, tmp_path) -
     assert done.stderr.strip().splitlines() == [
         f"nemo-minitron run: error: data.generated: model: {teacher} has no chat template in its tokenizer files"]
     assert not (tmp_path / "run").exists()
+
+
+def launched(*args: str, ranks: int = 2) -> list[subprocess.CompletedProcess]:
+    """``nemo-minitron ARGS`` started as torchrun does: ``ranks`` processes with ``RANK``, ``LOCAL_RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set; each one's outcome, by rank."""
+    from conftest import DIST_ENV
+    from nemo_minitron.parallel.state import _free_port
+
+    base = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    rendezvous = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-m", "nemo_minitron.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in range(ranks)]
+    done = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
+
+
+TIMINGS = {"seconds", "tokens_per_second", "importance_seconds"}
+
+
+def without_timings(value):
+    """A ledger entry's result without the wall times, which differ between any two runs."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def test_run_launched_on_two_ranks_equals_the_run_that_spawns_its_ranks(inputs) -> None:
+    """``run`` under a launcher (two ranks with torchrun's variables, TP=2): rank 0 alone prepares the data and
+    writes the ledger and the report, both ranks run each parallel stage, and everything equals the same run
+    started directly (which spawns TP=2 ranks for each parallel stage). A stage rank 0 refuses, and a run
+    directory held by another job, stop both ranks with the same one line and exit status 2."""
+    from test_distill import _hold
+
+    root = inputs["root"]
+    changes = dict(schedule=[{"target": {"hidden_size": 48, "ffn_hidden_size": 64}, "kd_tokens": 128}],
+                   parallel={"tensor_model_parallel_size": 2}, report={"generation_tokens": 2, "chat_tokens": 0})
+    local_cfg = tiny_run(inputs, root / "local2", **changes)
+    local = cli("run", str(local_cfg))
+    assert local.returncode == 0, local.stderr[-3000:]
+    config = tiny_run(inputs, root / "launched2", **changes)
+    ranks = launched("run", str(config))
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-3000:] + ranks[1].stderr[-3000:]
+
+    # Rank 0 alone prepares the data (its tokenizer's progress bar), prints the progress and the summary.
+    assert "tokenizing" in ranks[0].stderr and "tokenizing" not in ranks[1].stderr
+    assert ranks[1].stdout == ""
+    assert ranks[0].stdout.count("[run] data ...") == 1 and "| teacher |" in ranks[0].stdout
+    ledgers = [json.loads((root / name / "pipeline.json").read_text())["stages"] for name in ("local2", "launched2")]
+    assert list(ledgers[1]) == list(ledgers[0])
+    assert "generation" in ledgers[1] and "step1.distill" in ledgers[1]
+    for key in ledgers[0]:
+        local_result, launched_result = (without_timings(ledger[key]["result"]) for ledger in ledgers)
+        # Paths name each run's own directory.
+        launched_result = json.loads(json.dumps(launched_result).replace(str(root / "launched2"),
+                                                                         str(root / "local2")))
+        if key == "generation":  # tokens per second only: a timing
+            assert set(launched_result) == set(local_result)
+            continue
+        assert launched_result == local_result, key
+    reports = [json.loads((root / name / "report.json").read_text()) for name in ("local2", "launched2")]
+    assert reports[1]["rows"] == reports[0]["rows"] and reports[1]["kd_tokens"] == 128
+    final = [load_file(root / name / "export" / "hf" / "model.safetensors") for name in ("local2", "launched2")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+    # A changed stage config: rank 0's ledger refuses it, and every rank stops with its one line, exit status 2.
+    refused = launched("run", str(config), "schedule.0.target.hidden_size=40")
+    message = ("nemo-minitron run: error: stage step1.prune finished with another config (target.hidden_size: "
+               "48 -> 40); set rerun_from=step1.prune to redo it and the stages after it, or use a new output "
+               "directory")
+    assert [(r.returncode, r.stderr.strip().splitlines()[-1]) for r in refused] == [(2, message)] * 2
+
+    # Another job holds the run directory: both ranks stop before any work.
+    held = root / "held2"
+    holder = _hold(held)
+    try:
+        refused = launched("run", str(tiny_run(inputs, held, **changes)))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r.returncode for r in refused] == [2, 2]
+    assert all(r.stderr.strip().splitlines()[-1].startswith(f"nemo-minitron run: error: run directory {held} is in "
+                                                            f"use by process {holder.pid} on ") for r in refused)
+    assert sorted(p.name for p in held.iterdir()) == [".lock"]

@@ -22,10 +22,10 @@ from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.prune import ImportanceConfig, PruneTarget, prune
 from nemo_minitron.prune import importance as imp_lib
-from nemo_minitron.prune.config import CalibrationConfig
+from nemo_minitron.prune.config import BF16_ABOVE_PARAMS, CalibrationConfig, PruneConfig, importance_dtype
 from nemo_minitron.prune.importance import Importance, _Moments, finalize, reduce_sequence
 from nemo_minitron.prune.slicing import select
-from nemo_minitron.prune.stage import _layers_to_drop, target_config
+from nemo_minitron.prune.stage import _layers_to_drop, resolved_dtype, target_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -274,6 +274,19 @@ def test_bad_target_fields_fail_validation(target, message):
         build_config(PruneTarget, target)
 
 
+def test_importance_passes_default_to_bf16_above_a_billion_parameters(tiny_hf_dirs):
+    llama8b = ModelConfig(vocab_size=128256, hidden_size=4096, ffn_hidden_size=14336, num_layers=32,
+                          num_attention_heads=32, num_query_groups=8)
+    assert llama8b.num_params() == 8_030_261_248  # Llama-3.1-8B as Hugging Face counts it
+    assert importance_dtype(None, llama8b.num_params()) == "bfloat16"
+    assert importance_dtype("float32", llama8b.num_params()) == "float32"  # an explicit dtype wins
+    assert importance_dtype(None, 134_515_008) == "float32"  # the embedded teacher
+    assert importance_dtype(None, BF16_ABOVE_PARAMS) == "float32"
+    cfg = build_config(PruneConfig, dict(model="m", output="o", target={"hidden_size": 8}, calibration={"data": "d"}))
+    assert cfg.dtype is None
+    assert resolved_dtype(None, str(tiny_hf_dirs["untied"])) == "float32"
+
+
 # ------------------------------------------------------------------------- the same choice at TP / PP
 
 
@@ -302,7 +315,7 @@ def _prune_on_ranks(src: str, tp: int, pp: int) -> dict:
 def test_tp2_and_pp2_choose_what_tp1_chooses(tiny_hf_dirs):
     src = str(tiny_hf_dirs["untied"])
     ref = state.spawn(_prune_on_ranks, 1, src, 1, 1)[0]
-    for tp, pp in ((2, 1), (1, 2)):
+    for tp, pp in ((2, 1), (1, 2), (2, 2)):
         got = state.spawn(_prune_on_ranks, tp * pp, src, tp, pp)
         for rank_result in got:
             assert rank_result["selection"] == ref["selection"], (tp, pp)
@@ -312,6 +325,31 @@ def test_tp2_and_pp2_choose_what_tp1_chooses(tiny_hf_dirs):
             assert rank_result["loss_after"] == pytest.approx(ref["loss_after"], abs=1e-5)
         for key, value in ref["canonical"].items():
             np.testing.assert_array_equal(got[0]["canonical"][key], value)
+
+
+def _prune_memory_on_ranks(src: str, criterion: str) -> dict:
+    from memory import peak_allocated
+
+    state.initialize(state.ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
+    loaded = io.load_model(src)
+    batches = calibration(loaded.cfg.vocab_size, n=1, b=2, s=8)
+    # Width and depth: the pruned layers come from both stages of the source (layers 0-3 and 4-7) to both of the
+    # pruned model's (0-2 and 3-5).
+    target = PruneTarget(hidden_size=96, ffn_hidden_size=192, drop_layers=[1, 6])
+    with peak_allocated() as peak:
+        prune(loaded, target, batches, ImportanceConfig(criterion=criterion), calibration_loss=False)
+    return {"peak": peak.bytes, "model": loaded.cfg.num_params() * 4}
+
+
+@pytest.mark.parametrize("criterion", ["activation", "magnitude"])
+def test_pruning_at_tp2_pp2_holds_a_shard_per_rank_not_the_model(tmp_path, criterion):
+    """Each rank builds its new shard from the full source tensors it is cut from, received one at a time: its
+    peak is that shard and a tensor in flight, far below the whole model that a gather would give every rank."""
+    from tiny import write_tiny_hf
+
+    src = write_tiny_hf(tmp_path / "eight", hidden_size=128, intermediate_size=256, num_hidden_layers=8, seed=6)
+    for rank, got in enumerate(state.spawn(_prune_memory_on_ranks, 4, str(src), criterion)):
+        assert got["peak"] < 0.7 * got["model"], (rank, got)
 
 
 # ------------------------------------------------------------------------------------------ the CLI

@@ -10,7 +10,7 @@ from nemo_minitron.config import StrictModel
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.pipeline.config import NASConfig, RunCalibration, RunData, RunDistill, RunEval
-from nemo_minitron.prune.config import Agg, ImportanceConfig, PruneTarget
+from nemo_minitron.prune.config import IMPORTANCE_DTYPE, Agg, ImportanceConfig, PruneTarget
 
 
 class Budgets(StrictModel):
@@ -67,7 +67,7 @@ class BenchConfig(StrictModel):
                           "[target params x (1 - nas.tolerance), target params], lsq-corrected, then the same "
                           "distillation as every arm (None: no such arm)")
     speed: bool = Field(True, description="run the speed benchmarks of benchmarks/")
-    prune_dtype: Dtype = Field("float32", description="precision of the importance passes")
+    prune_dtype: Optional[Dtype] = Field(None, description=IMPORTANCE_DTYPE)
     rerun_from: Optional[str] = Field(None, description="redo this stage and every later one")
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234

@@ -40,7 +40,7 @@ from nemo_minitron.pipeline.config import NASConfig, NASStageConfig, RunConfig, 
 from nemo_minitron.pipeline.nas import cache_config, candidates, check_cache_top_k
 from nemo_minitron.pipeline.run import Runner, check_generated, data_keys, eval_keys
 from nemo_minitron.prune.config import Correction, ImportanceConfig, PruneConfig, PruneTarget
-from nemo_minitron.prune.stage import target_config
+from nemo_minitron.prune.stage import resolved_dtype, target_config
 
 # Packaged (not read from a checkout's benchmarks/), so that an installed wheel runs the whole bench.
 SCRIPTS = "nemo_minitron.bench.scripts"
@@ -289,8 +289,8 @@ def _full_arm(bench: _Bench, cfg: BenchConfig, width: ModelConfig) -> dict:
     found = r.stage("full.nas", "nas", NASStageConfig(
         model=cfg.teacher, teacher=cfg.teacher, data=bench.data, output=str(home / "nas"),
         params=width.num_params(), nas=bench_nas(cfg), calibration=bench.calibration, importance=cfg.importance,
-        distill=bench.distill_cfg, prune_dtype=cfg.prune_dtype, overwrite=True, parallel=cfg.parallel,
-        seed=cfg.seed, teacher_cache=bench.cache, prune_correction="lsq",
+        distill=bench.distill_cfg, prune_dtype=resolved_dtype(cfg.prune_dtype, cfg.teacher), overwrite=True,
+        parallel=cfg.parallel, seed=cfg.seed, teacher_cache=bench.cache, prune_correction="lsq",
         prune_correction_damping=cfg.correction_damping), [home / "nas"])
     best = next(row for row in found["candidates"] if row["name"] == found["best"])
     pruned = found["best_pruned"]
@@ -307,7 +307,8 @@ def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
     also times our importance estimation in the same process), then our eval and distillation as for ours."""
     peer = bench.out / "modelopt"
     prune_cfg = PruneConfig(model=cfg.teacher, output=str(peer / "ours"), target=cfg.target,
-                            calibration=bench.calibration, importance=cfg.importance, dtype=cfg.prune_dtype,
+                            calibration=bench.calibration, importance=cfg.importance,
+                            dtype=resolved_dtype(cfg.prune_dtype, cfg.teacher),
                             overwrite=True, seed=cfg.seed)
 
     def work() -> dict:

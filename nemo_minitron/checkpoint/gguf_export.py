@@ -18,16 +18,19 @@ blocks of 32 values along a row; a weight whose rows are not a multiple of 32 lo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import gguf
+import numpy as np
 import torch
 
 from nemo_minitron.checkpoint.hf import hf_state_dict
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel.sharding import canonical_meta
 
 # dtype name in configs -> (type of 2-D weights, general.file_type)
 GGUF_DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -132,19 +135,22 @@ def llama3_rope_factors(cfg: ModelConfig) -> torch.Tensor:
     return unscaled / cfg.rope_inv_freq()
 
 
-def gguf_tensors(canonical: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """GGUF tensor names and fp32 values, in llama.cpp's layouts, from a canonical state dict."""
+def gguf_tensors(canonical: Iterable[tuple[str, torch.Tensor]],
+                 cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """GGUF tensor names and fp32 values, in llama.cpp's layouts, from canonical ``(name, tensor)`` pairs (one at
+    a time: each is converted as it comes)."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
     heads = {"self_attn.q_proj.weight": cfg.num_attention_heads, "self_attn.k_proj.weight": cfg.num_query_groups}
-    for hf_name, value in hf_state_dict(canonical, cfg):
-        name = names.get_name(hf_name, try_suffixes=(".weight",))
-        if name is None:
-            raise UserError(f"no GGUF name for tensor '{hf_name}'")
-        value = value.float()
-        for suffix, num_heads in heads.items():
-            if hf_name.endswith(suffix):
-                value = to_rotary_layout(value, num_heads)
-        yield name, value
+    for key, canonical_value in canonical:
+        for hf_name, value in hf_state_dict({key: canonical_value}, cfg):
+            name = names.get_name(hf_name, try_suffixes=(".weight",))
+            if name is None:
+                raise UserError(f"no GGUF name for tensor '{hf_name}'")
+            value = value.float()
+            for suffix, num_heads in heads.items():
+                if hf_name.endswith(suffix):
+                    value = to_rotary_layout(value, num_heads)
+            yield name, value
     if cfg.rope_scaling is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(cfg)
 
@@ -161,14 +167,17 @@ def tensor_type(value: torch.Tensor, dtype: str) -> gguf.GGMLQuantizationType:
 
 
 def write_gguf(
-    canonical: dict[str, torch.Tensor],
+    canonical: Iterable[tuple[str, torch.Tensor]],
     cfg: ModelConfig,
     tokenizer: GGUFTokenizer,
     path: Path,
     dtype: str,
     name: str,
 ) -> None:
-    """Write the model as a GGUF file at ``path`` (architecture metadata, tokenizer, tensors)."""
+    """Write the model as a GGUF file at ``path`` (architecture metadata, tokenizer, tensors) from its canonical
+    ``(name, tensor)`` pairs in the order of :func:`~nemo_minitron.parallel.sharding.canonical_meta`, one
+    tensor at a time: the tensor infos are planned from ``cfg``'s shapes, then each tensor is written as it
+    comes."""
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_name(name)
     writer.add_file_type(GGUF_DTYPES[dtype][1])
@@ -197,12 +206,14 @@ def write_gguf(
     writer.add_token_types(tokenizer.token_types)
     tokenizer.special.add_to_gguf(writer, quiet=True)
 
-    for tensor_name, value in gguf_tensors(canonical, cfg):
+    # The shapes, types and sizes of every tensor come first in the file: the same conversion on meta tensors.
+    for tensor_name, value in gguf_tensors(canonical_meta(cfg).items(), cfg):
         qtype = tensor_type(value, dtype)
-        data = gguf.quants.quantize(value.numpy(), qtype)
-        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-
+        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(tuple(value.shape), qtype))
+        writer.add_tensor_info(tensor_name, tuple(value.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for _, value in gguf_tensors(canonical, cfg):
+        writer.write_tensor_data(gguf.quants.quantize(value.numpy(), tensor_type(value, dtype)))
     writer.close()

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from nemo_minitron.checkpoint.hf import hf_state_dict
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel.sharding import canonical_meta, canonical_shapes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -43,34 +42,12 @@ def read_header(file: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the canonical layout (see :mod:`nemo_minitron.parallel.sharding`) and its shape."""
-    h, d, ffn = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
-    shapes = {"embedding.word_embeddings.weight": (cfg.vocab_size, h), "decoder.final_layernorm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["output_layer.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_layers):
-        pre = f"decoder.layers.{i}."
-        shapes.update({
-            pre + "input_layernorm.weight": (h,),
-            pre + "self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, h),
-            pre + "self_attention.linear_proj.weight": (h, heads * d),
-            pre + "pre_mlp_layernorm.weight": (h,),
-            pre + "mlp.linear_fc1.weight": (2 * ffn, h),
-            pre + "mlp.linear_fc2.weight": (h, ffn),
-        })
-    return shapes
-
-
 def expected_shapes(cfg: ModelConfig, native: bool) -> dict[str, tuple[int, ...]]:
     """Names and shapes a checkpoint of ``cfg`` holds: canonical names (``native``) or Hugging Face names."""
-    shapes = canonical_shapes(cfg)
     if native:
-        return shapes
+        return canonical_shapes(cfg)
     # The HF names come from the exporter's own mapping, run on shape-only tensors.
-    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    return {name: tuple(t.shape) for name, t in hf_state_dict(meta, cfg)}
+    return {name: tuple(t.shape) for name, t in hf_state_dict(canonical_meta(cfg), cfg)}
 
 
 def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from huggingface_hub import save_torch_state_dict
-from safetensors import SafetensorError
 
 from nemo_minitron import embedded
 from nemo_minitron.checkpoint.gguf_export import read_tokenizer, write_gguf
@@ -28,12 +26,19 @@ from nemo_minitron.checkpoint.hf import (
     is_hf_dir,
     read_hf_config,
 )
+from nemo_minitron.checkpoint.streaming import Spec, save_streaming
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import atomic_directory, atomic_file
 from nemo_minitron.models.builder import Fp8, Recompute, build_model
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
-from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
+from nemo_minitron.parallel.sharding import (
+    canonical_meta,
+    canonical_shapes,
+    check_divisible,
+    load_canonical,
+    stream_canonical,
+)
 
 NATIVE_CONFIG = "model_config.json"
 
@@ -115,68 +120,82 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, use_te: Optional[bo
 def _write(
     out: Path,
     overwrite: bool,
-    fill: Callable[[Path], None],
+    fill: Callable[[Path, Iterator[tuple[str, torch.Tensor]]], None],
+    tensors: Iterator[tuple[str, torch.Tensor]],
     atomic: Callable[[Path, bool], ContextManager[Path]] = atomic_directory,
     what: str = "output directory",
 ) -> None:
-    """Rank 0 writes ``out`` (a directory, or a file with ``atomic=atomic_file``) atomically; every rank
-    waits for it and sees the same outcome."""
+    """Rank 0 writes ``out`` (a directory, or a file with ``atomic=atomic_file``) atomically with ``fill``, which
+    consumes ``tensors`` (the model's canonical tensors, streamed to rank 0 by the ranks that hold them); every
+    rank waits for it and sees the same outcome."""
     error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            with atomic(out, overwrite) as tmp:
-                fill(tmp)
-        except FileExistsError:
-            error = f"{what} already exists: {out} (set overwrite=true to replace it)"
-        except OSError as exc:
-            error = f"cannot write {out}: {exc.strerror or exc}"
-        except SafetensorError as exc:  # safetensors reports a failed write (a full disk) as its own type
-            error = f"cannot write {out}: {exc}"
+    try:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                with atomic(out, overwrite) as tmp:
+                    fill(tmp, tensors)
+            except FileExistsError:
+                error = f"{what} already exists: {out} (set overwrite=true to replace it)"
+            except OSError as exc:
+                error = f"cannot write {out}: {exc.strerror or exc}"
+    finally:
+        # The other ranks send their parts until the last tensor, whether or not rank 0 could write them.
+        for _ in tensors:
+            pass
     state.raise_rank0_error(error)
+
+
+def _dtype(loaded: LoadedModel) -> torch.dtype:
+    return next(loaded.model.parameters()).dtype
 
 
 def save_checkpoint(
     loaded: LoadedModel, out_dir: Path, overwrite: bool = False, extra_files: Optional[dict[str, bytes]] = None
 ) -> None:
-    """Save the model as a nemo_minitron checkpoint (canonical layout, loads at any TP/PP).
+    """Save the model as a nemo_minitron checkpoint (canonical layout, loads at any TP/PP), streamed to rank 0
+    one tensor at a time.
 
     ``extra_files`` (name -> content, taken from rank 0) land in the same directory, in the same atomic step.
     """
-    canonical = gather_canonical(loaded.model, loaded.cfg)
+    dtype = _dtype(loaded)
+    specs = {k: Spec(shape, dtype) for k, shape in canonical_shapes(loaded.cfg).items()}
 
-    def fill(tmp: Path) -> None:
-        save_torch_state_dict({k: v.contiguous() for k, v in canonical.items()}, tmp)
+    def fill(tmp: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        save_streaming(specs, tensors, tmp)
         (tmp / NATIVE_CONFIG).write_text(loaded.cfg.model_dump_json(indent=2) + "\n")
         copy_tokenizer_files(loaded.tokenizer_dir, tmp)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
 
-    _write(Path(out_dir), overwrite, fill)
+    _write(Path(out_dir), overwrite, fill, stream_canonical(loaded.model, loaded.cfg))
 
 
 def export_hf(loaded: LoadedModel, out_dir: Path, overwrite: bool = False, dtype: torch.dtype = torch.float32) -> None:
-    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads."""
-    check_exportable(loaded.cfg)
-    canonical = gather_canonical(loaded.model, loaded.cfg)
+    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads, streamed to rank 0 one
+    tensor at a time."""
+    cfg = loaded.cfg
+    check_exportable(cfg)
+    specs = {name: Spec(tuple(t.shape), dtype) for name, t in hf_state_dict(canonical_meta(cfg), cfg)}
 
-    def fill(tmp: Path) -> None:
-        tensors = {k: v.to(dtype).contiguous() for k, v in hf_state_dict(canonical, loaded.cfg)}
-        save_torch_state_dict(tensors, tmp)
-        hf_cfg = hf_config_from_model_config(loaded.cfg)
+    def fill(tmp: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        converted = ((name, t.to(dtype)) for key, value in tensors for name, t in hf_state_dict({key: value}, cfg))
+        save_streaming(specs, converted, tmp)
+        hf_cfg = hf_config_from_model_config(cfg)
         hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         copy_tokenizer_files(loaded.tokenizer_dir, tmp)
 
-    _write(Path(out_dir), overwrite, fill)
+    _write(Path(out_dir), overwrite, fill, stream_canonical(loaded.model, cfg))
 
 
 def export_gguf(loaded: LoadedModel, out_file: Path, overwrite: bool = False, dtype: str = "float16") -> None:
-    """Write one GGUF file for llama.cpp (``dtype``: a key of ``gguf_export.GGUF_DTYPES``)."""
+    """Write one GGUF file for llama.cpp (``dtype``: a key of ``gguf_export.GGUF_DTYPES``), streamed to rank 0
+    one tensor at a time."""
     tokenizer = read_tokenizer(loaded.tokenizer_dir, loaded.cfg.vocab_size)
-    canonical = gather_canonical(loaded.model, loaded.cfg)
     out_file = Path(out_file)
 
-    def fill(tmp: Path) -> None:
-        write_gguf(canonical, loaded.cfg, tokenizer, tmp, dtype, name=out_file.name.removesuffix(".gguf"))
+    def fill(tmp: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        write_gguf(tensors, loaded.cfg, tokenizer, tmp, dtype, name=out_file.name.removesuffix(".gguf"))
 
-    _write(out_file, overwrite, fill, atomic=atomic_file, what="output file")
+    _write(out_file, overwrite, fill, stream_canonical(loaded.model, loaded.cfg), atomic=atomic_file,
+           what="output file")

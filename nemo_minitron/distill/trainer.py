@@ -12,14 +12,13 @@ checkpoint, so a resumed run reproduces the uninterrupted loss curve exactly on 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -54,7 +53,7 @@ from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_w
 from nemo_minitron.dtypes import Fp8, torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.loss import windows_loss_sums
-from nemo_minitron.fsutil import DirectoryLock, atomic_write_text, check_can_create, remove_leftovers
+from nemo_minitron.fsutil import atomic_write_text, check_can_create, remove_leftovers
 from nemo_minitron.models.builder import FP8_MULTIPLE, check_fp8_shapes, compile_layers, te_available
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
@@ -521,24 +520,8 @@ def run_distill(cfg: DistillConfig) -> dict:
     """CLI stage: load teacher and student, train, save the student as ``<output>/final``. Global rank 0 holds
     the output directory's lock meanwhile: a second distillation into it stops before any work."""
     state.initialize(cfg.parallel, cfg.train.seed)
-    with _output_lock(Path(cfg.output)):
+    with state.rank0_lock(Path(cfg.output), "output"):
         return _run_distill(cfg)
-
-
-@contextlib.contextmanager
-def _output_lock(output: Path) -> Iterator[None]:
-    lock = DirectoryLock(output, "output")
-    refused = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            lock.__enter__()
-        except UserError as exc:
-            refused = str(exc)
-    state.raise_rank0_error(refused)
-    try:
-        yield
-    finally:
-        lock.__exit__()
 
 
 def _run_distill(cfg: DistillConfig) -> dict:

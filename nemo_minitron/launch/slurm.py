@@ -103,11 +103,14 @@ class SlurmSubmission:
 
 
 def _launchable() -> dict[str, Stage]:
-    return {name: stage for name, stage in STAGES.items() if name != "launch"}
+    return {name: stage for name, stage in STAGES.items() if name != "launch" and stage.launchable}
 
 
 def _stage(name: str) -> Stage:
     stages = _launchable()
+    if name in STAGES and name not in stages and name != "launch":
+        raise UserError(f"stage: {name} starts the ranks of its stages itself, on one machine: run "
+                        f"`nemo-minitron {name}` there instead of launching it")
     if name not in stages:
         raise UserError(f"stage: '{name}' is not a stage (one of {', '.join(sorted(stages))})")
     return stages[name]
@@ -299,7 +302,7 @@ def parse_cli(args: Sequence[str]) -> SlurmLaunch:
         raise UserError(f"cluster=CLUSTER.yaml is required ({USAGE})")
     cluster = _load(ClusterConfig, own["cluster"], cluster_overrides, "cluster")
     stage_name = own.get("stage") or job_path.parent.name.replace("_", "-")
-    if "stage" not in own and stage_name not in _launchable():
+    if "stage" not in own and stage_name not in STAGES:
         raise UserError(f"stage=NAME is required: the folder of {job_path} names no stage")
     job = _load(_stage(stage_name).config_class(), job_path, job_overrides, "job")
     try:

@@ -8,14 +8,17 @@ Algorithms ask this module for ranks and groups and do their own explicit reduct
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from typing import Any, Callable, Optional
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.errors import UserError
+from nemo_minitron.errors import UserError, storage_error
+from nemo_minitron.fsutil import DirectoryLock
 from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.cpu import apply_cpu_patches, cuda_available, install_rng_tracker
 
@@ -60,12 +63,24 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
 
 
 def destroy() -> None:
+    global _waiting_group
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _waiting_group = None
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, Slurm, :func:`spawn`) started this process as one rank of several."""
+    return "RANK" in os.environ
+
+
+def global_rank() -> int:
+    """This process's rank in the job (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def tp_rank() -> int:
@@ -225,3 +240,70 @@ def raise_rank0_error(error: Optional[str]) -> None:
         error = box[0]
     if error:
         raise UserError(error)
+
+
+# Ranks waiting for global rank 0's single-process work (preparing a corpus can take hours at scale) wait in a
+# gloo group of their own with this timeout; the default group keeps its own, which catches hung collectives.
+# The job's time limit ends a longer wait anyway.
+RANK0_WAIT = timedelta(days=7)
+_waiting_group: Optional[dist.ProcessGroup] = None
+
+
+def _broadcast_from_rank0(obj: Any) -> Any:
+    global _waiting_group
+    if _waiting_group is None:
+        _waiting_group = dist.new_group(backend="gloo", timeout=RANK0_WAIT)
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_waiting_group)
+    return box[0]
+
+
+def on_rank0(work: Callable[[], Any]) -> Any:
+    """Call ``work`` on global rank 0 only, the other ranks waiting, and return its result on every rank.
+
+    Its one-line failure (a :class:`UserError`, a full disk) is raised as the same UserError on every rank;
+    any other exception is re-raised on rank 0 and named in one line on the others, so that no rank is left
+    waiting for one that stopped. Without a process group of several ranks, ``work`` simply runs here.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    outcome: tuple[str, Any] = ("ok", None)
+    crash: Optional[BaseException] = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = ("ok", work())
+        except UserError as exc:
+            outcome = ("error", str(exc))
+        except OSError as exc:
+            error = storage_error(exc)
+            if error is None:
+                crash, outcome = exc, ("error", f"global rank 0 stopped: {type(exc).__name__}: {exc}")
+            else:
+                outcome = ("error", str(error))
+        except Exception as exc:  # noqa: BLE001 - named to the other ranks, re-raised here
+            crash, outcome = exc, ("error", f"global rank 0 stopped: {type(exc).__name__}: {exc}")
+    status, value = _broadcast_from_rank0(outcome)
+    if crash is not None:
+        raise crash
+    if status == "error":
+        raise UserError(value)
+    return value
+
+
+@contextlib.contextmanager
+def rank0_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``directory``'s :class:`~nemo_minitron.fsutil.DirectoryLock` for all the ranks of this job: global
+    rank 0 takes it, so that a second job on the directory stops before any work while the ranks of this one
+    do not refuse each other. The refusal is raised on every rank."""
+    lock = DirectoryLock(directory, what)
+    refused = None
+    if global_rank() == 0:
+        try:
+            lock.__enter__()
+        except UserError as exc:
+            refused = str(exc)
+    raise_rank0_error(refused)
+    try:
+        yield
+    finally:
+        lock.__exit__()

@@ -25,7 +25,7 @@ from nemo_minitron.distill.config import (
 )
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
-from nemo_minitron.prune.config import CalibrationConfig, Correction, ImportanceConfig, PruneTarget
+from nemo_minitron.prune.config import IMPORTANCE_DTYPE, CalibrationConfig, Correction, ImportanceConfig, PruneTarget
 
 
 class RunCorpus(StrictModel):
@@ -218,7 +218,7 @@ class NASStageConfig(PruneCorrectionKeys):
     calibration: CalibrationConfig
     importance: ImportanceConfig = ImportanceConfig()
     distill: RunDistill = RunDistill()
-    prune_dtype: Dtype = "float32"
+    prune_dtype: Optional[Dtype] = Field(None, description=IMPORTANCE_DTYPE)
     overwrite: bool = False
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234
@@ -287,7 +287,7 @@ class RunConfig(PruneCorrectionKeys):
     distill: RunDistill = RunDistill()
     eval: RunEval = RunEval()
     report: RunReport = RunReport()
-    prune_dtype: Dtype = Field("float32", description="precision of the importance passes")
+    prune_dtype: Optional[Dtype] = Field(None, description=IMPORTANCE_DTYPE)
     rerun_from: Optional[str] = Field(None, description="redo this stage and every later one")
     parallel: ParallelConfig = ParallelConfig()
     seed: int = 1234

@@ -31,7 +31,7 @@ from nemo_minitron.parallel.config import ParallelConfig
 from nemo_minitron.parallel.sharding import check_divisible
 from nemo_minitron.pipeline.config import NASConfig, NASStageConfig, RunDistill
 from nemo_minitron.prune.config import WIDTH_KEYS, PruneTarget
-from nemo_minitron.prune.stage import calibration_batches, cut, heatmap_png, score, target_config
+from nemo_minitron.prune.stage import calibration_batches, cut, heatmap_png, resolved_dtype, score, target_config
 
 SEARCH_KEYS = (*WIDTH_KEYS, "num_layers")
 
@@ -169,7 +169,8 @@ def run_nas(cfg: NASStageConfig) -> dict:
     cache = _teacher_cache(cfg)
     if cache is not None:
         state.initialize(cfg.parallel, cfg.seed)  # the same random state as without the cache
-    loaded = load_model(cfg.model, dtype=torch_dtype(cfg.prune_dtype), use_te=False)
+    dtype = torch_dtype(resolved_dtype(cfg.prune_dtype, cfg.model))
+    loaded = load_model(cfg.model, dtype=dtype, use_te=False)
     lsq = cfg.prune_correction == "lsq"
     scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance, progress=cfg.calibration.progress,
                    grams=lsq)
@@ -230,7 +231,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
         row["student"] = str(home / "short_kd" / "final")
         # Scored like the pruned candidates: a plain model (the trainer's student computes the loss from hidden
         # states) in the same precision, on the same windows.
-        distilled = load_model(row["student"], dtype=torch_dtype(cfg.prune_dtype), use_te=False)
+        distilled = load_model(row["student"], dtype=dtype, use_te=False)
         row["loss_short_kd"] = _heldout_loss(distilled, windows, mb)
         row["short_kd_tokens"] = result.tokens
         del distilled

@@ -4,6 +4,11 @@ Each step is an ordinary stage (``prepare-data``, ``distill``, ``eval``, ``prune
 a config derived from the run config, started through the same path as on the command line (so it spawns
 its TP x PP ranks when it needs them). ``pipeline.json`` (:class:`~nemo_minitron.pipeline.ledger.Ledger`)
 records the finished ones; an interrupted distillation resumes from its own checkpoints.
+
+Under torchrun or Slurm (``RANK`` set) every rank runs the driver: each stage with parallel sizes in its config
+runs on all the job's ranks (data parallelism takes those beyond TP x PP), every other stage (data preparation,
+the chat answers, the generation benchmark) and all the bookkeeping (the ledger, the report, the run
+directory's lock) on global rank 0 alone while the others wait for it.
 """
 
 from __future__ import annotations
@@ -27,15 +32,15 @@ from nemo_minitron.distill.config import DistillConfig, LossConfig, TeacherCache
 from nemo_minitron.distill.trainer import check_fp8_train
 from nemo_minitron.errors import StoppedEarly, UserError
 from nemo_minitron.evaluation.config import EvalConfig, GenerationConfig
-from nemo_minitron.fsutil import DirectoryLock
 from nemo_minitron.models.builder import check_fp8_shapes
 from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel import state
 from nemo_minitron.pipeline import report
 from nemo_minitron.pipeline.config import RunConfig, RunData, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
 from nemo_minitron.pipeline.nas import NASStageConfig, budget, cache_config, candidates, check_cache_top_k
 from nemo_minitron.prune.config import CalibrationConfig, Correction, ImportanceConfig, PruneConfig, PruneTarget
-from nemo_minitron.prune.stage import target_config
+from nemo_minitron.prune.stage import resolved_dtype, target_config
 from nemo_minitron.stages import run_stage
 
 
@@ -173,13 +178,16 @@ def _jsonable(result: Any) -> Any:
 
 class Runner:
     """Runs the stages of one run directory in order, recording each finished one in its ledger
-    (``pipeline.json``): a stage already recorded with the same config is skipped and its result reused."""
+    (``pipeline.json``): a stage already recorded with the same config is skipped and its result reused.
+
+    Launched on several ranks, every rank runs the same sequence; global rank 0 alone reads and writes the
+    ledger (the others have none) and decides what is skipped."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.out)
+        self.rank0 = state.global_rank() == 0
+        self.ledger: Optional[Ledger] = None
         self.log: list[dict] = []
         corpora = corpus_dirs(cfg.output, cfg.data)
         # What every stage reads: the prepared directory of one corpus, or the blend of the prepared corpora.
@@ -193,33 +201,46 @@ class Runner:
         c = cfg.calibration
         self.calibration = CalibrationConfig(data=self.data, num_samples=c.num_samples, seq_length=c.seq_length,
                                              micro_batch_size=c.micro_batch_size, seed=c.seed)
-        if cfg.rerun_from is not None:
-            dropped = self.ledger.forget_from(cfg.rerun_from)
+        state.on_rank0(self._open_ledger)
+
+    def _open_ledger(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.out)
+        if self.cfg.rerun_from is not None:
+            dropped = self.ledger.forget_from(self.cfg.rerun_from)
             if dropped:
                 print(f"[run] redoing: {', '.join(dropped)}", flush=True)
 
-    def stage(self, key: str, cli_name: str, config: StrictModel, outputs: list[Path]) -> Any:
-        """Run ``config`` as CLI stage ``cli_name`` unless ``key`` already finished with it."""
-        return self.task(key, config.model_dump(mode="json"), lambda: run_stage(cli_name, config), outputs)
+    def say(self, line: str) -> None:
+        if self.rank0:
+            print(line, flush=True)
 
-    def task(self, key: str, config: dict, work: Callable[[], Any], outputs: list[Path]) -> Any:
-        """Call ``work`` unless ``key`` already finished with ``config``; its JSON-able result."""
-        done = self.ledger.finished(key, config)
+    def stage(self, key: str, cli_name: str, config: StrictModel, outputs: list[Path]) -> Any:
+        """Run ``config`` as CLI stage ``cli_name`` unless ``key`` already finished with it: on every rank of a
+        launched job when the config has parallel sizes, else on global rank 0."""
+        return self.task(key, config.model_dump(mode="json"), lambda: run_stage(cli_name, config), outputs,
+                         every_rank=hasattr(config, "parallel"))
+
+    def task(self, key: str, config: dict, work: Callable[[], Any], outputs: list[Path],
+             every_rank: bool = False) -> Any:
+        """Call ``work`` unless ``key`` already finished with ``config`` (on every rank, or on global rank 0
+        while the others wait); its JSON-able result, on every rank."""
+        done = state.on_rank0(lambda: self.ledger.finished(key, config))
         if done is not None:
-            print(f"[run] {key}: finished before, skipped", flush=True)
+            self.say(f"[run] {key}: finished before, skipped")
             self.log.append({"stage": key, "seconds": done["seconds"], "skipped": True})
             return done["result"]
-        print(f"[run] {key} ...", flush=True)
+        self.say(f"[run] {key} ...")
         start = time.perf_counter()
-        result = _jsonable(work())
+        result = _jsonable(work()) if every_rank else state.on_rank0(lambda: _jsonable(work()))
         seconds = time.perf_counter() - start
         if isinstance(result, dict) and result.get("stopped_early"):
             # A distillation stopped by SIGTERM (pre-emption) kept its checkpoint but did not finish.
             raise StoppedEarly(f"stage {key} was stopped by SIGTERM after step {result['steps']} (its checkpoint is "
                                "kept): run the same command again to resume")
-        self.ledger.record(key, config, result, seconds, [str(p) for p in outputs])
+        state.on_rank0(lambda: self.ledger.record(key, config, result, seconds, [str(p) for p in outputs]))
         self.log.append({"stage": key, "seconds": seconds, "skipped": False})
-        print(f"[run] {key}: {seconds:.0f} s", flush=True)
+        self.say(f"[run] {key}: {seconds:.0f} s")
         return result
 
     def prepare_data(self) -> None:
@@ -244,7 +265,7 @@ class Runner:
         cfg = self.cfg
         self.stage(key, "prune", PruneConfig(
             model=model, output=str(output), target=target, calibration=self.calibration, importance=importance,
-            dtype=cfg.prune_dtype, overwrite=True, pruned_loss=False,
+            dtype=resolved_dtype(cfg.prune_dtype, model), overwrite=True, pruned_loss=False,
             correction=correction or cfg.prune_correction, correction_damping=cfg.prune_correction_damping,
             parallel=cfg.parallel, seed=cfg.seed), [output])
         return str(output)
@@ -284,12 +305,17 @@ class Runner:
         return self.stage(key, "distill", config, [output])
 
 
-def run_pipeline(cfg: RunConfig) -> dict:
+def run_pipeline(cfg: RunConfig) -> Optional[dict]:
     """data -> [teacher correction] -> eval teacher -> (prune | NAS -> eval -> distill -> eval) per schedule
-    step -> export HF -> generation speed -> chat answers -> report. Returns the report's summary. The run
-    directory is locked meanwhile: a second run on it stops before any work."""
-    with DirectoryLock(cfg.output, "run directory"):
-        return _run_pipeline(cfg)
+    step -> export HF -> generation speed -> chat answers -> report. Returns the report's summary (on global
+    rank 0; None on the other ranks of a launched job). The run directory is locked meanwhile, once for the
+    whole job: a second run on it stops before any work."""
+    if state.launched():
+        # The job's process group, and its world size checked against TP x PP once, before any stage.
+        state.initialize(cfg.parallel, cfg.seed)
+    with state.rank0_lock(cfg.output, "run directory"):
+        summary = _run_pipeline(cfg)
+    return summary if state.global_rank() == 0 else None
 
 
 def _run_pipeline(cfg: RunConfig) -> dict:
@@ -321,7 +347,8 @@ def _run_pipeline(cfg: RunConfig) -> dict:
             found = r.stage(f"step{i}.nas", "nas", NASStageConfig(
                 model=student, teacher=teacher, data=data, output=str(home / "nas"),
                 params=budget(step.params, reference), nas=cfg.nas, calibration=calibration,
-                importance=cfg.importance, distill=cfg.distill, prune_dtype=cfg.prune_dtype, overwrite=True,
+                importance=cfg.importance, distill=cfg.distill,
+                prune_dtype=resolved_dtype(cfg.prune_dtype, student), overwrite=True,
                 prune_correction=cfg.prune_correction, prune_correction_damping=cfg.prune_correction_damping,
                 parallel=cfg.parallel, seed=cfg.seed, teacher_cache=cache), [home / "nas"])
             pruned, start = found["best_pruned"], found["best_student"]
@@ -353,4 +380,4 @@ def _run_pipeline(cfg: RunConfig) -> dict:
                                "max_new_tokens": rep.chat_tokens},
                       lambda: teacher_and_student_answers(teacher_hf, student_hf, rep.chat_prompts, rep.chat_tokens),
                       [])
-    return report.write(cfg, r.ledger, r.log, generation, student_hf, chat)
+    return state.on_rank0(lambda: report.write(cfg, r.ledger, r.log, generation, student_hf, chat))

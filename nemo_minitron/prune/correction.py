@@ -17,10 +17,10 @@ The Grams are accumulated by forward hooks during the importance pass (no pass o
 it gathers the full X over TP per micro-batch and keeps its row block X_r^T X ([n/tp, n], float64). The norm
 outputs are the same on every TP rank: only the rank that will solve for them accumulates them. After the pass
 the blocks are summed over data-parallel ranks and concatenated over TP; each full Gram is kept by one rank
-of its pipeline stage (the Grams are dealt over the stage's TP x DP ranks, balancing their sizes), which solves that
-layer's correction; the corrected tensors are then shared with every rank. Memory per rank: 8 bytes x (layers
-of its stage) x (ffn^2 + (heads x head_dim)^2 + 2 hidden^2) / TP, plus the Grams being gathered;
-:func:`check_memory` refuses a run that cannot fit before the pass.
+of its pipeline stage (the Grams are dealt over the stage's TP x DP ranks, balancing their sizes), which receives
+that layer's full weight, solves its correction and sends the corrected tensor to the ranks whose pruned shard holds
+it. Memory per rank: 8 bytes x (layers of its stage) x (ffn^2 + (heads x head_dim)^2 + 2 hidden^2) / TP, plus the
+Grams being gathered; :func:`check_memory` refuses a run that cannot fit before the pass.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
@@ -201,10 +200,18 @@ def kept_inputs(kind: str, cfg: ModelConfig, groups: torch.Tensor, heads: torch.
     return (head.unsqueeze(1) * d + torch.arange(d)).flatten()
 
 
-def _problem(kind: str, source: dict[str, torch.Tensor], cfg: ModelConfig, selection,
+def refit_plan(layers: list[int], kinds: tuple[str, ...] = tuple(LINEARS)) -> dict[str, tuple[int, str]]:
+    """The pruned model's tensors that are re-fit, by name, with the (original layer, kind) each comes from:
+    the ``kinds`` (default: all of :data:`LINEARS`) of every kept layer (``layers``: original indices, in the
+    pruned model's order)."""
+    return {f"decoder.layers.{new}.{LINEARS[kind]}.weight": (old, kind)
+            for new, old in enumerate(layers) for kind in kinds}
+
+
+def _problem(kind: str, weight: torch.Tensor, cfg: ModelConfig, selection,
              old: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the weight with its kept output rows and all its inputs, the kept inputs) of layer ``old``'s ``kind``."""
-    weight = source[f"decoder.layers.{old}.{LINEARS[kind]}.weight"]
+    """(the weight with its kept output rows and all its inputs, the kept inputs) of layer ``old``'s ``kind``,
+    from its full source ``weight``."""
     if kind == "fc2":
         return weight[selection.channels], selection.neurons[old]
     if kind == "proj":
@@ -214,27 +221,10 @@ def _problem(kind: str, source: dict[str, torch.Tensor], cfg: ModelConfig, selec
     return fc1_rows(weight, selection.neurons[old]), selection.channels
 
 
-def correct(tensors: dict[str, torch.Tensor], canonical: dict[str, torch.Tensor], cfg: ModelConfig, selection,
-            grams: dict[tuple[int, str], torch.Tensor], damping: float,
-            kinds: tuple[str, ...] = tuple(LINEARS)) -> dict[str, torch.Tensor]:
-    """``tensors`` (the sliced canonical state dict of the pruned model) with the ``kinds`` of linear layers
-    (default: all of :data:`LINEARS`) of every kept layer re-fit; each rank solves the layers whose Grams it holds
-    (``grams``, from :meth:`GramAccumulator.finish`) and every rank returns them all."""
-    local: dict[str, torch.Tensor] = {}
-    for new, old in enumerate(selection.layers):
-        for kind in kinds:
-            gram = grams.get((old, kind))
-            if gram is None:
-                continue
-            weight, keep = _problem(kind, canonical, cfg, selection, old)
-            local[f"decoder.layers.{new}.{LINEARS[kind]}.weight"] = refit(weight, gram, keep, damping).cpu()
-    merged = dict(local)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list[Optional[dict]] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, local)
-        merged = {k: v for part in everyone for k, v in part.items()}
-    missing = [f"decoder.layers.{new}.{LINEARS[kind]}.weight" for new in range(len(selection.layers))
-               for kind in kinds if f"decoder.layers.{new}.{LINEARS[kind]}.weight" not in merged]
-    if missing:
-        raise RuntimeError(f"no rank re-fit {missing[0]}")
-    return {**tensors, **merged}
+def correct(weight: torch.Tensor, cfg: ModelConfig, selection, old: int, kind: str, gram: torch.Tensor,
+            damping: float) -> torch.Tensor:
+    """Layer ``old``'s ``kind`` of linear layer, cut to the kept units of ``selection`` and re-fit (on the CPU)
+    from its full source ``weight`` and its input ``gram`` (from :meth:`GramAccumulator.finish`, on the rank that
+    solves it)."""
+    weight, keep = _problem(kind, weight, cfg, selection, old)
+    return refit(weight, gram, keep, damping).cpu()

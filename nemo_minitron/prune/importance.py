@@ -243,22 +243,37 @@ def activation_importance(
     )
 
 
-def magnitude_importance(canonical: dict[str, torch.Tensor], cfg: ModelConfig) -> Importance:
-    """Weight-norm baseline: a unit's score is the L2 norm of all weights that belong only to it."""
-    g, hpg, d, h = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels, cfg.hidden_size
-    heads, neurons = [], []
-    for i in range(cfg.num_layers):
-        pre = f"decoder.layers.{i}."
-        q = canonical[pre + "self_attention.linear_qkv.weight"].view(g, hpg + 2, d, h)[:, :hpg]
-        proj = canonical[pre + "self_attention.linear_proj.weight"].view(h, g, hpg, d)
-        heads.append((q.pow(2).sum((-1, -2)) + proj.pow(2).sum((0, -1))).sqrt().flatten())
-        gate, up = canonical[pre + "mlp.linear_fc1.weight"].chunk(2, 0)
-        down = canonical[pre + "mlp.linear_fc2.weight"]
-        neurons.append((gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)).sqrt())
+@torch.no_grad()
+def magnitude_importance(model, cfg: ModelConfig) -> Importance:
+    """Weight-norm baseline: a unit's score is the L2 norm of all weights that belong only to it. Each rank scores
+    the heads and neurons of its own shard (whole on it: TP splits by query group and by neuron) and the norms are
+    gathered like activation scores; a channel's norm over the vocabulary combines the TP slices' norms."""
+    hpg, d, h = cfg.heads_per_group, cfg.kv_channels, cfg.hidden_size
+    groups = cfg.num_query_groups // state.tp_size()
+    heads, neurons, channels = {}, {}, {}
+    for layer in _layers(model):
+        idx = _global_index(layer)
+        q = layer.self_attention.linear_qkv.weight.view(groups, hpg + 2, d, h)[:, :hpg]
+        proj = layer.self_attention.linear_proj.weight.view(h, groups, hpg, d)
+        per_head = (q.pow(2).sum((-1, -2)) + proj.pow(2).sum((0, -1))).sqrt().flatten()
+        heads[idx] = _gather_tp(per_head.float(), dim=0)
+        gate, up = layer.mlp.linear_fc1.weight.chunk(2, 0)
+        down = layer.mlp.linear_fc2.weight
+        neurons[idx] = _gather_tp((gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)).sqrt().float(), dim=0)
+    if state.is_first_stage():
+        # This rank's rows of the true vocabulary (megatron pads it to a multiple of TP with rows of zeros).
+        rows = model.embedding.word_embeddings.weight
+        real = min(len(rows), max(0, cfg.vocab_size - state.tp_rank() * len(rows)))
+        norm = rows[:real].float().norm(dim=0)
+        if state.tp_size() > 1:
+            norm = state.all_reduce(norm.pow(2), state.tp_group()).sqrt()
+        channels[0] = norm
+    heads, neurons = _gather_layers(heads), _gather_layers(neurons)
+    order = range(cfg.num_layers)
     return Importance(
-        heads=torch.stack(heads).float(),
-        neurons=torch.stack(neurons).float(),
-        channels=canonical["embedding.word_embeddings.weight"].float().norm(dim=0),
+        heads=torch.stack([heads[i] for i in order]),
+        neurons=torch.stack([neurons[i] for i in order]),
+        channels=_gather_layers(channels)[0],
         criterion="magnitude",
     )
 

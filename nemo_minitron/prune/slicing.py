@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from nemo_minitron.models.config import ModelConfig
+from nemo_minitron.parallel.sharding import canonical_shapes, split_layer_key
 from nemo_minitron.prune.importance import Importance
 from nemo_minitron.prune.rows import fc1_rows, qkv_rows
 
@@ -68,28 +69,38 @@ def select(imp: Importance, cfg: ModelConfig, target: ModelConfig, keep_layers: 
     )
 
 
+def source_key(key: str, sel: Selection) -> str:
+    """The canonical tensor of the source model that the pruned model's tensor ``key`` is cut from (layers are
+    renumbered 0..L'-1 in the pruned model)."""
+    layer = split_layer_key(key)
+    return key if layer is None else f"decoder.layers.{sel.layers[layer[0]]}.{layer[1]}"
+
+
+def slice_tensor(key: str, source: torch.Tensor, cfg: ModelConfig, sel: Selection) -> torch.Tensor:
+    """The pruned model's canonical tensor ``key``, cut from ``source``, the source model's tensor
+    :func:`source_key` names."""
+    ch = sel.channels
+    layer = split_layer_key(key)
+    if layer is None:  # embeddings, output layer, final norm
+        return source[ch] if source.dim() == 1 else source[:, ch]
+    old, name = sel.layers[layer[0]], layer[1]
+    groups, heads, neurons = sel.groups[old], sel.heads[old], sel.neurons[old]
+    if name == "self_attention.linear_qkv.weight":
+        return qkv_rows(source, cfg, groups, heads)[:, ch].clone()
+    if name == "self_attention.linear_proj.weight":
+        g, hpg, d, h = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels, cfg.hidden_size
+        proj = source.view(h, g, hpg, d)[:, groups.unsqueeze(1), heads]  # [h, G', H'/G', d]
+        return proj[ch].reshape(len(ch), -1).clone()
+    if name == "mlp.linear_fc1.weight":
+        return fc1_rows(source, neurons)[:, ch]
+    if name == "mlp.linear_fc2.weight":
+        return source[ch][:, neurons].clone()
+    return source[ch].clone()  # the layer's norms
+
+
 def slice_canonical(
     canonical: dict[str, torch.Tensor], cfg: ModelConfig, target: ModelConfig, sel: Selection
 ) -> dict[str, torch.Tensor]:
-    """The canonical state dict of the pruned model ``target`` (layers renumbered 0..L'-1)."""
-    g, hpg, d, h = cfg.num_query_groups, cfg.heads_per_group, cfg.kv_channels, cfg.hidden_size
-    ch = sel.channels
-    out: dict[str, torch.Tensor] = {}
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        if key in canonical:
-            out[key] = canonical[key][:, ch]
-    out["decoder.final_layernorm.weight"] = canonical["decoder.final_layernorm.weight"][ch]
-    for new, old in enumerate(sel.layers):
-        src, dst = f"decoder.layers.{old}.", f"decoder.layers.{new}."
-        groups, heads = sel.groups[old], sel.heads[old]
-        qkv = qkv_rows(canonical[src + "self_attention.linear_qkv.weight"], cfg, groups, heads)
-        out[dst + "self_attention.linear_qkv.weight"] = qkv[:, ch].clone()
-        proj = canonical[src + "self_attention.linear_proj.weight"].view(h, g, hpg, d)
-        proj = proj[:, groups.unsqueeze(1), heads]  # [h, G', H'/G', d]
-        out[dst + "self_attention.linear_proj.weight"] = proj[ch].reshape(len(ch), -1).clone()
-        n = sel.neurons[old]
-        out[dst + "mlp.linear_fc1.weight"] = fc1_rows(canonical[src + "mlp.linear_fc1.weight"], n)[:, ch]
-        out[dst + "mlp.linear_fc2.weight"] = canonical[src + "mlp.linear_fc2.weight"][ch][:, n].clone()
-        for norm in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
-            out[dst + norm] = canonical[src + norm][ch].clone()
-    return out
+    """The canonical state dict of the pruned model ``target`` from a whole canonical state dict (a model on one
+    rank; pruning itself cuts tensor by tensor, see :mod:`nemo_minitron.prune.stage`)."""
+    return {key: slice_tensor(key, canonical[source_key(key, sel)], cfg, sel) for key in canonical_shapes(target)}

@@ -11,6 +11,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Optional
 
@@ -19,13 +20,21 @@ import torch
 from nemo_minitron.checkpoint.integrity import check_model
 from nemo_minitron.checkpoint.io import LoadedModel, load_model, read_model_config, resolve_model_dir, save_checkpoint
 from nemo_minitron.data import prepared_components, train_sampler
-from nemo_minitron.dtypes import torch_dtype
+from nemo_minitron.dtypes import Dtype, torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import check_can_create
 from nemo_minitron.models.builder import build_model
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
-from nemo_minitron.parallel.sharding import check_divisible, gather_canonical, load_canonical
+from nemo_minitron.parallel.exchange import Exchange, Part
+from nemo_minitron.parallel.sharding import (
+    canonical_shapes,
+    check_divisible,
+    fetch_canonical,
+    held_keys,
+    load_canonical_stream,
+    shard_exchange,
+)
 from nemo_minitron.prune import correction as corr_lib
 from nemo_minitron.prune import importance as imp_lib
 from nemo_minitron.prune.config import (
@@ -35,8 +44,9 @@ from nemo_minitron.prune.config import (
     ImportanceConfig,
     PruneConfig,
     PruneTarget,
+    importance_dtype,
 )
-from nemo_minitron.prune.slicing import bottom_k, select, slice_canonical
+from nemo_minitron.prune.slicing import Selection, bottom_k, select, slice_tensor, source_key
 
 
 def target_config(src: ModelConfig, target: PruneTarget) -> ModelConfig:
@@ -69,6 +79,12 @@ def target_config(src: ModelConfig, target: PruneTarget) -> ModelConfig:
         num_layers = target.num_layers
     # head_dim stays: fix it explicitly, since hidden/heads changes when either is pruned.
     return src.model_copy(update={**values, "num_layers": num_layers, "head_dim": src.kv_channels})
+
+
+def resolved_dtype(dtype: Optional[Dtype], model: str) -> Dtype:
+    """The precision of the importance passes over ``model`` (a reference as in configs):
+    :func:`~nemo_minitron.prune.config.importance_dtype` of its parameter count."""
+    return importance_dtype(dtype, read_model_config(resolve_model_dir(model)).num_params())
 
 
 def validate(cfg: PruneConfig) -> None:
@@ -122,12 +138,11 @@ def _layers_to_drop(model, cfg: ModelConfig, target: ModelConfig, spec: PruneTar
 @dataclass
 class Scores:
     """Importance of ``loaded``'s units on a calibration set, computed once and usable for any target:
-    the scores, the full (canonical) tensors to slice, and the calibration batches (depth criteria that
-    need forward passes and the pruned model's calibration loss use them), whether those passes show
-    progress bars, and the input Grams of weight correction that this rank solves for (None unless asked)."""
+    the scores, the calibration batches (depth criteria that need forward passes and the pruned model's
+    calibration loss use them), whether those passes show progress bars, and the input Grams of weight
+    correction that this rank solves for (None unless asked)."""
 
     scores: imp_lib.Importance
-    canonical: dict[str, torch.Tensor]
     calibration: list[torch.Tensor]
     importance: ImportanceConfig
     seconds: float
@@ -151,16 +166,49 @@ def score(loaded: LoadedModel, calibration: list[torch.Tensor],
                                            progress, accumulator)
     owned = accumulator.finish() if accumulator is not None else None
     seconds = time.perf_counter() - start
-    canonical = gather_canonical(model, cfg, everywhere=True)
     if importance.criterion != "activation":
         width = (
-            imp_lib.magnitude_importance(canonical, cfg)
+            imp_lib.magnitude_importance(model, cfg)
             if importance.criterion == "magnitude"
             else imp_lib.random_importance(cfg, importance.seed)
         )
         width.layers, width.calibration_loss = scores.layers, scores.calibration_loss
         scores = width
-    return Scores(scores, canonical, calibration, importance, seconds, progress, owned)
+    return Scores(scores, calibration, importance, seconds, progress, owned)
+
+
+def _cut_weights(loaded: LoadedModel, pruned_model, new_cfg: ModelConfig, selection: Selection,
+                 refits: dict[str, tuple[int, str]], grams: Optional[dict[tuple[int, str], torch.Tensor]],
+                 damping: float) -> None:
+    """Fill this rank's shard ``pruned_model`` of ``new_cfg``, cut from ``loaded`` by ``selection``, with the
+    tensors of ``refits`` re-fit (:func:`~nemo_minitron.prune.correction.refit_plan`). No rank holds more than
+    its shards and one full tensor in flight: each source tensor travels from the ranks that hold it to the
+    ranks that need it (:mod:`nemo_minitron.parallel.exchange`), in one order on every rank."""
+    cfg = loaded.cfg
+    source = shard_exchange(loaded.model)
+    names = list(canonical_shapes(new_cfg))
+    needed = set(held_keys(pruned_model))
+    # Weight correction first: the rank that holds a layer's Gram receives its full weight and solves it.
+    solving = {source_key(key, selection): key for key, problem in refits.items() if problem in (grams or {})}
+    corrected = {}
+    order = [source_key(key, selection) for key in names if key in refits]
+    for name, weight in fetch_canonical(source, cfg, order, solving):
+        key = solving[name]
+        old, kind = refits[key]
+        corrected[key] = corr_lib.correct(weight, cfg, selection, old, kind, grams[(old, kind)], damping)
+    by_source = {source_key(key, selection): key for key in names if key not in refits}
+
+    def sliced():
+        wanted = [name for name, key in by_source.items() if key in needed]
+        for name, full in fetch_canonical(source, cfg, list(by_source), wanted):
+            yield by_source[name], slice_tensor(by_source[name], full, cfg, selection)
+
+    def refitted():
+        solved = Exchange({key: Part(0, 1, tensor) for key, tensor in corrected.items()})
+        for key, parts in solved.deliver([key for key in names if key in refits], needed & set(refits)):
+            yield key, parts[0]
+
+    load_canonical_stream(pruned_model, new_cfg, chain(sliced(), refitted()))
 
 
 def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_loss: bool = True,
@@ -182,12 +230,9 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
                            scored.progress)
     keep = [i for i in range(cfg.num_layers) if i not in set(drop)]
     selection = select(scores, cfg, new_cfg, keep)
-    pruned_tensors = slice_canonical(scored.canonical, cfg, new_cfg, selection)
-    if correction == "lsq":
-        pruned_tensors = corr_lib.correct(pruned_tensors, scored.canonical, cfg, selection, scored.grams, damping,
-                                          refit)
     pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False, init=False)
-    load_canonical(pruned_model, new_cfg, pruned_tensors.__getitem__)
+    refits = corr_lib.refit_plan(selection.layers, refit) if correction == "lsq" else {}
+    _cut_weights(loaded, pruned_model, new_cfg, selection, refits, scored.grams, damping)
     pruned_model.eval()
     pruned_loss = imp_lib.lm_loss(pruned_model, new_cfg, calibration) if calibration_loss else None
     report = {
@@ -268,12 +313,14 @@ def run_prune(cfg: PruneConfig) -> dict:
     """CLI stage: load, calibrate, prune, write the pruned checkpoint with its importance and report."""
     state.initialize(cfg.parallel, cfg.seed)
     # Hooks read the norms' outputs, which Transformer Engine fuses away: calibrate on the local spec.
-    loaded = load_model(cfg.model, dtype=torch_dtype(cfg.dtype), use_te=False)
+    dtype = resolved_dtype(cfg.dtype, cfg.model)
+    loaded = load_model(cfg.model, dtype=torch_dtype(dtype), use_te=False)
     pruned, report = prune(loaded, cfg.target, calibration_batches(cfg.calibration), cfg.importance, cfg.pruned_loss,
                            progress=cfg.calibration.progress, correction=cfg.correction,
                            damping=cfg.correction_damping)
     summary = {k: v for k, v in report.items() if k not in ("importance", "selection", "source", "target")}
     summary["output"] = cfg.output
+    summary["dtype"] = dtype
     files = {
         "importance.json": json.dumps(
             {"importance": report["importance"], "selection": report["selection"]}
