@@ -50,6 +50,9 @@ def tiny_bench(inputs: dict[str, Path], output: Path, **changes) -> Path:
         "budgets": budgets,
         "quick_budgets": {**budgets, "recovery_tokens": 128, "seq_length": 8},
         "peers": {"modelopt": False},
+        # The full method's search: shapes within 10% under the target's parameter count.
+        "nas": {"search": {"hidden_size": [40, 48, 56], "ffn_hidden_size": [48, 64, 80]}, "tolerance": 0.1,
+                "top_k": 2, "short_kd_tokens": 32, "eval_windows": 2},
         "speed": False,
         **changes,
     }
@@ -99,6 +102,21 @@ def test_bench_end_to_end(inputs, tmp_path):
     assert results["depth"]["num_layers"] < 4
     assert [a["pruned_loss"] for a in results["aggregation"]] == [pruned, loss("agg_l2_mean_eval_pruned")]
     assert results["iterative"]["pruned_loss"] == loss("iterative_eval_pruned")
+    # Beyond the baseline: the lsq arm is the fixed target corrected; the full method's shape comes from NAS over
+    # lsq-corrected candidates within the target's parameter count, and its distillations start from the
+    # winner's pruned model (not its short distillation).
+    assert ledger["lsq.prune"]["config"]["correction"] == "lsq"
+    assert ledger["ours.prune"]["config"]["correction"] == "none"
+    for arm in ("lsq", "full"):
+        assert derived["vs_ours"][arm] == pytest.approx(loss(f"{arm}_eval_trained") - loss("ours_eval_trained"))
+    nas = ledger["full.nas"]
+    assert nas["config"]["prune_correction"] == "lsq" and nas["config"]["params"] == results["student_params"]
+    full = results["full"]
+    assert 0.9 * results["student_params"] <= full["params"] <= results["student_params"]
+    assert ledger["full.train"]["config"]["student"] == nas["result"]["best_pruned"] == full["pruned"]
+    assert ledger["full.recovery.train"]["config"]["student"] == full["pruned"]
+    assert full["recovery"]["tokens"] == results["recovery"]["tokens"] == 128
+    assert full["recovery"]["loss"] == loss("full_recovery_eval_trained")
     assert json.loads((out / "iterative.step2" / "pruned" / "model_config.json").read_text())["hidden_size"] == 48
     # The from-scratch student starts from small random weights: near-uniform predictions, loss ~ ln(vocab).
     scratch_first = results["scratch"]["curve"]["train"][0][1]
@@ -125,6 +143,7 @@ def test_bench_end_to_end(inputs, tmp_path):
     ({"target": {"hidden_size": 4096}}, "target.hidden_size 4096 is larger than the source's 64"),
     ({"aggregations": [["l2", "l2"]]}, "aggregations: include importance's own (mean, l2)"),
     ({"rerun_from": "ours.distill"}, "rerun_from: no stage 'ours.distill'; stages: data, eval.teacher, ours.prune"),
+    ({"nas": {"search": {"hidden_size": [8]}, "tolerance": 0.01}}, "nas: no candidate of nas.search has"),
 ])
 def test_bad_bench_config_is_one_line(inputs, tmp_path, changes, message):
     proc = cli("bench", str(tiny_bench(inputs, tmp_path / "bench", **changes)))
@@ -154,7 +173,17 @@ def test_bench_with_the_modelopt_peer(inputs, tmp_path):
     assert derived["pruned"] == pytest.approx(pruned - ours["pruned_loss"])
     assert derived["trained"] == pytest.approx(trained - ours["loss"])
     assert json.loads((out / "modelopt" / "modelopt" / "model_config.json").read_text())["hidden_size"] == 48
-    assert "| NVIDIA ModelOpt 0.43.0 vs ours |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| NVIDIA ModelOpt 0.43.0 vs ours (the same shape, no correction) | ModelOpt - ours |" in md
+    # The target compares the full method with ModelOpt after both distillation budgets.
+    target, full = report["derived"]["target"], report["results"]["full"]
+    recovered = json.loads((out / "eval" / "modelopt_recovery_eval_trained.json").read_text())["loss"]
+    assert target["arm"] == "full" and target["compare"] == pytest.approx(trained - full["loss"])
+    assert target["recovery"] == pytest.approx(recovered - full["recovery"]["loss"])
+    assert target["met"] == (min(target["compare"], target["recovery"]) >= 0.05)
+    assert ("**met**" if target["met"] else "**missed**") in md
+    tokens = report["results"]["budgets"]["recovery_tokens"]
+    assert f"| loss after {tokens:,} KD tokens | {target['recovery']:+.4f} |" in md
 
 
 def test_readme_results_section_is_replaced_between_its_markers():
@@ -180,7 +209,9 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
             words = text.split()[i::count]
             (tmp_path / name / f"part{i}.txt").write_text(" ".join(reversed(words)) * 2, encoding="utf-8")
     plays, prose, other = str(inputs["corpus"]), str(tmp_path / "bench-prose"), str(tmp_path / "bench-other")
-    config = tiny_bench(inputs, tmp_path / "bench", aggregations=[["mean", "l2"]], data={
+    distill = yaml.safe_load(tiny_bench(inputs, tmp_path / "plain").read_text())["distill"]
+    config = tiny_bench(inputs, tmp_path / "bench", aggregations=[["mean", "l2"]], nas=None,
+                        distill={**distill, "teacher_cache": "auto"}, data={
         "blend": [{"weight": 1, "input": plays}, {"weight": 1, "input": prose}],
         "generated": {"weight": 0.5, "max_prompts": 6, "batch_size": 3, "valid_fraction": 0.5,
                       "sampling": {"temperature": 0, "max_new_tokens": 8}},
@@ -213,3 +244,13 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
     assert f"| model | {plays} | {prose} | {GENERATED} | {other} (out of blend) |" in md
     t = results["teacher_losses"]
     assert f"| teacher | {t[plays]:.4f} | {t[prose]:.4f} | {t[GENERATED]:.4f} | {t[other]:.4f} |" in md
+    # One teacher logit cache, written once, feeds every distillation from the original teacher; the corrected
+    # arm's teacher differs, so it distils online.
+    cache = str(out / "teacher_cache")
+    assert ledger["teacher_cache"]["config"]["teacher"] == str(inputs["teacher"])
+    # The longest distillation, the recovery run: 128 tokens in steps of 4 windows of 8 tokens.
+    assert ledger["teacher_cache"]["config"]["windows"] == 128 // (4 * 8) * 4
+    for arm in ("ours", "recovery", "random", "magnitude", "depth", "lsq"):
+        assert ledger[f"{arm}.train"]["config"]["teacher_cache"]["path"] == cache, arm
+    assert ledger["corrected.train"]["config"]["teacher_cache"] is None
+    assert "read one logit cache" in md

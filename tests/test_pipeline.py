@@ -216,6 +216,40 @@ def test_nas_then_iterative_step(inputs) -> None:
     assert ledger["step2.prune"]["config"]["model"] == str(run / "step1" / "distill" / "final")
 
 
+def test_nas_with_weight_correction_cuts_as_the_prune_stage_does(inputs) -> None:
+    """prune_correction lsq in a run reaches NAS: every candidate is the lsq-corrected cut, so the winner's
+    pruned model is bit for bit what the prune stage writes for its shape on the same calibration set."""
+    root = inputs["root"]
+    config = tiny_run(
+        inputs, root / "nas-lsq", schedule=[{"params": 0.8, "kd_tokens": 0}],
+        nas={"search": {"hidden_size": [40, 48, 56], "ffn_hidden_size": [48, 64, 80]}, "tolerance": 0.25,
+             "top_k": 1, "short_kd_tokens": 0, "eval_windows": 4},
+        prune_correction="lsq", prune_correction_damping=0.05)
+    done = cli("run", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = root / "nas-lsq"
+    ledger = json.loads((run / "pipeline.json").read_text())["stages"]
+    nas = ledger["step1.nas"]
+    assert (nas["config"]["prune_correction"], nas["config"]["prune_correction_damping"]) == ("lsq", 0.05)
+    best = next(c for c in nas["result"]["candidates"] if c["name"] == nas["result"]["best"])
+    alone = {"model": str(inputs["teacher"]), "output": str(root / "nas-lsq-alone"), "target": best["target"],
+             "calibration": nas["config"]["calibration"], "importance": nas["config"]["importance"],
+             "dtype": nas["config"]["prune_dtype"], "correction": "lsq", "correction_damping": 0.05,
+             "pruned_loss": False, "seed": nas["config"]["seed"]}
+    (root / "nas-lsq-alone.yaml").write_text(yaml.safe_dump(alone))
+    pruned = cli("prune", str(root / "nas-lsq-alone.yaml"))
+    assert pruned.returncode == 0, pruned.stderr[-3000:]
+    expected = load_file(root / "nas-lsq-alone" / "model.safetensors")
+    found = load_file(Path(nas["result"]["best_pruned"]) / "model.safetensors")
+    assert expected.keys() == found.keys() and all(torch.equal(expected[k], found[k]) for k in expected)
+    # ... and not the plain cut.
+    (root / "nas-plain-alone.yaml").write_text(yaml.safe_dump(
+        {**alone, "correction": "none", "output": str(root / "nas-plain-alone")}))
+    assert cli("prune", str(root / "nas-plain-alone.yaml")).returncode == 0
+    plain = load_file(root / "nas-plain-alone" / "model.safetensors")
+    assert any(not torch.equal(plain[k], found[k]) for k in found)
+
+
 @pytest.mark.parametrize("name", ["llama31_8b_to_4b_width", "llama31_8b_to_4b_depth"])
 def test_shipped_llama_pipelines_run_scaled_down(inputs, name: str) -> None:
     """The GPU-scale Llama-3.1-8B -> 4B configs, unchanged but for sizes, paths and parallelism (one rank, so

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from nemo_minitron.config import StrictModel
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
-from nemo_minitron.pipeline.config import RunCalibration, RunData, RunDistill, RunEval
+from nemo_minitron.pipeline.config import NASConfig, RunCalibration, RunData, RunDistill, RunEval
 from nemo_minitron.prune.config import IMPORTANCE_DTYPE, Agg, ImportanceConfig, PruneTarget
 
 
@@ -21,6 +21,9 @@ class Budgets(StrictModel):
     scratch_tokens: int = Field(gt=0, description="tokens of the from-scratch run (a multiple of compare_tokens "
                                                   "bounds how much more it needs)")
     correction_tokens: int = Field(gt=0, description="teacher correction tokens (CE on the corpus)")
+    nas_short_kd_tokens: Optional[int] = Field(None, ge=0, description="the full method's search: distillation "
+                                                                      "tokens of each short-listed shape (None: "
+                                                                      "nas.short_kd_tokens)")
     calibration_samples: int = Field(gt=0)
     seq_length: Optional[int] = Field(None, ge=2, description="sequence length of calibration, training and the "
                                                               "held-out windows (None: calibration.seq_length, "
@@ -57,6 +60,12 @@ class BenchConfig(StrictModel):
     quick_budgets: Budgets
     quick: bool = Field(False, description="use quick_budgets (the CLI's --quick)")
     peers: Peers = Peers()
+    correction_damping: float = Field(0.01, gt=0, description="ridge strength of the arms with lsq weight "
+                                                              "correction (the prune stage's correction_damping)")
+    nas: Optional[NASConfig] = Field(
+        None, description="the full method's arm: the shape that this search finds within "
+                          "[target params x (1 - nas.tolerance), target params], lsq-corrected, then the same "
+                          "distillation as every arm (None: no such arm)")
     speed: bool = Field(True, description="run the speed benchmarks of benchmarks/")
     prune_dtype: Optional[Dtype] = Field(None, description=IMPORTANCE_DTYPE)
     rerun_from: Optional[str] = Field(None, description="redo this stage and every later one")

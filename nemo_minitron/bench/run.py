@@ -9,9 +9,15 @@ Arms (each: prune -> held-out loss -> train -> held-out loss, from the same teac
 - claims: ``depth`` (layers dropped to the parameter count nearest the width target), ``corrected`` (the
   teacher fine-tuned on the corpus first), ``agg.<seq>_<batch>`` (other aggregations, pruned only),
   ``iterative`` (importance re-estimated between intermediate cuts, pruned only);
-- peer: ``modelopt`` (NVIDIA ModelOpt's Minitron pruning, then our distillation);
+- beyond the baseline: ``lsq`` (ours with lsq weight correction after the cut); ``full`` (the full method: the
+  shape that NAS finds within the target's parameter count, lsq-corrected), also at ``recovery_tokens``;
+- peer: ``modelopt`` (NVIDIA ModelOpt's Minitron pruning, then our distillation), also at ``recovery_tokens``;
 - ``speed.*``: the scripts of :mod:`nemo_minitron.bench.scripts` (``benchmarks/<name>.py`` in a checkout) with
   their own side-by-side measurements.
+
+With ``distill.teacher_cache`` (auto), the teacher runs once into a logit cache (stage ``teacher_cache``) of the
+windows of the longest distillation, and every distillation from the original teacher reads it (the arms then differ
+only in their students, as before); the ``corrected`` arm distils from its own teacher, online.
 
 ``pipeline.json`` in the bench directory records finished stages (see :mod:`nemo_minitron.pipeline.ledger`).
 """
@@ -27,11 +33,13 @@ from pathlib import Path
 from nemo_minitron.bench.config import BenchConfig
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
 from nemo_minitron.data.prepare import list_input_files
+from nemo_minitron.distill.config import TeacherCacheConfig
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
-from nemo_minitron.pipeline.config import RunConfig, RunReport, ScheduleStep
+from nemo_minitron.pipeline.config import NASConfig, NASStageConfig, RunConfig, RunReport, ScheduleStep
+from nemo_minitron.pipeline.nas import cache_config, candidates, check_cache_top_k
 from nemo_minitron.pipeline.run import Runner, check_generated, data_keys, eval_keys
-from nemo_minitron.prune.config import ImportanceConfig, PruneConfig, PruneTarget
+from nemo_minitron.prune.config import Correction, ImportanceConfig, PruneConfig, PruneTarget
 from nemo_minitron.prune.stage import resolved_dtype, target_config
 
 # Packaged (not read from a checkout's benchmarks/), so that an installed wheel runs the whole bench.
@@ -54,20 +62,49 @@ def stage_keys(cfg: BenchConfig) -> list[str]:
     def arm(key: str) -> list[str]:
         return [f"{key}.prune", *ev(f"{key}.eval_pruned"), f"{key}.train", *ev(f"{key}.eval_trained")]
 
-    keys = [*data_keys(cfg.out_dir, cfg.data), *ev("eval.teacher"), *arm("ours"), "recovery.train",
-            *ev("recovery.eval_trained"), *arm("random"), *arm("magnitude"), "ce.train", *ev("ce.eval_trained"),
-            "scratch.train", *ev("scratch.eval_trained"), *arm("depth"), "corrected.teacher_correction",
+    def recovery(key: str) -> list[str]:
+        return [f"{key}.train", *ev(f"{key}.eval_trained")]
+
+    keys = [*data_keys(cfg.out_dir, cfg.data), *(["teacher_cache"] if cfg.distill.teacher_cache else []),
+            *ev("eval.teacher"), *arm("ours"), *recovery("recovery"), *arm("random"), *arm("magnitude"),
+            *recovery("ce"), *recovery("scratch"), *arm("depth"), "corrected.teacher_correction",
             *ev("corrected.eval_teacher"), *arm("corrected")]
     for seq_agg, batch_agg in cfg.aggregations:
         if (seq_agg, batch_agg) != (cfg.importance.seq_agg, cfg.importance.batch_agg):
             keys += [f"agg.{seq_agg}_{batch_agg}.prune", *ev(f"agg.{seq_agg}_{batch_agg}.eval_pruned")]
     keys += [f"iterative.step{i}.prune" for i in range(1, len(cfg.iterative_steps) + 2)]
     keys += ev("iterative.eval_pruned")
+    keys += arm("lsq")
+    if cfg.nas is not None:
+        keys += ["full.nas", *ev("full.eval_pruned"), *recovery("full"), *recovery("full.recovery")]
     if cfg.peers.modelopt:
-        keys += arm("modelopt")
+        keys += [*arm("modelopt"), *recovery("modelopt.recovery")]
     if cfg.speed:
         keys += [f"speed.{key}" for key in SPEED_SCRIPTS]
     return keys
+
+
+def nas_candidates(cfg: BenchConfig, teacher: ModelConfig) -> list[PruneTarget]:
+    """The full method's search: ``nas.search``'s shapes with at most the target's parameter count and at least
+    ``1 - nas.tolerance`` of it."""
+    return candidates(teacher, cfg.nas, target_config(teacher, cfg.target).num_params())
+
+
+def cache_windows(cfg: BenchConfig) -> int:
+    """Windows of the bench's teacher logit cache: those of its longest distillation from the teacher."""
+    d, b = cfg.distill, cfg.active
+    seq = {} if b.seq_length is None else {"seq_length": b.seq_length}
+    d = d.model_copy(update={"train": d.train.model_copy(update=seq)})
+    nas = bench_nas(cfg)
+    tokens = [b.recovery_tokens, b.compare_tokens, nas.short_kd_tokens if nas is not None else 0]
+    return max(d.windows(n) for n in tokens)
+
+
+def bench_nas(cfg: BenchConfig) -> NASConfig | None:
+    """``nas`` with the active budgets' short distillation."""
+    if cfg.nas is None or cfg.active.nas_short_kd_tokens is None:
+        return cfg.nas
+    return cfg.nas.model_copy(update={"short_kd_tokens": cfg.active.nas_short_kd_tokens})
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -86,6 +123,10 @@ def validate(cfg: BenchConfig) -> None:
     shape = target_config(shape, cfg.target)
     if shape != target:
         raise UserError("iterative_steps: the steps must end at target")
+    if cfg.nas is not None and not nas_candidates(cfg, teacher):
+        raise UserError(f"nas: no candidate of nas.search has {target.num_params() * (1 - cfg.nas.tolerance):,.0f}.."
+                        f"{target.num_params():,} parameters (the target's count); widen nas.search or tolerance")
+    check_cache_top_k(cfg.distill, teacher.vocab_size)
     if cfg.peers.modelopt and importlib.util.find_spec("modelopt") is None:
         raise UserError("peers.modelopt: NVIDIA ModelOpt is not installed (run `make install-modelopt`, "
                         "or set peers.modelopt=false)")
@@ -111,34 +152,54 @@ class _Bench:
         self.cfg = cfg
         b = cfg.active
         seq = {} if b.seq_length is None else {"seq_length": b.seq_length}
+        self.distill_cfg = cfg.distill.model_copy(update={"train": cfg.distill.train.model_copy(update=seq)})
         run_cfg = RunConfig(
             output=cfg.out_dir, teacher=cfg.teacher, data=cfg.data,
             calibration=cfg.calibration.model_copy(update={"num_samples": b.calibration_samples, **seq}),
             importance=cfg.importance, schedule=[ScheduleStep(target=cfg.target, kd_tokens=b.compare_tokens)],
-            distill=cfg.distill.model_copy(update={"train": cfg.distill.train.model_copy(update=seq)}),
+            distill=self.distill_cfg,
             eval=cfg.eval.model_copy(update={"max_windows": b.eval_windows, **seq}),
-            report=RunReport(generation_tokens=0), prune_dtype=cfg.prune_dtype, rerun_from=cfg.rerun_from,
+            report=RunReport(generation_tokens=0), prune_dtype=cfg.prune_dtype,
+            prune_correction_damping=cfg.correction_damping, rerun_from=cfg.rerun_from,
             parallel=cfg.parallel, seed=cfg.seed)
         self.r = Runner(run_cfg)
         self.out, self.data, self.calibration = self.r.out, self.r.data, self.r.calibration
+        self.cache: TeacherCacheConfig | None = None
 
-    def prune(self, key: str, model: str, target: PruneTarget, importance: ImportanceConfig) -> str:
-        return self.r.prune(f"{key}.prune", model, self.out / key / "pruned", target, importance)
+    def write_cache(self) -> None:
+        """With ``distill.teacher_cache``: the original teacher's logit cache, read by every distillation from it."""
+        if self.cfg.distill.teacher_cache is None:
+            return
+        path = self.out / "teacher_cache"
+        self.r.stage("teacher_cache", "cache-logits",
+                     cache_config(self.cfg.teacher, self.data, str(path), self.distill_cfg, cache_windows(self.cfg),
+                                  self.cfg.parallel), [path])
+        self.cache = self.distill_cfg.cache_reader(str(path))
+
+    def prune(self, key: str, model: str, target: PruneTarget, importance: ImportanceConfig,
+              correction: Correction = "none") -> str:
+        return self.r.prune(f"{key}.prune", model, self.out / key / "pruned", target, importance, correction)
 
     def arm(self, key: str, model: str, target: PruneTarget, importance: ImportanceConfig, teacher: str,
-            tokens: int) -> dict:
-        """Prune, evaluate, distill from ``teacher`` for ``tokens``, evaluate."""
-        pruned = self.prune(key, model, target, importance)
+            tokens: int, correction: Correction = "none") -> dict:
+        """Prune (with ``correction``), evaluate, distill from ``teacher`` for ``tokens``, evaluate."""
+        pruned = self.prune(key, model, target, importance, correction)
+        return {**self.evaluated_pruned(key, pruned), **self.train(key, "kd", pruned, teacher, tokens)}
+
+    def evaluated_pruned(self, key: str, pruned: str) -> dict:
         return {"pruned": pruned, "pruned_loss": self.r.eval(f"{key}.eval_pruned", pruned)["loss"],
-                "pruned_losses": self.r.corpus_losses(f"{key}.eval_pruned"),
-                **self.train(key, "kd", pruned, teacher, tokens)}
+                "pruned_losses": self.r.corpus_losses(f"{key}.eval_pruned")}
 
     def train(self, key: str, mode: str, student: str, teacher, tokens: int, student_init: str = "checkpoint") -> dict:
+        """Train ``student`` for ``tokens`` (``mode`` kd: from ``teacher``, through the bench's logit cache when it
+        has one and ``teacher`` is the original teacher), then evaluate it."""
         out = self.out / key / "train"
-        result = self.r.distill(f"{key}.train", mode, student, teacher, tokens, out, student_init=student_init)
+        cache = self.cache if mode == "kd" and teacher == self.cfg.teacher else None
+        result = self.r.distill(f"{key}.train", mode, student, teacher, tokens, out, student_init=student_init,
+                                teacher_cache=cache)
         return {"tokens": result["tokens"], "loss": self.r.eval(f"{key}.eval_trained", result["final"])["loss"],
                 "losses": self.r.corpus_losses(f"{key}.eval_trained"), "curve": _curve(out / "metrics.jsonl"),
-                "train_dir": str(out)}
+                "train_dir": str(out), "teacher_cache": cache is not None}
 
 
 def _curve(metrics: Path) -> dict:
@@ -162,6 +223,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                      "student_params": width_cfg.num_params()}
 
     r.prepare_data()
+    bench.write_cache()
+    results["teacher_cache"] = None if bench.cache is None else bench.cache.path
     results["teacher_loss"] = r.eval("eval.teacher", cfg.teacher)["loss"]
     results["teacher_losses"] = r.corpus_losses("eval.teacher")
     results["out_of_blend"] = [t.input for t in cfg.data.out_of_blend]
@@ -206,11 +269,37 @@ def run_bench(cfg: BenchConfig) -> dict:
                             "pruned_loss": r.eval("iterative.eval_pruned", model)["loss"],
                             "pruned_losses": r.corpus_losses("iterative.eval_pruned")}
 
+    # Beyond the baseline: weight correction, then the full method (NAS shape + correction) at both budgets.
+    results["lsq"] = bench.arm("lsq", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens,
+                               correction="lsq")
+    if cfg.nas is not None:
+        results["full"] = _full_arm(bench, cfg, width_cfg)
     if cfg.peers.modelopt:
         results["modelopt"] = _modelopt_arm(bench, cfg)
     if cfg.speed:
         results["speed"] = _speed(bench, cfg, ours["pruned"])
     return report.write(out, results, r.log)
+
+
+def _full_arm(bench: _Bench, cfg: BenchConfig, width: ModelConfig) -> dict:
+    """The full method: NAS (lsq-corrected candidates, ranked after pruning and after a short distillation each)
+    within the fixed target's parameter count; the winner's pruned model (not its short distillation, which
+    would be extra tokens) then gets the same distillations as the other arms."""
+    r, b, home = bench.r, cfg.active, bench.out / "full"
+    found = r.stage("full.nas", "nas", NASStageConfig(
+        model=cfg.teacher, teacher=cfg.teacher, data=bench.data, output=str(home / "nas"),
+        params=width.num_params(), nas=bench_nas(cfg), calibration=bench.calibration, importance=cfg.importance,
+        distill=bench.distill_cfg, prune_dtype=resolved_dtype(cfg.prune_dtype, cfg.teacher), overwrite=True,
+        parallel=cfg.parallel, seed=cfg.seed, teacher_cache=bench.cache, prune_correction="lsq",
+        prune_correction_damping=cfg.correction_damping), [home / "nas"])
+    best = next(row for row in found["candidates"] if row["name"] == found["best"])
+    pruned = found["best_pruned"]
+    return {"shape": best["target"], "params": best["params"],
+            "param_ratio_to_target": best["params"] / width.num_params(),
+            "nas_candidates": len(found["candidates"]), "ranking_changed": found["ranking_changed"],
+            **bench.evaluated_pruned("full", pruned),
+            **bench.train("full", "kd", pruned, cfg.teacher, b.compare_tokens),
+            "recovery": bench.train("full.recovery", "kd", pruned, cfg.teacher, b.recovery_tokens)}
 
 
 def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
@@ -234,7 +323,8 @@ def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
             "modelopt_importance_s": found["seconds"]["modelopt_prune"], "overlap": found["overlap"],
             "pruned_loss": bench.r.eval("modelopt.eval_pruned", pruned)["loss"],
             "pruned_losses": bench.r.corpus_losses("modelopt.eval_pruned"),
-            **bench.train("modelopt", "kd", pruned, cfg.teacher, cfg.active.compare_tokens)}
+            **bench.train("modelopt", "kd", pruned, cfg.teacher, cfg.active.compare_tokens),
+            "recovery": bench.train("modelopt.recovery", "kd", pruned, cfg.teacher, cfg.active.recovery_tokens)}
 
 
 def _speed(bench: _Bench, cfg: BenchConfig, student: str) -> dict:

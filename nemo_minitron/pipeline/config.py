@@ -25,7 +25,7 @@ from nemo_minitron.distill.config import (
 )
 from nemo_minitron.dtypes import Dtype
 from nemo_minitron.parallel.config import ParallelConfig
-from nemo_minitron.prune.config import IMPORTANCE_DTYPE, CalibrationConfig, ImportanceConfig, PruneTarget
+from nemo_minitron.prune.config import IMPORTANCE_DTYPE, CalibrationConfig, Correction, ImportanceConfig, PruneTarget
 
 
 class RunCorpus(StrictModel):
@@ -194,7 +194,18 @@ class NASConfig(StrictModel):
     eval_windows: int = Field(16, gt=0, description="held-out windows (of train.seq_length) that rank candidates")
 
 
-class NASStageConfig(StrictModel):
+class PruneCorrectionKeys(StrictModel):
+    """Weight correction after every cut of a stage that prunes (the ``prune`` stage's ``correction`` and
+    ``correction_damping``, :mod:`nemo_minitron.prune.correction`)."""
+
+    prune_correction: Correction = Field(
+        "none", description="lsq: re-fit the linear layers that read pruned units by ridge least squares on the "
+                            "calibration activations (the prune stage's correction)")
+    prune_correction_damping: float = Field(0.01, gt=0, description="lsq ridge strength (the prune stage's "
+                                                                    "correction_damping)")
+
+
+class NASStageConfig(PruneCorrectionKeys):
     """The ``nas`` stage: search ``nas.search`` around ``model`` for ``params`` parameters."""
 
     model: str = Field(min_length=1)
@@ -262,7 +273,7 @@ class RunReport(StrictModel):
     chat_tokens: int = Field(48, ge=0, description="longest chat answer in tokens; 0 skips the chat answers")
 
 
-class RunConfig(StrictModel):
+class RunConfig(PruneCorrectionKeys):
     """The whole pipeline. Every stage writes under ``output`` and is skipped when already complete."""
 
     output: str = Field(min_length=1, description="run directory")

@@ -171,7 +171,9 @@ def run_nas(cfg: NASStageConfig) -> dict:
         state.initialize(cfg.parallel, cfg.seed)  # the same random state as without the cache
     dtype = torch_dtype(resolved_dtype(cfg.prune_dtype, cfg.model))
     loaded = load_model(cfg.model, dtype=dtype, use_te=False)
-    scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance, progress=cfg.calibration.progress)
+    lsq = cfg.prune_correction == "lsq"
+    scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance, progress=cfg.calibration.progress,
+                   grams=lsq)
     if _is_writer():
         out.mkdir(parents=True, exist_ok=True)
         heatmap = {"importance": scored.scores.to_json(loaded.cfg.num_query_groups), "dropped_layers": []}
@@ -180,7 +182,8 @@ def run_nas(cfg: NASStageConfig) -> dict:
     mb = cfg.distill.train.micro_batch_size
     table = []
     for target in found:
-        pruned, report = cut(loaded, scored, target, calibration_loss=False)
+        pruned, report = cut(loaded, scored, target, calibration_loss=False, correction=cfg.prune_correction,
+                             damping=cfg.prune_correction_damping)
         table.append({
             "name": name_of(target),
             "target": {k: getattr(target, k) for k in SEARCH_KEYS},
@@ -204,7 +207,8 @@ def run_nas(cfg: NASStageConfig) -> dict:
     shortlist = table[: cfg.nas.top_k]
     for row in shortlist:
         home = out / "candidates" / row["name"]
-        pruned, _ = cut(loaded, scored, PruneTarget(**row["target"]), calibration_loss=False)
+        pruned, _ = cut(loaded, scored, PruneTarget(**row["target"]), calibration_loss=False,
+                        correction=cfg.prune_correction, damping=cfg.prune_correction_damping)
         save_checkpoint(pruned, home / "pruned", overwrite=True)
         del pruned
         row["pruned"] = str(home / "pruned")
@@ -251,6 +255,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
         "heldout_tokens": sum(len(h.windows) for h in windows) * (cfg.distill.train.seq_length - 1),
         "seconds": time.perf_counter() - start,
         "importance_seconds": scored.seconds,
+        "correction": cfg.prune_correction,
     }
     if _is_writer():
         (out / "nas.json").write_text(json.dumps(summary, indent=2) + "\n")

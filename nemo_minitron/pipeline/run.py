@@ -39,7 +39,7 @@ from nemo_minitron.pipeline import report
 from nemo_minitron.pipeline.config import RunConfig, RunData, ScheduleStep
 from nemo_minitron.pipeline.ledger import Ledger
 from nemo_minitron.pipeline.nas import NASStageConfig, budget, cache_config, candidates, check_cache_top_k
-from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
+from nemo_minitron.prune.config import CalibrationConfig, Correction, ImportanceConfig, PruneConfig, PruneTarget
 from nemo_minitron.prune.stage import resolved_dtype, target_config
 from nemo_minitron.stages import run_stage
 
@@ -257,14 +257,17 @@ class Runner:
         if self.generated is not None:
             self.stage("generate", "generate", self.generated, [Path(self.generated.output_dir)])
 
-    def prune(self, key: str, model: str, output: Path, target: PruneTarget, importance: ImportanceConfig) -> str:
+    def prune(self, key: str, model: str, output: Path, target: PruneTarget, importance: ImportanceConfig,
+              correction: Optional[Correction] = None) -> str:
         """Prune ``model`` to ``target`` into ``output`` on the run's calibration set; the pruned directory.
-        The pruned model's loss is measured on the held-out split by the stage after, not on the calibration set."""
+        The pruned model's loss is measured on the held-out split by the stage after, not on the calibration set.
+        ``correction`` (default: the run's ``prune_correction``) with the run's damping."""
         cfg = self.cfg
         self.stage(key, "prune", PruneConfig(
             model=model, output=str(output), target=target, calibration=self.calibration, importance=importance,
-            dtype=resolved_dtype(cfg.prune_dtype, model), overwrite=True, pruned_loss=False, parallel=cfg.parallel,
-            seed=cfg.seed), [output])
+            dtype=resolved_dtype(cfg.prune_dtype, model), overwrite=True, pruned_loss=False,
+            correction=correction or cfg.prune_correction, correction_damping=cfg.prune_correction_damping,
+            parallel=cfg.parallel, seed=cfg.seed), [output])
         return str(output)
 
     def eval(self, key: str, model: str) -> dict:
@@ -346,6 +349,7 @@ def _run_pipeline(cfg: RunConfig) -> dict:
                 params=budget(step.params, reference), nas=cfg.nas, calibration=calibration,
                 importance=cfg.importance, distill=cfg.distill,
                 prune_dtype=resolved_dtype(cfg.prune_dtype, student), overwrite=True,
+                prune_correction=cfg.prune_correction, prune_correction_damping=cfg.prune_correction_damping,
                 parallel=cfg.parallel, seed=cfg.seed, teacher_cache=cache), [home / "nas"])
             pruned, start = found["best_pruned"], found["best_student"]
         r.eval(f"step{i}.eval_pruned", pruned)
