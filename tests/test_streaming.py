@@ -70,6 +70,22 @@ def test_canonical_order_is_the_state_dict_order_of_one_rank(tiny_hf_dirs, singl
         assert {k: tuple(v.shape) for k, v in full.items()} == shapes
 
 
+def test_a_checkpoint_keeps_each_tensors_own_dtype(tiny_hf_dirs, single_rank, tmp_path):
+    """A 16-bit model whose norm weights stay fp32 (as megatron's local spec keeps them in training) is saved with
+    each tensor in its own dtype, as the whole-dict writer did."""
+    loaded = io.load_model(str(tiny_hf_dirs["untied"]), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.data = param.data.float()
+    io.save_checkpoint(loaded, tmp_path / "ckpt")
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    expected = gather_canonical(loaded.model, loaded.cfg)
+    assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in expected.items()}
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16, torch.float32}
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
 def _export_memory_on_ranks(src: str, out: str) -> dict | None:
     from memory import peak_allocated
 

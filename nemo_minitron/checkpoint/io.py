@@ -37,6 +37,7 @@ from nemo_minitron.parallel.sharding import (
     canonical_shapes,
     check_divisible,
     load_canonical,
+    shard_exchange,
     stream_canonical,
 )
 
@@ -145,10 +146,6 @@ def _write(
     state.raise_rank0_error(error)
 
 
-def _dtype(loaded: LoadedModel) -> torch.dtype:
-    return next(loaded.model.parameters()).dtype
-
-
 def save_checkpoint(
     loaded: LoadedModel, out_dir: Path, overwrite: bool = False, extra_files: Optional[dict[str, bytes]] = None
 ) -> None:
@@ -157,8 +154,9 @@ def save_checkpoint(
 
     ``extra_files`` (name -> content, taken from rank 0) land in the same directory, in the same atomic step.
     """
-    dtype = _dtype(loaded)
-    specs = {k: Spec(shape, dtype) for k, shape in canonical_shapes(loaded.cfg).items()}
+    # Each tensor keeps its own dtype (megatron's local spec keeps the norm weights of a 16-bit model in fp32).
+    source = shard_exchange(loaded.model)
+    specs = {k: Spec(shape, source.dtype(k)) for k, shape in canonical_shapes(loaded.cfg).items()}
 
     def fill(tmp: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
         save_streaming(specs, tensors, tmp)
@@ -167,7 +165,7 @@ def save_checkpoint(
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
 
-    _write(Path(out_dir), overwrite, fill, stream_canonical(loaded.model, loaded.cfg))
+    _write(Path(out_dir), overwrite, fill, stream_canonical(loaded.model, loaded.cfg, source))
 
 
 def export_hf(loaded: LoadedModel, out_dir: Path, overwrite: bool = False, dtype: torch.dtype = torch.float32) -> None:

@@ -69,6 +69,10 @@ class Exchange:
                     parts[index] = _Source(rank, shape, dtype)
                 self.holders.setdefault((name, index), set()).add(rank)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype of the tensor ``name`` as its holders keep it."""
+        return self.sources[name][0].dtype
+
     def deliver(self, names: list[str], wanted: Iterable[str]) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """For each of ``names`` in order (the same list on every rank), its parts (in index order, on the CPU)
         on the ranks that list it in ``wanted``; yields ``(name, parts)`` on those ranks only. Parts this rank

@@ -15,7 +15,7 @@ Tensor-parallel splits (megatron's own):
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -196,13 +196,13 @@ def fetch_canonical(source: Exchange, cfg: ModelConfig, names: list[str],
         yield name, unshard(name, parts, cfg)
 
 
-def stream_canonical(model, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, full tensor)`` of every canonical tensor of ``model``, one at a time, in the order of
-    :func:`canonical_shapes`, on global rank 0 (nothing on the others, which send their parts; every rank
-    must exhaust the iterator)."""
+def stream_canonical(model, cfg: ModelConfig, source: Optional[Exchange] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` of every canonical tensor of ``model`` (held by ``source``, default
+    :func:`shard_exchange` of it), one at a time, in the order of :func:`canonical_shapes`, on global rank 0
+    (nothing on the others, which send their parts; every rank must exhaust the iterator)."""
     names = list(canonical_shapes(cfg))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    yield from fetch_canonical(shard_exchange(model), cfg, names, names if rank0 else ())
+    yield from fetch_canonical(source or shard_exchange(model), cfg, names, names if rank0 else ())
 
 
 def gather_canonical(model, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
