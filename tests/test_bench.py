@@ -72,7 +72,8 @@ def test_depth_target_is_the_nearest_parameter_count():
 
 def test_bench_end_to_end(inputs, tmp_path):
     out = tmp_path / "bench"
-    config = tiny_bench(inputs, out)
+    distill = yaml.safe_load(tiny_bench(inputs, tmp_path / "plain").read_text())["distill"]
+    config = tiny_bench(inputs, out, distill={**distill, "teacher_cache": "auto"})
     proc = cli("bench", str(config), "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = Path(f"{out}-quick")
@@ -117,6 +118,17 @@ def test_bench_end_to_end(inputs, tmp_path):
     assert ledger["full.recovery.train"]["config"]["student"] == full["pruned"]
     assert full["recovery"]["tokens"] == results["recovery"]["tokens"] == 128
     assert full["recovery"]["loss"] == loss("full_recovery_eval_trained")
+    # One teacher logit cache, written once, feeds every distillation from the original teacher (the NAS's short
+    # ones too); the corrected arm's teacher differs, so it distils online.
+    cache = str(out / "teacher_cache")
+    assert ledger["teacher_cache"]["config"]["teacher"] == str(inputs["teacher"])
+    # The longest distillation, the recovery run: 128 tokens in steps of 4 windows of 8 tokens.
+    assert ledger["teacher_cache"]["config"]["windows"] == 128 // (4 * 8) * 4
+    for arm in ("ours", "recovery", "random", "magnitude", "depth", "lsq", "full", "full.recovery"):
+        assert ledger[f"{arm}.train"]["config"]["teacher_cache"]["path"] == cache, arm
+    assert nas["config"]["teacher_cache"]["path"] == cache
+    assert ledger["corrected.train"]["config"]["teacher_cache"] is None
+    assert "read one logit cache" in (out / "report.md").read_text()
     assert json.loads((out / "iterative.step2" / "pruned" / "model_config.json").read_text())["hidden_size"] == 48
     # The from-scratch student starts from small random weights: near-uniform predictions, loss ~ ln(vocab).
     scratch_first = results["scratch"]["curve"]["train"][0][1]
@@ -131,7 +143,7 @@ def test_bench_end_to_end(inputs, tmp_path):
         header = (header or line) if line.startswith("|") else None
         assert header is None or line.count("|") == header.count("|"), line
 
-    again = cli("bench", str(tiny_bench(inputs, tmp_path / "bench")), "--quick")
+    again = cli("bench", str(config), "--quick")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {"data", "ours.train", "scratch.train", "iterative.eval_pruned"} <= skipped(again.stdout)
     assert json.loads((out / "report.json").read_text())["derived"]["recovery"] == derived["recovery"]
@@ -196,6 +208,8 @@ def test_readme_results_section_is_replaced_between_its_markers():
         splice_readme("# Tool\n", "x\n")
 
 
+# Half a minute on 2 cores; CI's make bench-quick runs the shipped bench, a blend with an out-of-blend text.
+@pytest.mark.slow
 def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, tmp_path):
     """The bench on a weighted blend with the teacher's generated chat answers and an out-of-blend text: every
     arm reads the blend, and the report gives each model's held-out loss on each component and on the
@@ -209,9 +223,7 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
             words = text.split()[i::count]
             (tmp_path / name / f"part{i}.txt").write_text(" ".join(reversed(words)) * 2, encoding="utf-8")
     plays, prose, other = str(inputs["corpus"]), str(tmp_path / "bench-prose"), str(tmp_path / "bench-other")
-    distill = yaml.safe_load(tiny_bench(inputs, tmp_path / "plain").read_text())["distill"]
-    config = tiny_bench(inputs, tmp_path / "bench", aggregations=[["mean", "l2"]], nas=None,
-                        distill={**distill, "teacher_cache": "auto"}, data={
+    config = tiny_bench(inputs, tmp_path / "bench", aggregations=[["mean", "l2"]], nas=None, data={
         "blend": [{"weight": 1, "input": plays}, {"weight": 1, "input": prose}],
         "generated": {"weight": 0.5, "max_prompts": 6, "batch_size": 3, "valid_fraction": 0.5,
                       "sampling": {"temperature": 0, "max_new_tokens": 8}},
@@ -244,13 +256,3 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
     assert f"| model | {plays} | {prose} | {GENERATED} | {other} (out of blend) |" in md
     t = results["teacher_losses"]
     assert f"| teacher | {t[plays]:.4f} | {t[prose]:.4f} | {t[GENERATED]:.4f} | {t[other]:.4f} |" in md
-    # One teacher logit cache, written once, feeds every distillation from the original teacher; the corrected
-    # arm's teacher differs, so it distils online.
-    cache = str(out / "teacher_cache")
-    assert ledger["teacher_cache"]["config"]["teacher"] == str(inputs["teacher"])
-    # The longest distillation, the recovery run: 128 tokens in steps of 4 windows of 8 tokens.
-    assert ledger["teacher_cache"]["config"]["windows"] == 128 // (4 * 8) * 4
-    for arm in ("ours", "recovery", "random", "magnitude", "depth", "lsq"):
-        assert ledger[f"{arm}.train"]["config"]["teacher_cache"]["path"] == cache, arm
-    assert ledger["corrected.train"]["config"]["teacher_cache"] is None
-    assert "read one logit cache" in md

@@ -525,6 +525,8 @@ def without_timings(value):
     return value
 
 
+# A minute on 2 cores; CI runs `run` on two ranks under the real one-node Slurm (make test-slurm).
+@pytest.mark.slow
 def test_run_launched_on_two_ranks_equals_the_run_that_spawns_its_ranks(inputs) -> None:
     """``run`` under a launcher (two ranks with torchrun's variables, TP=2): rank 0 alone prepares the data and
     writes the ledger and the report, both ranks run each parallel stage, and everything equals the same run
