@@ -36,7 +36,7 @@ from nemo_minitron.data.prepare import list_input_files
 from nemo_minitron.distill.config import TeacherCacheConfig
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
-from nemo_minitron.pipeline.config import NASConfig, NASStageConfig, RunConfig, RunReport, ScheduleStep
+from nemo_minitron.pipeline.config import NASConfig, NASStageConfig, RunConfig, RunDistill, RunReport, ScheduleStep
 from nemo_minitron.pipeline.nas import cache_config, candidates, check_cache_top_k
 from nemo_minitron.pipeline.run import Runner, check_generated, data_keys, eval_keys
 from nemo_minitron.prune.config import Correction, ImportanceConfig, PruneConfig, PruneTarget
@@ -90,14 +90,19 @@ def nas_candidates(cfg: BenchConfig, teacher: ModelConfig) -> list[PruneTarget]:
     return candidates(teacher, cfg.nas, target_config(teacher, cfg.target).num_params())
 
 
+def active_distill(cfg: BenchConfig) -> RunDistill:
+    """``distill`` with the active budgets' sequence length (when they set one)."""
+    seq = cfg.active.seq_length
+    if seq is None:
+        return cfg.distill
+    return cfg.distill.model_copy(update={"train": cfg.distill.train.model_copy(update={"seq_length": seq})})
+
+
 def cache_windows(cfg: BenchConfig) -> int:
     """Windows of the bench's teacher logit cache: those of its longest distillation from the teacher."""
-    d, b = cfg.distill, cfg.active
-    seq = {} if b.seq_length is None else {"seq_length": b.seq_length}
-    d = d.model_copy(update={"train": d.train.model_copy(update=seq)})
-    nas = bench_nas(cfg)
+    b, nas = cfg.active, bench_nas(cfg)
     tokens = [b.recovery_tokens, b.compare_tokens, nas.short_kd_tokens if nas is not None else 0]
-    return max(d.windows(n) for n in tokens)
+    return max(active_distill(cfg).windows(n) for n in tokens)
 
 
 def bench_nas(cfg: BenchConfig) -> NASConfig | None:
@@ -152,7 +157,7 @@ class _Bench:
         self.cfg = cfg
         b = cfg.active
         seq = {} if b.seq_length is None else {"seq_length": b.seq_length}
-        self.distill_cfg = cfg.distill.model_copy(update={"train": cfg.distill.train.model_copy(update=seq)})
+        self.distill_cfg = active_distill(cfg)
         run_cfg = RunConfig(
             output=cfg.out_dir, teacher=cfg.teacher, data=cfg.data,
             calibration=cfg.calibration.model_copy(update={"num_samples": b.calibration_samples, **seq}),
