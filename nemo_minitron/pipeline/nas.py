@@ -171,9 +171,8 @@ def run_nas(cfg: NASStageConfig) -> dict:
         state.initialize(cfg.parallel, cfg.seed)  # the same random state as without the cache
     dtype = torch_dtype(resolved_dtype(cfg.prune_dtype, cfg.model))
     loaded = load_model(cfg.model, dtype=dtype, use_te=False)
-    lsq = cfg.prune_correction == "lsq"
     scored = score(loaded, calibration_batches(cfg.calibration), cfg.importance, progress=cfg.calibration.progress,
-                   grams=lsq)
+                   grams=cfg.prune_correction == "lsq")
     if _is_writer():
         out.mkdir(parents=True, exist_ok=True)
         heatmap = {"importance": scored.scores.to_json(loaded.cfg.num_query_groups), "dropped_layers": []}
