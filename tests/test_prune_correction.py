@@ -1,6 +1,7 @@
-"""Weight correction (``correction: lsq``) against a dense reference: the activations that ``linear_fc2`` and
-``linear_proj`` read, captured from transformers' model of the same checkpoint, and numpy's float64 least squares
-on them; ``correction: none`` is the plain slice; TP=2, PP=2 and DP=2 re-fit what TP=1 does."""
+"""Weight correction (``correction: lsq``) against a dense reference: the activations that the re-fit linear layers
+read (and, for a removed layer's map, the MLP output and residual stream around it), captured from transformers'
+model of the same checkpoint, and numpy's float64 least squares on them; ``correction: none`` is the plain slice;
+TP=2, PP=2 and DP=2 re-fit what TP=1 does (with PP=2, a removed layer's map spans the two stages)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,27 @@ def hf_inputs(path, batches: list[torch.Tensor]) -> dict[tuple[int, str], np.nda
     return {k: torch.cat(v).double().numpy() for k, v in seen.items()}
 
 
+def hf_run_map(path, batches: list[torch.Tensor], before: int, last: int, damping: float) -> np.ndarray:
+    """The map T [hidden, hidden] of the run of removed layers ``before + 1 .. last``, as one stacked numpy least
+    squares problem on transformers' activations: M T ~ M + Y' - Y with M the output of layer ``before``'s MLP,
+    Y that layer's output and Y' the run's, damped toward T = I."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    mlp, ys, ends = [], [], []
+    model.model.layers[before].mlp.register_forward_hook(lambda _m, _a, out: mlp.append(out.reshape(-1, out.shape[-1])))
+    with torch.no_grad():
+        for batch in batches:
+            hidden = model(batch[:, :-1], output_hidden_states=True).hidden_states  # [embeddings, layer 0, ...]
+            ys.append(hidden[before + 1].reshape(mlp[-1].shape))
+            ends.append(hidden[last + 1].reshape(mlp[-1].shape))
+    m, y, end = (torch.cat(t).double().numpy() for t in (mlp, ys, ends))
+    lam, eye = damping * (m**2).sum(0).mean(), np.eye(m.shape[1])
+    a = np.vstack([m, np.sqrt(lam) * eye])
+    b = np.vstack([m + end - y, np.sqrt(lam) * eye])
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
 def reference_refit(x: np.ndarray, w: np.ndarray, keep: np.ndarray, damping: float) -> np.ndarray:
     """argmin ||X W^T - X_K V^T||^2 + lam ||V - W_K||^2 as one stacked least-squares problem (numpy lstsq)."""
     lam = damping * (x**2).sum(0).mean()
@@ -96,13 +118,19 @@ def test_corrected_weights_equal_a_dense_least_squares_solve(tiny_hf_dirs, singl
     sel = report["selection"]
     x = hf_inputs(src, batches)
     hf = {k: v.double().numpy() for k, v in load_file(src / "model.safetensors").items()}
+    # Removed layer 2 is replaced by a map merged into layer 1's down projection, before its re-fit.
+    assert report["layer_maps"] == [1] and plain_report["layer_maps"] == []
+    t = hf_run_map(src, batches, 1, 2, DAMPING)
+    assert np.abs(t - np.eye(len(t))).max() > 1e-2
+    mapped = {**hf, "model.layers.1.mlp.down_proj.weight": t.T @ hf["model.layers.1.mlp.down_proj.weight"]}
     refit = set()
     for new, old in enumerate(sel["layers"]):
         for linear, reads, rows, keep in problems(sel, old, hpg, d):
-            w = hf[f"model.layers.{old}.{linear}.weight"][rows]
             key = f"model.layers.{new}.{linear}.weight"
             # none: the teacher's weight sliced, bit for bit.
-            np.testing.assert_array_equal(sliced[key].double().numpy(), w[:, keep])
+            plain_w = hf[f"model.layers.{old}.{linear}.weight"][rows]
+            np.testing.assert_array_equal(sliced[key].double().numpy(), plain_w[:, keep])
+            w = mapped[f"model.layers.{old}.{linear}.weight"][rows]
             ref = reference_refit(x[(old, reads)], w, keep, DAMPING)
             np.testing.assert_allclose(got[key].double().numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
                                        err_msg=key)
@@ -189,6 +217,8 @@ def _refit_on_ranks(src: str, tp: int, pp: int) -> dict | None:
     # Two layers stay, so that the pruned model splits into two pipeline stages too.
     target = TARGET.model_copy(update={"drop_layers": [0, 2]})
     pruned, report = prune(loaded, target, mine, correction="lsq", damping=DAMPING)
+    # Layer 0 has no layer before it; layer 2's map goes into layer 1 (on the other stage at PP=2).
+    assert report["layer_maps"] == [1]
     canonical = gather_canonical(pruned.model, pruned.cfg)
     if canonical is None:
         return None

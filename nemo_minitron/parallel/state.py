@@ -177,6 +177,20 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Ten
     return [part.to(tensor.device) for part in parts]
 
 
+def broadcast_from_stage(tensor: torch.Tensor, stage: int) -> torch.Tensor:
+    """The ``tensor`` of pipeline stage ``stage`` on every stage of this pipeline (the others pass a tensor of the
+    same shape and dtype to receive it); returns it on ``tensor``'s device."""
+    if pp_size() == 1:
+        return tensor
+    src = dist.get_global_rank(pp_group(), stage)
+    if cuda_available() and not tensor.is_cuda:
+        on_device = tensor.cuda()
+        dist.broadcast(on_device, src=src, group=pp_group())
+        return on_device.to(tensor.device)
+    dist.broadcast(tensor, src=src, group=pp_group())
+    return tensor
+
+
 def broadcast_from_last_stage(obj: Any) -> Any:
     """Give every rank of this pipeline the Python object that the last stage holds."""
     if pp_size() == 1:

@@ -11,6 +11,8 @@ input units, the corrected weight is
 with G = X^T X the input Gram, R the removed units and lam = ``damping`` x mean(diag G). The ridge pulls toward
 the plainly sliced weights W_K: a large damping gives back ``correction: none``, and a layer that loses no input
 is left exactly as it is. The output layer and the embeddings are not re-fit (they are tied in many models).
+Removed layers are replaced by a linear map merged into the ``linear_fc2`` before them
+(:mod:`~nemo_minitron.prune.layer_map`).
 
 The Grams are accumulated by forward hooks during the importance pass (no pass of their own). ``linear_fc2`` and
 ``linear_proj`` are row-parallel, so under tensor parallelism each rank sees only its slice X_r of their inputs;
@@ -222,9 +224,13 @@ def _problem(kind: str, weight: torch.Tensor, cfg: ModelConfig, selection,
 
 
 def correct(weight: torch.Tensor, cfg: ModelConfig, selection, old: int, kind: str, gram: torch.Tensor,
-            damping: float) -> torch.Tensor:
+            damping: float, layer_map: torch.Tensor | None = None) -> torch.Tensor:
     """Layer ``old``'s ``kind`` of linear layer, cut to the kept units of ``selection`` and re-fit (on the CPU)
     from its full source ``weight`` and its input ``gram`` (from :meth:`GramAccumulator.finish`, on the rank that
-    solves it)."""
+    solves it). A ``linear_fc2`` before removed layers first takes in their ``layer_map`` T [hidden, hidden]
+    (:mod:`~nemo_minitron.prune.layer_map`): its output rows become T^T W."""
+    dtype = weight.dtype
+    if layer_map is not None:
+        weight = layer_map.to(weight.device).T @ weight.double()
     weight, keep = _problem(kind, weight, cfg, selection, old)
-    return refit(weight, gram, keep, damping).cpu()
+    return refit(weight, gram, keep, damping).to(dtype).cpu()

@@ -37,6 +37,7 @@ from nemo_minitron.parallel.sharding import (
 )
 from nemo_minitron.prune import correction as corr_lib
 from nemo_minitron.prune import importance as imp_lib
+from nemo_minitron.prune import layer_map as map_lib
 from nemo_minitron.prune.config import (
     WIDTH_KEYS,
     CalibrationConfig,
@@ -179,9 +180,10 @@ def score(loaded: LoadedModel, calibration: list[torch.Tensor],
 
 def _cut_weights(loaded: LoadedModel, pruned_model, new_cfg: ModelConfig, selection: Selection,
                  refits: dict[str, tuple[int, str]], grams: Optional[dict[tuple[int, str], torch.Tensor]],
-                 damping: float) -> None:
+                 damping: float, maps: dict[int, torch.Tensor]) -> None:
     """Fill this rank's shard ``pruned_model`` of ``new_cfg``, cut from ``loaded`` by ``selection``, with the
-    tensors of ``refits`` re-fit (:func:`~nemo_minitron.prune.correction.refit_plan`). No rank holds more than
+    tensors of ``refits`` re-fit (:func:`~nemo_minitron.prune.correction.refit_plan`; the ``linear_fc2`` of each
+    layer in ``maps`` with its removed layers' map merged in). No rank holds more than
     its shards and one full tensor in flight: each source tensor travels from the ranks that hold it to the
     ranks that need it (:mod:`nemo_minitron.parallel.exchange`), in one order on every rank."""
     cfg = loaded.cfg
@@ -195,7 +197,8 @@ def _cut_weights(loaded: LoadedModel, pruned_model, new_cfg: ModelConfig, select
     for name, weight in fetch_canonical(source, cfg, order, solving):
         key = solving[name]
         old, kind = refits[key]
-        corrected[key] = corr_lib.correct(weight, cfg, selection, old, kind, grams[(old, kind)], damping)
+        corrected[key] = corr_lib.correct(weight, cfg, selection, old, kind, grams[(old, kind)], damping,
+                                          maps.get(old) if kind == "fc2" else None)
     by_source = {source_key(key, selection): key for key in names if key not in refits}
 
     def sliced():
@@ -219,7 +222,8 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
     which saves a pass over the calibration set) after. ``correction`` lsq re-fits the linear layers that read
     pruned units, those of ``refit`` (default: all, see :data:`~nemo_minitron.prune.correction.LINEARS`), with
     ridge ``damping`` (:mod:`nemo_minitron.prune.correction`; ``scored`` must hold the Grams:
-    ``score(..., grams=True)``)."""
+    ``score(..., grams=True)``), and with ``fc2`` among them replaces removed layers by a linear map merged
+    into the ``linear_fc2`` before them (:mod:`nemo_minitron.prune.layer_map`; one more calibration pass)."""
     cfg, model = loaded.cfg, loaded.model
     if correction == "lsq" and scored.grams is None:
         raise ValueError("correction lsq needs the Grams of the scoring pass: score(..., grams=True)")
@@ -232,7 +236,10 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
     selection = select(scores, cfg, new_cfg, keep)
     pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False, init=False)
     refits = corr_lib.refit_plan(selection.layers, refit) if correction == "lsq" else {}
-    _cut_weights(loaded, pruned_model, new_cfg, selection, refits, scored.grams, damping)
+    # Removed layers: one more calibration pass, for the maps merged into the linear_fc2 before them.
+    maps = (map_lib.layer_maps(model, cfg, calibration, drop, damping)
+            if correction == "lsq" and "fc2" in refit and drop else {})
+    _cut_weights(loaded, pruned_model, new_cfg, selection, refits, scored.grams, damping, maps)
     pruned_model.eval()
     pruned_loss = imp_lib.lm_loss(pruned_model, new_cfg, calibration) if calibration_loss else None
     report = {
@@ -244,6 +251,7 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
         "criterion": scores.criterion,
         "correction": correction,
         "correction_damping": damping if correction == "lsq" else None,
+        "layer_maps": sorted(maps),
         "depth_criterion": None if target.drop_layers is not None or not drop else scored.importance.depth,
         "dropped_layers": drop,
         "calibration_loss_before": scores.calibration_loss,
