@@ -17,6 +17,7 @@ from the teacher for ``--kd-tokens`` with that distill config, then evaluated ag
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -73,6 +74,8 @@ def measure(cfg: PruneConfig, eval_cfg: EvalConfig, layer_counts: list[int], wor
               + (f"; after {kd_tokens} KD tokens none {row['distilled_none']:.4f} "
                  f"lsq {row['distilled_lsq']:.4f}" if kd_cfg is not None else ""), file=sys.stderr)
         rows.append(row)
+        del plain, mapped, student
+        gc.collect()  # two students and their distillations per count: free them before the next
     return {"teacher": cfg.model, "depth_criterion": cfg.importance.depth, "damping": cfg.correction_damping,
             "calibration_tokens": sum(b[:, :-1].numel() for b in batches), "eval_windows": len(windows),
             "kd_tokens": kd_tokens if kd_cfg is not None else 0, "rows": rows}

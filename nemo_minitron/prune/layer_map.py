@@ -11,7 +11,7 @@ plain cut (T = I):
     lam = damping x mean(diag M^T M),        linear_fc2 <- T^T linear_fc2
 
 It assumes that what the run adds is close to a linear function of the MLP output before it (ReplaceMe
-measures this on Llama models for runs of up to a quarter of the layers). A run that starts at layer 0 has no
+evaluates it on Llama-family models at moderate depth-pruning ratios). A run that starts at layer 0 has no
 layer before it and is cut plainly. Y' is known only once the layers to drop are chosen: one more forward pass
 over the calibration set, made only when layers are dropped (the width re-fit needs none).
 
