@@ -33,14 +33,14 @@ from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.evaluation.stage import eval_tokens, evaluate
 from nemo_minitron.parallel import state
 from nemo_minitron.prune.config import PruneConfig, PruneTarget
-from nemo_minitron.prune.stage import calibration_batches, cut, score, validate
+from nemo_minitron.prune.stage import calibration_batches, cut, resolved_dtype, score, validate
 
 
 def measure(cfg: PruneConfig, eval_cfg: EvalConfig, layer_counts: list[int], workdir: Path,
             kd_cfg: Path | None, kd_tokens: int) -> dict:
     validate(cfg)
     state.initialize(cfg.parallel, cfg.seed)
-    dtype = torch_dtype(cfg.dtype)
+    dtype = torch_dtype(resolved_dtype(cfg.dtype, cfg.model))
     teacher = load_model(cfg.model, dtype=dtype, use_te=False)
     if any(not 0 < n < teacher.cfg.num_layers for n in layer_counts):
         raise UserError(f"--layers: each count must be between 1 and {teacher.cfg.num_layers - 1}")

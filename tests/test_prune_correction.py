@@ -5,6 +5,8 @@ TP=2, PP=2 and DP=2 re-fit what TP=1 does (with PP=2, a removed layer's map span
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ from nemo_minitron.prune import PruneTarget, prune
 from nemo_minitron.prune import correction as corr_lib
 from nemo_minitron.prune import importance as imp_lib
 from nemo_minitron.prune.config import PruneConfig
-from nemo_minitron.prune.stage import cut, score
+from nemo_minitron.prune.stage import calibration_batches, cut, score
 
 # 4 heads in 2 groups -> 2 groups of 1 head, 96 -> 64 neurons, 64 -> 48 channels, 4 -> 3 layers.
 TARGET = PruneTarget(hidden_size=48, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2, drop_layers=[2])
@@ -271,3 +273,43 @@ def test_bad_also_targets_are_one_line_errors(text):
         modelopt_peer.parse_target(text)
     assert modelopt_peer.parse_target("hidden_size=8,ffn_hidden_size=16") == PruneTarget(hidden_size=8,
                                                                                          ffn_hidden_size=16)
+
+
+# ------------------------------------------------------------------------- benchmarks/layer_correction.py
+
+
+def test_layer_correction_script_scores_none_and_the_maps_as_eval_does(tiny_hf_dirs, tmp_path):
+    """The script's held-out losses are those of eval on the two students it cuts (none; lsq with the map)."""
+    import importlib.util
+
+    from nemo_minitron.evaluation.config import EvalConfig
+    from nemo_minitron.evaluation.loss import windows_loss_sums
+    from nemo_minitron.evaluation.stage import eval_tokens
+    from test_logit_cache import _write_dataset
+
+    spec = importlib.util.spec_from_file_location(
+        "layer_correction", Path(__file__).parents[1] / "benchmarks" / "layer_correction.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = _write_dataset(tmp_path / "data", seed=0)
+    src = str(tiny_hf_dirs["untied"])
+    cfg = build_config(PruneConfig, dict(model=src, output=str(tmp_path / "unused"), target={"num_layers": 3},
+                                         calibration={"data": str(data), "num_samples": 8, "seq_length": 32,
+                                                      "micro_batch_size": 4}))
+    eval_cfg = build_config(EvalConfig, dict(model=src, data=str(data), seq_length=32, micro_batch_size=4,
+                                             max_windows=6))
+    try:
+        result = script.measure(cfg, eval_cfg, [3], tmp_path / "work", None, 0)
+        (row,) = result["rows"]
+        batches = calibration_batches(cfg.calibration)
+        loaded = io.load_model(src)
+        scored = score(loaded, batches, grams=True)
+        windows = eval_tokens(eval_cfg, tiny_hf_dirs["untied"])
+        for name, kwargs in (("none", {}), ("lsq", {"correction": "lsq", "damping": cfg.correction_damping})):
+            pruned, report = cut(loaded, scored, PruneTarget(num_layers=3), calibration_loss=False, **kwargs)
+            total, count = windows_loss_sums(pruned.model, pruned.cfg.vocab_size, windows, 4)
+            assert row[f"pruned_{name}"] == pytest.approx(total / count, rel=1e-6), name
+        assert row["dropped_layers"] == report["dropped_layers"] and row["mapped_layers"] == report["layer_maps"]
+        assert row["gain_pruned"] == pytest.approx(row["pruned_none"] - row["pruned_lsq"])
+    finally:
+        state.destroy()
