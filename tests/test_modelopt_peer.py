@@ -139,7 +139,8 @@ def test_cli_compares_both_pruners(teacher_with_data, tmp_path):
         [sys.executable, str(ROOT / "benchmarks/modelopt_peer.py"), str(ROOT / "conf/prune/smollm2_width_55.yaml"),
          f"model={model}", f"calibration.data={data}", "calibration.num_samples=8", "calibration.seq_length=32",
          "calibration.micro_batch_size=4", "target.hidden_size=48", "target.ffn_hidden_size=64",
-         "--workdir", str(tmp_path / "bench"), "--repeats", "2"],
+         # No dtype: resolved as prune resolves it (float32 below 1B parameters).
+         "dtype=null", "--workdir", str(tmp_path / "bench"), "--repeats", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr

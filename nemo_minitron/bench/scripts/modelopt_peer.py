@@ -55,7 +55,7 @@ from nemo_minitron.parallel.sharding import gather_canonical
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
 from nemo_minitron.prune.correction import LINEARS
 from nemo_minitron.prune.slicing import Selection, slice_canonical
-from nemo_minitron.prune.stage import calibration_batches, cut, score, target_config, validate
+from nemo_minitron.prune.stage import calibration_batches, cut, resolved_dtype, score, target_config, validate
 
 MODELOPT_VERSION = "0.43.0"
 # A reloaded checkpoint runs the same weights through the same code: its logits may differ by rounding only.
@@ -358,6 +358,7 @@ def compare(cfg: PruneConfig, workdir: Path, eval_cfg: EvalConfig | None = None,
     if repeats < 1:
         raise UserError(f"repeats must be at least 1, not {repeats}")
     validate(cfg)
+    cfg = cfg.model_copy(update={"dtype": resolved_dtype(cfg.dtype, cfg.model)})  # as prune resolves it
     source_cfg = read_model_config(resolve_model_dir(cfg.model))
     export_config(source_cfg, cfg.target)
     if correction_targets is not None:
