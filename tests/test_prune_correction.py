@@ -313,3 +313,24 @@ def test_layer_correction_script_scores_none_and_the_maps_as_eval_does(tiny_hf_d
         assert row["gain_pruned"] == pytest.approx(row["pruned_none"] - row["pruned_lsq"])
     finally:
         state.destroy()
+
+
+def test_cuts_that_drop_the_same_layers_share_one_pass_for_the_maps(tiny_hf_dirs, single_rank, monkeypatch):
+    from nemo_minitron.prune import layer_map
+
+    loaded = io.load_model(str(tiny_hf_dirs["untied"]))
+    scored = score(loaded, calibration(loaded.cfg.vocab_size), grams=True)
+    calls = []
+    real = layer_map.layer_maps
+    monkeypatch.setattr(layer_map, "layer_maps", lambda *a: calls.append(a[3]) or real(*a))
+    first, _ = cut(loaded, scored, TARGET, calibration_loss=False, correction="lsq", damping=DAMPING)
+    wider, _ = cut(loaded, scored, TARGET.model_copy(update={"hidden_size": 56}), calibration_loss=False,
+                   correction="lsq", damping=DAMPING)
+    other, _ = cut(loaded, scored, TARGET.model_copy(update={"drop_layers": [1]}), calibration_loss=False,
+                   correction="lsq", damping=DAMPING)
+    assert calls == [[2], [1]]
+    # The shared maps give the same weights as a fresh scoring would.
+    fresh, _ = cut(loaded, score(loaded, calibration(loaded.cfg.vocab_size), grams=True), TARGET,
+                   calibration_loss=False, correction="lsq", damping=DAMPING)
+    for key, value in gather_canonical(fresh.model, fresh.cfg).items():
+        torch.testing.assert_close(gather_canonical(first.model, first.cfg)[key], value, rtol=0, atol=0)

@@ -124,8 +124,8 @@ def _gather_tp(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(state.all_gather(tensor, state.tp_group()), dim)
 
 
-def _gather_layers(local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Every pipeline stage's {global layer: tensor} on every rank."""
+def _gather_layers(local: dict[int, object]) -> dict[int, object]:
+    """Every pipeline stage's {global layer: value} on every rank."""
     if state.pp_size() == 1:
         return local
     everyone: list = [None] * state.pp_size()

@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
@@ -48,12 +47,8 @@ def removed_runs(drop: list[int]) -> list[tuple[int, int]]:
 
 def _stages(model) -> dict[int, int]:
     """{global layer: the pipeline stage that holds it}."""
-    local = [layer.layer_number - 1 for layer in model.decoder.layers]
-    if state.pp_size() == 1:
-        return dict.fromkeys(local, 0)
-    everyone: list = [None] * state.pp_size()
-    dist.all_gather_object(everyone, local, group=state.pp_group())
-    return {layer: stage for stage, layers in enumerate(everyone) for layer in layers}
+    return imp_lib._gather_layers(dict.fromkeys((layer.layer_number - 1 for layer in model.decoder.layers),
+                                                state.pp_rank()))
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Optional
@@ -141,7 +141,9 @@ class Scores:
     """Importance of ``loaded``'s units on a calibration set, computed once and usable for any target:
     the scores, the calibration batches (depth criteria that need forward passes and the pruned model's
     calibration loss use them), whether those passes show progress bars, and the input Grams of weight
-    correction that this rank solves for (None unless asked)."""
+    correction that this rank solves for (None unless asked). The removed layers' maps of ``cut``'s lsq
+    correction are kept by (dropped layers, damping), so that cuts that drop the same layers (NAS candidates of
+    one depth) make their calibration pass once."""
 
     scores: imp_lib.Importance
     calibration: list[torch.Tensor]
@@ -149,6 +151,7 @@ class Scores:
     seconds: float
     progress: bool
     grams: Optional[dict[tuple[int, str], torch.Tensor]] = None
+    maps: dict[tuple[tuple[int, ...], float], dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 def score(loaded: LoadedModel, calibration: list[torch.Tensor],
@@ -237,8 +240,12 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
     pruned_model = build_model(new_cfg, dtype=next(model.parameters()).dtype, use_te=False, init=False)
     refits = corr_lib.refit_plan(selection.layers, refit) if correction == "lsq" else {}
     # Removed layers: one more calibration pass, for the maps merged into the linear_fc2 before them.
-    maps = (map_lib.layer_maps(model, cfg, calibration, drop, damping)
-            if correction == "lsq" and "fc2" in refit and drop else {})
+    maps = {}
+    if correction == "lsq" and "fc2" in refit and drop:
+        key = (tuple(drop), damping)
+        if key not in scored.maps:
+            scored.maps[key] = map_lib.layer_maps(model, cfg, calibration, drop, damping)
+        maps = scored.maps[key]
     _cut_weights(loaded, pruned_model, new_cfg, selection, refits, scored.grams, damping, maps)
     pruned_model.eval()
     pruned_loss = imp_lib.lm_loss(pruned_model, new_cfg, calibration) if calibration_loss else None
