@@ -42,7 +42,7 @@ def tiny_bench(inputs: dict[str, Path], output: Path, **changes) -> Path:
             "train": {"seq_length": 16, "micro_batch_size": 2, "global_batch_size": 4, "dtype": "float32",
                       "teacher_dtype": "float32"},
             "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
-            "checkpoint": {"every_steps": 4, "keep_last": 1},
+            "checkpoint": {"every_steps": 4, "keep_last": 1, "keep_when_done": False},
             "eval": {"every_steps": 2},
             "log": {"progress": False, "tensorboard": False},
         },
@@ -87,6 +87,8 @@ def test_bench_end_to_end(inputs, tmp_path):
     # The held-out eval after the cut measures the pruned model: no calibration pass for it.
     assert ledger["ours.prune"]["config"]["pruned_loss"] is False
     assert ledger["ours.prune"]["result"]["calibration_loss_after"] is None
+    # No training checkpoint outlives its finished stage (NAS's short distillations included): the models stay.
+    assert not list(out.rglob("checkpoints")) and (out / "recovery" / "train" / "final").is_dir()
     report = json.loads((out / "report.json").read_text())
     results, derived = report["results"], report["derived"]
 

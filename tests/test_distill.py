@@ -831,6 +831,17 @@ def test_cli_end_to_end_and_rerun_resumes(kd, tmp_path):
     for key, value in load_file(final / "model.safetensors").items():
         assert torch.equal(value, tensors[key]), key
 
+    # checkpoint.keep_when_done=false: the same training, and no checkpoint left once the final model is saved.
+    out = tmp_path / "run_no_checkpoints"
+    proc = subprocess.run(_cli() + ["distill"] + cli_args(kd, out, **{"eval.max_windows": 5,
+                                                                       "checkpoint.keep_when_done": "false"}),
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "checkpoints").exists()
+    assert metrics(out) == rows
+    for key, value in load_file(out / "final" / "model.safetensors").items():
+        assert torch.equal(value, tensors[key]), key
+
 
 def test_sigterm_on_one_rank_stops_all_and_the_resumed_run_is_exact(layout):
     """At every layout: a SIGTERM on the last rank alone stops every rank after step 3 (checkpointed); the

@@ -207,6 +207,8 @@ def test_nas_then_iterative_step(inputs) -> None:
     assert nas["best"] == best["name"]
     # The short distillation lowers each short-listed candidate's held-out loss (same windows, same precision).
     assert all(c["loss_short_kd"] < c["loss_pruned"] for c in shortlisted), shortlisted
+    # Each short distillation keeps its final model and no training checkpoint (it is never resumed).
+    assert not any((Path(c["student"]).parent / "checkpoints").exists() for c in shortlisted)
     report = json.loads((run / "report.json").read_text())
     assert report["kd_tokens"] == 128 + 128 + 2 * 64
     assert report["steps"][0]["shape"]["hidden_size"] == best["target"]["hidden_size"]

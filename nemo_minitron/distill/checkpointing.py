@@ -161,6 +161,22 @@ def _delete(step_dir: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def remove_all(root: Path) -> None:
+    """Delete every checkpoint under ``root``, then ``root`` itself if nothing else is left in it (collective:
+    rank 0 deletes while the others wait). Each one goes as :func:`_delete` removes it: whole or not at all."""
+    rank, _ = _rank_world()
+    _barrier()
+    if rank == 0 and root.is_dir():
+        for _, step_dir in step_dirs(root):
+            _delete(step_dir)
+        remove_partial(root)
+        try:
+            root.rmdir()
+        except OSError:
+            pass
+    _barrier()
+
+
 def remove_partial(root: Path) -> None:
     """Remove what a run killed while saving or deleting a checkpoint left (rank 0, before training)."""
     if root.is_dir():

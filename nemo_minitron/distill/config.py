@@ -178,6 +178,9 @@ class CheckpointConfig(StrictModel):
     every_steps: int = Field(100, gt=0)
     keep_last: int = Field(2, gt=0)
     resume: bool = True
+    keep_when_done: bool = Field(
+        True, description="false: no checkpoint at the last step, and the periodic ones are deleted once the final "
+        "model is saved (a finished run then has nothing to resume: running it again trains again)")
 
 
 class EvalDuringTraining(StrictModel):

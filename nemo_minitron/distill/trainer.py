@@ -448,9 +448,12 @@ class Trainer:
                     metrics["eval_loss"], metrics["eval_ppl"] = self.evaluate()
                 logger.log(self.step, metrics)
                 # Not amid non-finite steps: the newest checkpoints stay the last good ones. The last step
-                # always: running a finished run again then resumes there and trains nothing.
-                periodic = self.step % self.ckpt_cfg.every_steps == 0 and self.skipped_in_a_row == 0
-                if periodic or self.step == self.total_steps:
+                # always, unless keep_when_done is off: running a finished run again then resumes there and
+                # trains nothing.
+                if self.step == self.total_steps:
+                    if self.ckpt_cfg.keep_when_done:
+                        self.save()
+                elif self.step % self.ckpt_cfg.every_steps == 0 and self.skipped_in_a_row == 0:
                     self.save()
             stopped_early = self.step < self.total_steps
             if stopped_early:
@@ -543,4 +546,6 @@ def _run_distill(cfg: DistillConfig) -> dict:
     if not dist.is_initialized() or dist.get_rank() == 0:
         atomic_write_text(Path(cfg.output) / "result.json",
                           json.dumps({**summary, "config": cfg.model_dump()}, indent=2))
+    if not result.stopped_early and not cfg.checkpoint.keep_when_done:
+        checkpointing.remove_all(Path(cfg.output) / "checkpoints")
     return summary

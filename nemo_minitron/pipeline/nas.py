@@ -220,7 +220,7 @@ def run_nas(cfg: NASStageConfig) -> dict:
             student, teacher, cfg.data, home / "short_kd",
             cfg.distill.train.for_tokens(cfg.nas.short_kd_tokens),
             cfg.distill.optim, cfg.distill.loss,
-            CheckpointConfig(every_steps=10**9, keep_last=1, resume=False),
+            CheckpointConfig(every_steps=10**9, keep_last=1, resume=False, keep_when_done=False),
             cfg.distill.eval.model_copy(update={"every_steps": 0}),
             LogConfig(tensorboard=False, progress=cfg.distill.log.progress),
             teacher_cache=cache,
