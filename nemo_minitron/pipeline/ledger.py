@@ -2,7 +2,9 @@
 
 A stage recorded with the same config is skipped on the next ``run`` and its recorded result reused; one
 recorded with a different config stops the run with the first key that changed, instead of silently reusing
-an output made from other settings. The file is replaced atomically after every stage.
+an output made from other settings. How a distillation writes checkpoints and logs (its ``checkpoint`` and
+``log`` sections) is not part of what it computes: those may change between runs. The file is replaced
+atomically after every stage.
 """
 
 from __future__ import annotations
@@ -19,8 +21,21 @@ from nemo_minitron.errors import UserError
 LEDGER_FILE = "pipeline.json"
 
 
+# Sections that decide how a distillation writes checkpoints and logs, not what it computes (a resumed run
+# reproduces the uninterrupted one wherever it saved): at the top of a stage's config or in its distill section.
+_IO_ONLY = ("checkpoint", "log")
+
+
+def _outcome(config: dict) -> dict:
+    """``config`` without the sections that leave the stage's result as it is."""
+    kept = {key: value for key, value in config.items() if key not in _IO_ONLY}
+    if isinstance(kept.get("distill"), dict):
+        kept["distill"] = _outcome(kept["distill"])
+    return kept
+
+
 def _digest(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_outcome(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
@@ -46,9 +61,10 @@ class Ledger:
         entry = self.stages.get(key)
         if entry is None:
             return None
-        if entry["digest"] != _digest(config):
+        if _digest(entry["config"]) != _digest(config):
+            difference = _first_difference(_outcome(entry["config"]), _outcome(config))
             raise UserError(
-                f"stage {key} finished with another config ({_first_difference(entry['config'], config)}); "
+                f"stage {key} finished with another config ({difference}); "
                 f"set rerun_from={key} to redo it and the stages after it, or use a new output directory"
             )
         return entry
