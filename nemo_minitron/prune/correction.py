@@ -184,14 +184,20 @@ def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping:
     device = gram.device
     keep_d, drop_d = keep.to(device), drop.to(device)
     w = weight.to(device=device, dtype=torch.float64)
-    a = gram[keep_d][:, keep_d] + lam * torch.eye(len(keep), dtype=torch.float64, device=device)
     rhs = gram[keep_d][:, drop_d] @ w[:, drop_d].T  # G_KR W_R^T [k, o]
-    chol, info = torch.linalg.cholesky_ex(a)
-    if info.item() != 0:
-        raise UserError(f"correction lsq: the damped Gram is not positive definite; raise correction_damping "
-                        f"(now {damping})")
-    corrected = w[:, keep_d] + torch.cholesky_solve(rhs, chol).T
+    corrected = w[:, keep_d] + ridge_solve(gram[keep_d][:, keep_d], rhs, lam, damping).T
     return corrected.to(device=weight.device, dtype=weight.dtype)
+
+
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, lam: torch.Tensor, damping: float, of: str = "") -> torch.Tensor:
+    """(``gram`` + ``lam`` I)^-1 ``rhs`` by Cholesky. A damped Gram that is not positive definite (or no damping
+    at all) is a one-line error naming ``damping`` and what the Gram is ``of``."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(gram + lam * eye)
+    if info.item() != 0 or lam == 0:
+        raise UserError(f"correction lsq: the damped Gram{of} is not positive definite; raise correction_damping "
+                        f"(now {damping})")
+    return torch.cholesky_solve(rhs, chol)
 
 
 def kept_inputs(kind: str, cfg: ModelConfig, groups: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,10 @@ from typing import Callable
 
 import torch
 
-from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from nemo_minitron.parallel import state
 from nemo_minitron.prune import importance as imp_lib
+from nemo_minitron.prune.correction import ridge_solve
 
 
 def removed_runs(drop: list[int]) -> list[tuple[int, int]]:
@@ -67,13 +67,9 @@ class _RunStats:
         self.cross += (m.T @ (after - y)).cpu()
 
     def solve(self, damping: float) -> torch.Tensor:
-        eye = torch.eye(self.gram.shape[0], dtype=torch.float64)
         lam = damping * self.gram.diagonal().mean()
-        chol, info = torch.linalg.cholesky_ex(self.gram + lam * eye)
-        if info.item() != 0 or lam == 0:
-            raise UserError(f"correction lsq: the damped Gram of a removed run's MLP output is not positive "
-                            f"definite; raise correction_damping (now {damping})")
-        return eye + torch.cholesky_solve(self.cross, chol)
+        shift = ridge_solve(self.gram, self.cross, lam, damping, of=" of a removed run's MLP output")
+        return torch.eye(self.gram.shape[0], dtype=torch.float64) + shift
 
 
 def layer_maps(model, cfg: ModelConfig, calibration: list[torch.Tensor], drop: list[int],
