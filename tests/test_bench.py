@@ -120,13 +120,16 @@ def test_bench_end_to_end(inputs, tmp_path):
     assert ledger["full.recovery.train"]["config"]["student"] == full["pruned"]
     assert full["recovery"]["tokens"] == results["recovery"]["tokens"] == 128
     assert full["recovery"]["loss"] == loss("full_recovery_eval_trained")
+    lsq = results["lsq"]
+    assert ledger["lsq.recovery.train"]["config"]["student"] == lsq["pruned"] == ledger["lsq.prune"]["config"]["output"]
+    assert (lsq["recovery"]["tokens"], lsq["recovery"]["loss"]) == (128, loss("lsq_recovery_eval_trained"))
     # One teacher logit cache, written once, feeds every distillation from the original teacher (the NAS's short
     # ones too); the corrected arm's teacher differs, so it distils online.
     cache = str(out / "teacher_cache")
     assert ledger["teacher_cache"]["config"]["teacher"] == str(inputs["teacher"])
     # The longest distillation, the recovery run: 128 tokens in steps of 4 windows of 8 tokens.
     assert ledger["teacher_cache"]["config"]["windows"] == 128 // (4 * 8) * 4
-    for arm in ("ours", "recovery", "random", "magnitude", "depth", "lsq", "full", "full.recovery"):
+    for arm in ("ours", "recovery", "random", "magnitude", "depth", "lsq", "lsq.recovery", "full", "full.recovery"):
         assert ledger[f"{arm}.train"]["config"]["teacher_cache"]["path"] == cache, arm
     assert nas["config"]["teacher_cache"]["path"] == cache
     assert ledger["corrected.train"]["config"]["teacher_cache"] is None
@@ -138,6 +141,9 @@ def test_bench_end_to_end(inputs, tmp_path):
     assert results["ce"]["curve"]["train"][0][1] != pytest.approx(scratch_first, abs=0.05)
     text = (out / "report.md").read_text()
     assert f"{derived['recovery']:.3f}" in text and "| width beats depth after KD |" in text
+    # At the recovery budget: ours, lsq and the full method side by side.
+    for label, arm in (("ours + lsq weight correction + logit KD", lsq), ("ours, full method", full)):
+        assert f"| {label}" in text and f"| {arm['pruned_loss']:.4f} | {arm['recovery']['loss']:.4f} |" in text
     assert (out / "recovery.png").stat().st_size > 0 and (out / "arms.png").stat().st_size > 0
     assert (out / "results.md").read_text().strip()
     header = None  # every row of a table has its header's cells (a "|" inside a cell would add one)

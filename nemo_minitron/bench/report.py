@@ -159,8 +159,8 @@ def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tupl
     if results.get("teacher_cache"):
         head += ["", "Every distillation from the teacher (all arms but `corrected`, whose teacher differs) read one "
                      "logit cache of the teacher's top-k log-probabilities (`distill.teacher_cache`), written once."]
-    at_recovery = [(label, results[key]["pruned_loss"], results[key]["recovery"]) for key, label in
-                   (("full", ARMS["full"]), ("modelopt", ARMS["modelopt"])) if "recovery" in results.get(key, {})]
+    at_recovery = [(ARMS[key], results[key]["pruned_loss"], results[key]["recovery"])
+                   for key in ("lsq", "full", "modelopt") if "recovery" in results.get(key, {})]
     if at_recovery:
         head += ["", f"At the recovery budget ({rec['tokens']:,} distillation tokens):", "",
                  "| arm | loss after pruning | loss after distillation |", "|---|---|---|",

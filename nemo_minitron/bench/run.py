@@ -9,8 +9,8 @@ Arms (each: prune -> held-out loss -> train -> held-out loss, from the same teac
 - claims: ``depth`` (layers dropped to the parameter count nearest the width target), ``corrected`` (the
   teacher fine-tuned on the corpus first), ``agg.<seq>_<batch>`` (other aggregations, pruned only),
   ``iterative`` (importance re-estimated between intermediate cuts, pruned only);
-- beyond the baseline: ``lsq`` (ours with lsq weight correction after the cut); ``full`` (the full method: the
-  shape that NAS finds within the target's parameter count, lsq-corrected), also at ``recovery_tokens``;
+- beyond the baseline: ``lsq`` (ours with lsq weight correction after the cut) and ``full`` (the full method: the
+  shape that NAS finds within the target's parameter count, lsq-corrected), both also at ``recovery_tokens``;
 - peer: ``modelopt`` (NVIDIA ModelOpt's Minitron pruning, then our distillation), also at ``recovery_tokens``;
 - ``speed.*``: the scripts of :mod:`nemo_minitron.bench.scripts` (``benchmarks/<name>.py`` in a checkout) with
   their own side-by-side measurements.
@@ -74,7 +74,7 @@ def stage_keys(cfg: BenchConfig) -> list[str]:
             keys += [f"agg.{seq_agg}_{batch_agg}.prune", *ev(f"agg.{seq_agg}_{batch_agg}.eval_pruned")]
     keys += [f"iterative.step{i}.prune" for i in range(1, len(cfg.iterative_steps) + 2)]
     keys += ev("iterative.eval_pruned")
-    keys += arm("lsq")
+    keys += [*arm("lsq"), *recovery("lsq.recovery")]
     if cfg.nas is not None:
         keys += ["full.nas", *ev("full.eval_pruned"), *recovery("full"), *recovery("full.recovery")]
     if cfg.peers.modelopt:
@@ -275,8 +275,9 @@ def run_bench(cfg: BenchConfig) -> dict:
                             "pruned_losses": r.corpus_losses("iterative.eval_pruned")}
 
     # Beyond the baseline: weight correction, then the full method (NAS shape + correction) at both budgets.
-    results["lsq"] = bench.arm("lsq", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens,
-                               correction="lsq")
+    lsq = results["lsq"] = bench.arm("lsq", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens,
+                                     correction="lsq")
+    lsq["recovery"] = bench.train("lsq.recovery", "kd", lsq["pruned"], cfg.teacher, b.recovery_tokens)
     if cfg.nas is not None:
         results["full"] = _full_arm(bench, cfg, width_cfg)
     if cfg.peers.modelopt:
