@@ -124,7 +124,7 @@ def _gather_tp(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(state.all_gather(tensor, state.tp_group()), dim)
 
 
-def _gather_layers(local: dict[int, object]) -> dict[int, object]:
+def gather_layers(local: dict[int, object]) -> dict[int, object]:
     """Every pipeline stage's {global layer: value} on every rank."""
     if state.pp_size() == 1:
         return local
@@ -227,10 +227,10 @@ def activation_importance(
             out[idx] = packed
         return out
 
-    heads = _gather_layers(reduce(heads_m, tp_split=True))
-    neurons = _gather_layers(reduce(neurons_m, tp_split=True))
-    channels = _gather_layers(reduce(channels_m, tp_split=False))
-    blocks = _gather_layers({k: state.all_reduce(v, state.dp_group()) for k, v in block.items()})
+    heads = gather_layers(reduce(heads_m, tp_split=True))
+    neurons = gather_layers(reduce(neurons_m, tp_split=True))
+    channels = gather_layers(reduce(channels_m, tp_split=False))
+    blocks = gather_layers({k: state.all_reduce(v, state.dp_group()) for k, v in block.items()})
     order = range(cfg.num_layers)
     # A channel's score is the sum, over all layers and both norms, of its aggregated activation.
     channel_scores = torch.stack([finalize(channels[key], batch_agg) for key in sorted(channels)]).sum(0)
@@ -268,12 +268,12 @@ def magnitude_importance(model, cfg: ModelConfig) -> Importance:
         if state.tp_size() > 1:
             norm = state.all_reduce(norm.pow(2), state.tp_group()).sqrt()
         channels[0] = norm
-    heads, neurons = _gather_layers(heads), _gather_layers(neurons)
+    heads, neurons = gather_layers(heads), gather_layers(neurons)
     order = range(cfg.num_layers)
     return Importance(
         heads=torch.stack([heads[i] for i in order]),
         neurons=torch.stack([neurons[i] for i in order]),
-        channels=_gather_layers(channels)[0],
+        channels=gather_layers(channels)[0],
         criterion="magnitude",
     )
 

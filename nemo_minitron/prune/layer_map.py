@@ -47,7 +47,7 @@ def removed_runs(drop: list[int]) -> list[tuple[int, int]]:
 
 def _stages(model) -> dict[int, int]:
     """{global layer: the pipeline stage that holds it}."""
-    return imp_lib._gather_layers(dict.fromkeys((layer.layer_number - 1 for layer in model.decoder.layers),
+    return imp_lib.gather_layers(dict.fromkeys((layer.layer_number - 1 for layer in model.decoder.layers),
                                                 state.pp_rank()))
 
 
