@@ -70,8 +70,7 @@ class Ledger:
         return entry
 
     def record(self, key: str, config: dict, result: Any, seconds: float, outputs: list[str]) -> None:
-        self.stages[key] = {"digest": _digest(config), "config": config, "result": result, "seconds": seconds,
-                            "outputs": outputs}
+        self.stages[key] = {"config": config, "result": result, "seconds": seconds, "outputs": outputs}
         self._save()
 
     def forget_from(self, key: str) -> list[str]:
