@@ -18,6 +18,7 @@ import test_pipeline
 from nemo_minitron.bench.config import BenchConfig
 from nemo_minitron.bench.report import splice_readme
 from nemo_minitron.bench.run import depth_target, stage_keys
+from nemo_minitron.config import load_config
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
 from test_pipeline import cli, skipped
@@ -264,3 +265,9 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
     assert f"| model | {plays} | {prose} | {GENERATED} | {other} (out of blend) |" in md
     t = results["teacher_losses"]
     assert f"| teacher | {t[plays]:.4f} | {t[prose]:.4f} | {t[GENERATED]:.4f} | {t[other]:.4f} |" in md
+
+
+def test_shipped_bench_keeps_no_checkpoint_of_a_finished_arm() -> None:
+    """conf/bench/smollm2.yaml (what `make bench` runs) deletes each arm's training checkpoints once it finished."""
+    cfg = load_config(BenchConfig, Path(__file__).resolve().parents[1] / "conf" / "bench" / "smollm2.yaml")
+    assert cfg.distill.checkpoint.keep_when_done is False
