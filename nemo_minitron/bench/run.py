@@ -66,19 +66,23 @@ def stage_keys(cfg: BenchConfig) -> list[str]:
         return [f"{key}.train", *ev(f"{key}.eval_trained")]
 
     keys = [*data_keys(cfg.out_dir, cfg.data), *(["teacher_cache"] if cfg.distill.teacher_cache else []),
-            *ev("eval.teacher"), *arm("ours"), *recovery("recovery"), *arm("random"), *arm("magnitude"),
-            *recovery("ce"), *recovery("scratch"), *arm("depth"), "corrected.teacher_correction",
-            *ev("corrected.eval_teacher"), *arm("corrected")]
+            *ev("eval.teacher"), *arm("ours"), *recovery("recovery"), *arm("lsq")]
+    if cfg.nas is not None:
+        keys += ["full.nas", *ev("full.eval_pruned"), *recovery("full")]
+    if cfg.peers.modelopt:
+        keys += arm("modelopt")
+    keys += recovery("lsq.recovery")
+    if cfg.nas is not None:
+        keys += recovery("full.recovery")
+    if cfg.peers.modelopt:
+        keys += recovery("modelopt.recovery")
+    keys += [*arm("random"), *arm("magnitude"), *recovery("ce"), *recovery("scratch"), *arm("depth"),
+             "corrected.teacher_correction", *ev("corrected.eval_teacher"), *arm("corrected")]
     for seq_agg, batch_agg in cfg.aggregations:
         if (seq_agg, batch_agg) != (cfg.importance.seq_agg, cfg.importance.batch_agg):
             keys += [f"agg.{seq_agg}_{batch_agg}.prune", *ev(f"agg.{seq_agg}_{batch_agg}.eval_pruned")]
     keys += [f"iterative.step{i}.prune" for i in range(1, len(cfg.iterative_steps) + 2)]
     keys += ev("iterative.eval_pruned")
-    keys += [*arm("lsq"), *recovery("lsq.recovery")]
-    if cfg.nas is not None:
-        keys += ["full.nas", *ev("full.eval_pruned"), *recovery("full"), *recovery("full.recovery")]
-    if cfg.peers.modelopt:
-        keys += [*arm("modelopt"), *recovery("modelopt.recovery")]
     if cfg.speed:
         keys += [f"speed.{key}" for key in SPEED_SCRIPTS]
     return keys
@@ -238,6 +242,19 @@ def run_bench(cfg: BenchConfig) -> dict:
     ours = results["ours"] = bench.arm("ours", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens)
     results["recovery"] = bench.train("recovery", "kd", ours["pruned"], cfg.teacher, b.recovery_tokens)
 
+    # Beyond the baseline, first (the bench's target): weight correction, the full method (NAS shape + correction)
+    # and ModelOpt at the fixed target, after the comparison budget; then each after the recovery budget.
+    results["lsq"] = bench.arm("lsq", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens,
+                               correction="lsq")
+    if cfg.nas is not None:
+        results["full"] = _full_arm(bench, cfg, width_cfg)
+    if cfg.peers.modelopt:
+        results["modelopt"] = _modelopt_arm(bench, cfg)
+    for key in ("lsq", "full", "modelopt"):
+        if key in results:
+            results[key]["recovery"] = bench.train(f"{key}.recovery", "kd", results[key]["pruned"], cfg.teacher,
+                                                   b.recovery_tokens)
+
     # Baselines.
     for criterion in ("random", "magnitude"):
         results[criterion] = bench.arm(criterion, cfg.teacher, cfg.target,
@@ -274,14 +291,6 @@ def run_bench(cfg: BenchConfig) -> dict:
                             "pruned_loss": r.eval("iterative.eval_pruned", model)["loss"],
                             "pruned_losses": r.corpus_losses("iterative.eval_pruned")}
 
-    # Beyond the baseline: weight correction, then the full method (NAS shape + correction) at both budgets.
-    lsq = results["lsq"] = bench.arm("lsq", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens,
-                                     correction="lsq")
-    lsq["recovery"] = bench.train("lsq.recovery", "kd", lsq["pruned"], cfg.teacher, b.recovery_tokens)
-    if cfg.nas is not None:
-        results["full"] = _full_arm(bench, cfg, width_cfg)
-    if cfg.peers.modelopt:
-        results["modelopt"] = _modelopt_arm(bench, cfg)
     if cfg.speed:
         results["speed"] = _speed(bench, cfg, ours["pruned"])
     return report.write(out, results, r.log)
@@ -290,7 +299,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 def _full_arm(bench: _Bench, cfg: BenchConfig, width: ModelConfig) -> dict:
     """The full method: NAS (lsq-corrected candidates, ranked after pruning and after a short distillation each)
     within the fixed target's parameter count; the winner's pruned model (not its short distillation, which
-    would be extra tokens) then gets the same distillations as the other arms."""
+    would be extra tokens) then gets the same distillation as the other arms (``run_bench`` adds the recovery
+    budget's)."""
     r, b, home = bench.r, cfg.active, bench.out / "full"
     found = r.stage("full.nas", "nas", NASStageConfig(
         model=cfg.teacher, teacher=cfg.teacher, data=bench.data, output=str(home / "nas"),
@@ -304,13 +314,13 @@ def _full_arm(bench: _Bench, cfg: BenchConfig, width: ModelConfig) -> dict:
             "param_ratio_to_target": best["params"] / width.num_params(),
             "nas_candidates": len(found["candidates"]), "ranking_changed": found["ranking_changed"],
             **bench.evaluated_pruned("full", pruned),
-            **bench.train("full", "kd", pruned, cfg.teacher, b.compare_tokens),
-            "recovery": bench.train("full.recovery", "kd", pruned, cfg.teacher, b.recovery_tokens)}
+            **bench.train("full", "kd", pruned, cfg.teacher, b.compare_tokens)}
 
 
 def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
     """ModelOpt prunes the teacher to the target on our calibration batches (``SCRIPTS.modelopt_peer``, which
-    also times our importance estimation in the same process), then our eval and distillation as for ours."""
+    also times our importance estimation in the same process), then our eval and distillation as for ours
+    (``run_bench`` adds the recovery budget's)."""
     peer = bench.out / "modelopt"
     prune_cfg = PruneConfig(model=cfg.teacher, output=str(peer / "ours"), target=cfg.target,
                             calibration=bench.calibration, importance=cfg.importance,
@@ -327,10 +337,9 @@ def _modelopt_arm(bench: _Bench, cfg: BenchConfig) -> dict:
     pruned = found["students"]["modelopt"]
     return {"ours_importance_s": found["seconds"]["ours_importance"],
             "modelopt_importance_s": found["seconds"]["modelopt_prune"], "overlap": found["overlap"],
-            "pruned_loss": bench.r.eval("modelopt.eval_pruned", pruned)["loss"],
+            "pruned": pruned, "pruned_loss": bench.r.eval("modelopt.eval_pruned", pruned)["loss"],
             "pruned_losses": bench.r.corpus_losses("modelopt.eval_pruned"),
-            **bench.train("modelopt", "kd", pruned, cfg.teacher, cfg.active.compare_tokens),
-            "recovery": bench.train("modelopt.recovery", "kd", pruned, cfg.teacher, cfg.active.recovery_tokens)}
+            **bench.train("modelopt", "kd", pruned, cfg.teacher, cfg.active.compare_tokens)}
 
 
 def _speed(bench: _Bench, cfg: BenchConfig, student: str) -> dict:
