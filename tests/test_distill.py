@@ -301,6 +301,25 @@ def test_recomputed_activations_train_bit_identically(kd, tmp_path, single_rank)
             assert np.array_equal(got_weights[key], value), f"{recompute} {key}"
 
 
+def test_periodic_evaluation_leaves_the_training_as_it_is(kd, tmp_path, single_rank):
+    """Held-out evaluations during training (here after every step, against none) change the loss curve's points
+    and nothing else: the training metrics and the weights are the same bit for bit (what lets ``run`` and
+    ``bench`` reuse a finished distillation whose eval.every_steps differs)."""
+    runs = {}
+    for every in (0, 1):
+        spec = {**job(kd["pruned"], kd["teacher"], kd["data"], tmp_path / str(every), steps=3),
+                "evaluation": dict(every_steps=every, max_windows=4)}
+        trainer = make_trainer(spec)
+        trainer.run()
+        rows = metrics(spec["output"])
+        runs[every] = ([{k: v for k, v in row.items() if not k.startswith("eval_")} for row in rows],
+                       canonical(trainer), sum("eval_loss" in row for row in rows))
+    assert (runs[0][2], runs[1][2]) == (1, 3)  # the final evaluation; after steps 1 and 2 too
+    assert runs[1][0] == runs[0][0]
+    for key, value in runs[0][1].items():
+        assert np.array_equal(runs[1][1][key], value), key
+
+
 # ------------------------------------------------------------------------------------------ 3: resume
 
 

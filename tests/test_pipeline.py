@@ -140,9 +140,9 @@ def test_run_end_to_end_skip_resume_and_changed_config(inputs) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert skipped(again.stdout) == set(ledger)
     assert json.loads((run / "report.json").read_text())["rows"] == report["rows"]
-    # Other checkpoint and log settings leave what finished as it is.
+    # Other checkpoint, log and periodic-eval settings leave what finished as it is.
     io_only = cli("run", str(config), "distill.checkpoint.keep_last=3", "distill.checkpoint.keep_when_done=false",
-                  "distill.log.every_steps=2")
+                  "distill.log.every_steps=2", "distill.eval.every_steps=3")
     assert io_only.returncode == 0, io_only.stderr[-3000:]
     assert skipped(io_only.stdout) == set(ledger)
 

@@ -3,8 +3,8 @@
 A stage recorded with the same config is skipped on the next ``run`` and its recorded result reused; one
 recorded with a different config stops the run with the first key that changed, instead of silently reusing
 an output made from other settings. How a distillation writes checkpoints and logs (its ``checkpoint`` and
-``log`` sections) is not part of what it computes: those may change between runs. The file is replaced
-atomically after every stage.
+``log`` sections) and how often it measures its held-out loss on the way (``eval.every_steps``) are not part of
+what it computes: those may change between runs. The file is replaced atomically after every stage.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ def _outcome(config: dict) -> dict:
     kept = {key: value for key, value in config.items() if key not in _IO_ONLY}
     if isinstance(kept.get("distill"), dict):
         kept["distill"] = _outcome(kept["distill"])
+    # A distillation's periodic held-out loss: how many points its curve has (the weights, and the final
+    # held-out loss on the same windows, do not depend on it).
+    if isinstance(kept.get("eval"), dict) and "every_steps" in kept["eval"]:
+        kept["eval"] = {key: value for key, value in kept["eval"].items() if key != "every_steps"}
     return kept
 
 
