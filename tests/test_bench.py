@@ -49,7 +49,7 @@ def tiny_bench(inputs: dict[str, Path], output: Path, **changes) -> Path:
         },
         "eval": {"seq_length": 32, "micro_batch_size": 2},
         "budgets": budgets,
-        "quick_budgets": {**budgets, "recovery_tokens": 128, "seq_length": 8},
+        "quick_budgets": {**budgets, "recovery_tokens": 128, "seq_length": 8, "recovery_eval_every_steps": 1},
         "peers": {"modelopt": False},
         # The full method's search: shapes within 10% under the target's parameter count.
         "nas": {"search": {"hidden_size": [40, 48, 56], "ffn_hidden_size": [48, 64, 80]}, "tolerance": 0.1,
@@ -101,6 +101,12 @@ def test_bench_end_to_end(inputs, tmp_path):
     pruned, distilled = loss("ours_eval_pruned"), loss("recovery_eval_trained")
     assert derived["recovery"] == pytest.approx((pruned - distilled) / (pruned - loss("eval_teacher")))
     assert results["recovery"]["tokens"] == 128  # quick_budgets
+    # The recovery-budget runs' curves have a point every recovery_eval_every_steps (1) steps of 32 tokens, the
+    # other arms' every distill.eval.every_steps (2); every curve ends with the final evaluation.
+    for arm in (results["recovery"], results["lsq"]["recovery"], results["full"]["recovery"]):
+        assert [tokens for tokens, _ in arm["curve"]["eval"]] == [32, 64, 96, 128]
+    for arm in (results["ours"], results["lsq"], results["full"]):
+        assert [tokens for tokens, _ in arm["curve"]["eval"]] == [64, 128]
     for arm in ("random", "magnitude", "ce", "scratch", "depth", "corrected"):
         assert derived["vs_ours"][arm] == pytest.approx(loss(f"{arm}_eval_trained") - loss("ours_eval_trained"))
     assert results["depth"]["num_layers"] < 4
@@ -152,9 +158,10 @@ def test_bench_end_to_end(inputs, tmp_path):
         header = (header or line) if line.startswith("|") else None
         assert header is None or line.count("|") == header.count("|"), line
 
-    again = cli("bench", str(config), "--quick")
+    # Run again with another curve resolution (not what a distillation computes): every stage is skipped.
+    again = cli("bench", str(config), "--quick", "distill.eval.every_steps=3")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {"data", "ours.train", "scratch.train", "iterative.eval_pruned"} <= skipped(again.stdout)
+    assert skipped(again.stdout) == set(ledger)
     assert json.loads((out / "report.json").read_text())["derived"]["recovery"] == derived["recovery"]
 
 

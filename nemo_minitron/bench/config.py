@@ -29,6 +29,9 @@ class Budgets(StrictModel):
                                                               "held-out windows (None: calibration.seq_length, "
                                                               "distill.train.seq_length and eval.seq_length)")
     eval_windows: int = Field(gt=0, description="held-out windows of eval.seq_length behind every loss")
+    recovery_eval_every_steps: Optional[int] = Field(
+        None, gt=0, description="the recovery_tokens distillations' held-out loss curve: a point every this "
+                                "many steps (None: distill.eval.every_steps)")
     speed_steps: int = Field(gt=0, description="timed steps of the speed benchmarks")
     speed_seq: int = Field(ge=2, description="sequence length of the speed benchmarks")
     kl_tokens: int = Field(gt=0, description="tokens of the KL peak-memory benchmark")

@@ -29,6 +29,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from nemo_minitron.bench.config import BenchConfig
 from nemo_minitron.checkpoint.io import read_model_config, resolve_model_dir
@@ -199,13 +200,14 @@ class _Bench:
         return {"pruned": pruned, "pruned_loss": self.r.eval(f"{key}.eval_pruned", pruned)["loss"],
                 "pruned_losses": self.r.corpus_losses(f"{key}.eval_pruned")}
 
-    def train(self, key: str, mode: str, student: str, teacher, tokens: int, student_init: str = "checkpoint") -> dict:
+    def train(self, key: str, mode: str, student: str, teacher, tokens: int, student_init: str = "checkpoint",
+              eval_every_steps: Optional[int] = None) -> dict:
         """Train ``student`` for ``tokens`` (``mode`` kd: from ``teacher``, through the bench's logit cache when it
         has one and ``teacher`` is the original teacher), then evaluate it."""
         out = self.out / key / "train"
         cache = self.cache if mode == "kd" and teacher == self.cfg.teacher else None
         result = self.r.distill(f"{key}.train", mode, student, teacher, tokens, out, student_init=student_init,
-                                teacher_cache=cache)
+                                teacher_cache=cache, eval_every_steps=eval_every_steps)
         return {"tokens": result["tokens"], "loss": self.r.eval(f"{key}.eval_trained", result["final"])["loss"],
                 "losses": self.r.corpus_losses(f"{key}.eval_trained"), "curve": _curve(out / "metrics.jsonl"),
                 "train_dir": str(out), "teacher_cache": cache is not None}
@@ -240,7 +242,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     # Ours, at the comparison budget and at the recovery budget (the same pruned student).
     ours = results["ours"] = bench.arm("ours", cfg.teacher, cfg.target, cfg.importance, cfg.teacher, b.compare_tokens)
-    results["recovery"] = bench.train("recovery", "kd", ours["pruned"], cfg.teacher, b.recovery_tokens)
+    results["recovery"] = bench.train("recovery", "kd", ours["pruned"], cfg.teacher, b.recovery_tokens,
+                                      eval_every_steps=b.recovery_eval_every_steps)
 
     # Beyond the baseline, first (the bench's target): weight correction, the full method (NAS shape + correction)
     # and ModelOpt at the fixed target, after the comparison budget; then each after the recovery budget.
@@ -253,7 +256,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     for key in ("lsq", "full", "modelopt"):
         if key in results:
             results[key]["recovery"] = bench.train(f"{key}.recovery", "kd", results[key]["pruned"], cfg.teacher,
-                                                   b.recovery_tokens)
+                                                   b.recovery_tokens, eval_every_steps=b.recovery_eval_every_steps)
 
     # Baselines.
     for criterion in ("random", "magnitude"):

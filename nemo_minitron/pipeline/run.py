@@ -290,13 +290,15 @@ class Runner:
 
     def distill(self, key: str, mode: str, student: str, teacher: Optional[str], tokens: int, output: Path,
                 optim=None, student_init: str = "checkpoint",
-                teacher_cache: Optional[TeacherCacheConfig] = None) -> dict:
+                teacher_cache: Optional[TeacherCacheConfig] = None, eval_every_steps: Optional[int] = None) -> dict:
         """The distillation's periodic held-out loss is measured on the windows of the run's ``eval`` section,
-        as the ``eval`` stages are: every point of the report's loss curve is one evaluation. With
-        ``teacher_cache`` the teacher's outputs are read from it (``teacher`` is only checked against it)."""
+        as the ``eval`` stages are: every point of the report's loss curve is one evaluation, every
+        ``eval_every_steps`` (None: ``distill.eval.every_steps``). With ``teacher_cache`` the teacher's outputs
+        are read from it (``teacher`` is only checked against it)."""
         d, e = self.cfg.distill, self.cfg.eval
+        every = d.eval.every_steps if eval_every_steps is None else eval_every_steps
         periodic = d.eval.model_copy(update={"seq_length": e.seq_length, "max_windows": e.max_windows,
-                                             "micro_batch_size": e.micro_batch_size})
+                                             "micro_batch_size": e.micro_batch_size, "every_steps": every})
         config = DistillConfig(mode=mode, student=student, student_init=student_init, teacher=teacher,
                                data=self.data, output=str(output), train=d.train.for_tokens(tokens),
                                optim=optim or d.optim, loss=d.loss if mode == "kd" else LossConfig(),
