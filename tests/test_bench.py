@@ -278,3 +278,6 @@ def test_shipped_bench_keeps_no_checkpoint_of_a_finished_arm() -> None:
     """conf/bench/smollm2.yaml (what `make bench` runs) deletes each arm's training checkpoints once it finished."""
     cfg = load_config(BenchConfig, Path(__file__).resolve().parents[1] / "conf" / "bench" / "smollm2.yaml")
     assert cfg.distill.checkpoint.keep_when_done is False
+    # The 512-step recovery runs' curves: 16 points, not one per distill.eval.every_steps (8).
+    steps = cfg.budgets.recovery_tokens // (cfg.distill.train.global_batch_size * cfg.distill.train.seq_length)
+    assert (steps // cfg.budgets.recovery_eval_every_steps, cfg.distill.eval.every_steps) == (16, 8)
