@@ -72,11 +72,9 @@ def stage_keys(cfg: BenchConfig) -> list[str]:
         keys += ["full.nas", *ev("full.eval_pruned"), *recovery("full")]
     if cfg.peers.modelopt:
         keys += arm("modelopt")
-    keys += recovery("lsq.recovery")
-    if cfg.nas is not None:
-        keys += recovery("full.recovery")
-    if cfg.peers.modelopt:
-        keys += recovery("modelopt.recovery")
+    beyond = ["lsq", *(["full"] if cfg.nas is not None else []), *(["modelopt"] if cfg.peers.modelopt else [])]
+    for key in beyond:
+        keys += recovery(f"{key}.recovery")
     keys += [*arm("random"), *arm("magnitude"), *recovery("ce"), *recovery("scratch"), *arm("depth"),
              "corrected.teacher_correction", *ev("corrected.eval_teacher"), *arm("corrected")]
     for seq_agg, batch_agg in cfg.aggregations:
