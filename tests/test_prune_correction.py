@@ -55,6 +55,27 @@ def hf_inputs(path, batches: list[torch.Tensor]) -> dict[tuple[int, str], np.nda
     return {k: torch.cat(v).double().numpy() for k, v in seen.items()}
 
 
+def hf_norm_energy(path, batches: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Each RMS norm's [h] sum over the tokens of (x_c / rms(x))^2 of its input, in transformers' names (numpy)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seen: dict[str, list] = {}
+    for name, module in model.named_modules():
+        if name.endswith("layernorm") or name == "model.norm":
+            module.register_forward_pre_hook(lambda _m, args, key=f"{name}.weight": seen.setdefault(key, []).append(
+                args[0].reshape(-1, args[0].shape[-1]).double().numpy()))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch[:, :-1])
+    eps = model.config.rms_norm_eps
+    energy = {}
+    for key, parts in seen.items():
+        x = np.concatenate(parts)
+        energy[key] = (x**2 / ((x**2).mean(1, keepdims=True) + eps)).sum(0)
+    return energy
+
+
 def hf_run_map(path, batches: list[torch.Tensor], before: int, last: int, damping: float) -> np.ndarray:
     """The map T [hidden, hidden] of the run of removed layers ``before + 1 .. last``, as one stacked numpy least
     squares problem on transformers' activations: M T ~ M + Y' - Y with M the output of layer ``before``'s MLP,
@@ -144,10 +165,25 @@ def test_corrected_weights_equal_a_dense_least_squares_solve(tiny_hf_dirs, singl
             err_none = np.linalg.norm(target - x[(old, reads)][:, keep] @ w[:, keep].T)
             assert err_lsq < err_none, (key, err_lsq, err_none)
             refit.add(key)
-    # Every other tensor (embeddings, output layer, norms) is the plain slice.
+    # Each RMS norm is the plain slice times sqrt(f h / h'), f the kept channels' share of its normalised input's
+    # energy on the calibration tokens; every other tensor (embeddings, output layer) is the plain slice.
     assert set(got) == set(sliced) and len(refit) == 7 * 3
+    energy = hf_norm_energy(src, batches)
+    h, kept = loaded.cfg.hidden_size, TARGET.hidden_size
+    ch = np.array(sel["channels"])
+    norms = {f"model.layers.{new}.{name}.weight": f"model.layers.{old}.{name}.weight"
+             for new, old in enumerate(sel["layers"]) for name in ("input_layernorm", "post_attention_layernorm")}
+    norms["model.norm.weight"] = "model.norm.weight"
+    assert plain_report["norm_scales"] == {} and len(report["norm_scales"]) == len(norms) == 2 * 3 + 1
     for key in set(sliced) - refit:
-        assert torch.equal(got[key], sliced[key]), key
+        if key in norms:
+            e = energy[norms[key]]
+            scale = np.sqrt(e[ch].sum() / e.sum() * h / kept)
+            assert scale != 1 and scale < np.sqrt(h / kept), key
+            np.testing.assert_allclose(got[key].double().numpy(), sliced[key].double().numpy() * scale, rtol=1e-5,
+                                       err_msg=key)
+        else:
+            assert torch.equal(got[key], sliced[key]), key
     # And the whole pruned model's logits are closer to the teacher's on the calibration tokens.
     ids = torch.cat(batches)[:, :-1]
     pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
@@ -178,11 +214,44 @@ def test_large_damping_gives_back_the_plain_slice(tiny_hf_dirs, single_rank):
     loaded = io.load_model(str(tiny_hf_dirs["untied"]))
     scored = score(loaded, calibration(loaded.cfg.vocab_size), grams=True)
     plain, _ = cut(loaded, scored, TARGET, calibration_loss=False)
-    damped, _ = cut(loaded, scored, TARGET, calibration_loss=False, correction="lsq", damping=1e9)
+    damped, report = cut(loaded, scored, TARGET, calibration_loss=False, correction="lsq", damping=1e9)
+    # The RMS norms' rescale takes no damping: they are the plain slice times their factor (by source name).
+    layers, scales = report["selection"]["layers"], report["norm_scales"]
+    assert len(scales) == 2 * len(layers) + 1
+
+    def source(key: str) -> str:
+        parts = key.split(".")
+        if key.startswith("decoder.layers."):
+            parts[2] = str(layers[int(parts[2])])
+        return ".".join(parts)
+
     for key, value in gather_canonical(plain.model, plain.cfg).items():
-        torch.testing.assert_close(gather_canonical(damped.model, damped.cfg)[key], value, rtol=0, atol=1e-6)
+        expected = value * scales[source(key)] if source(key) in scales else value
+        torch.testing.assert_close(gather_canonical(damped.model, damped.cfg)[key], expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"score\(\.\.\., grams=True\)"):
         cut(loaded, score(loaded, calibration(loaded.cfg.vocab_size, n=1)), TARGET, correction="lsq")
+
+
+def test_a_rescaled_norm_gives_the_kept_channels_of_the_unpruned_norm(tiny_hf_dirs, single_rank):
+    """When the removed channels carried no energy on the calibration set, the factor is sqrt(h / h') and the
+    sliced RMS norm times it outputs, on such inputs, the kept channels of the teacher's norm (numpy); channels of
+    equal energy give 1."""
+    loaded = io.load_model(str(tiny_hf_dirs["untied"]))
+    h, keep = loaded.cfg.hidden_size, torch.arange(0, 64, 2)
+    energy = torch.zeros(h, dtype=torch.float64)
+    energy[keep] = torch.rand(len(keep), dtype=torch.float64) + 0.5
+    scales = corr_lib.norm_scales({"a": energy, "b": torch.ones(h, dtype=torch.float64)}, keep)
+    assert scales["a"] == pytest.approx(np.sqrt(h / len(keep)), rel=1e-12) and scales["b"] == pytest.approx(1.0)
+    norm = loaded.model.decoder.layers[0].input_layernorm
+    x = np.zeros((5, h))
+    x[:, keep] = np.random.default_rng(0).normal(size=(5, len(keep)))
+    g = norm.weight.detach().double().numpy()
+    expected = (x / np.sqrt((x**2).mean(-1, keepdims=True) + loaded.cfg.norm_eps) * g)[:, keep]
+    sliced = torch.nn.RMSNorm(len(keep), eps=loaded.cfg.norm_eps, dtype=torch.float64)
+    with torch.no_grad():
+        sliced.weight.copy_(norm.weight[keep] * scales["a"])
+        got = sliced(torch.tensor(x[:, keep])).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_grams_that_cannot_fit_are_refused_before_the_pass(tiny_hf_dirs, single_rank, monkeypatch):
@@ -261,7 +330,7 @@ def test_correction_table_reports_the_held_out_losses_of_each_pruning(tiny_hf_di
         with torch.no_grad():
             loss = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)(ids, labels=ids).loss
         assert row[f"loss_{name}"] == pytest.approx(loss.item(), abs=1e-4), name
-    assert row["loss_none"] not in (row["loss_lsq_units"], row["loss_lsq"])
+    assert len({row["loss_none"], row["loss_lsq_units"], row["loss_lsq_linears"], row["loss_lsq"]}) == 4
     assert row["gain_lsq"] == pytest.approx(row["loss_none"] - row["loss_lsq"])
 
 

@@ -11,6 +11,14 @@ input units, the corrected weight is
 with G = X^T X the input Gram, R the removed units and lam = ``damping`` x mean(diag G). The ridge pulls toward
 the plainly sliced weights W_K: a large damping gives back ``correction: none``, and a layer that loses no input
 is left exactly as it is. The output layer and the embeddings are not re-fit (they are tied in many models).
+
+When hidden channels are removed, the RMS norms are rescaled too. A pruned norm divides by the RMS over the h'
+kept channels instead of all h; with f the share of the normalised input's energy, sum over the calibration tokens
+of (x_c / rms(x))^2, that the kept channels carry, the kept channels' mean square is f h / h' times the full one,
+so every RMS norm weight (the layers' and the final one) is multiplied by sqrt(f h / h') (:func:`norm_scales`;
+the importance pass sums the energies). Removed channels that carried no energy give sqrt(h / h'), which undoes
+the change exactly; channels of equal energy give 1. The re-fit readers then see inputs on the scale they were
+fitted on.
 Removed layers are replaced by a linear map merged into the ``linear_fc2`` before them
 (:mod:`~nemo_minitron.prune.layer_map`).
 
@@ -45,6 +53,9 @@ from nemo_minitron.prune.rows import fc1_rows, qkv_rows
 LINEARS = {"fc2": "mlp.linear_fc2", "proj": "self_attention.linear_proj",
            "qkv": "self_attention.linear_qkv", "fc1": "mlp.linear_fc1"}
 TP_SPLIT = ("fc2", "proj")
+# Every part of lsq correction: the re-fit of each kind of linear layer, and the rescale of the RMS norms when
+# hidden channels are removed (``cut(..., refit=...)`` picks a subset).
+PARTS = (*LINEARS, "norms")
 GIB = 2**30
 
 
@@ -210,10 +221,17 @@ def kept_inputs(kind: str, cfg: ModelConfig, groups: torch.Tensor, heads: torch.
 
 def refit_plan(layers: list[int], kinds: tuple[str, ...] = tuple(LINEARS)) -> dict[str, tuple[int, str]]:
     """The pruned model's tensors that are re-fit, by name, with the (original layer, kind) each comes from:
-    the ``kinds`` (default: all of :data:`LINEARS`) of every kept layer (``layers``: original indices, in the
-    pruned model's order)."""
+    the linear ``kinds`` (default: all of :data:`LINEARS`; other parts are ignored) of every kept layer
+    (``layers``: original indices, in the pruned model's order)."""
     return {f"decoder.layers.{new}.{LINEARS[kind]}.weight": (old, kind)
-            for new, old in enumerate(layers) for kind in kinds}
+            for new, old in enumerate(layers) for kind in kinds if kind in LINEARS}
+
+
+def norm_scales(energy: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
+    """The factor on each RMS norm weight (by name) of a model cut to the hidden channels ``keep``:
+    sqrt(f h / h'), f the kept channels' share of the norm's input ``energy`` [h] (sum over the calibration tokens of
+    (x_c / rms(x))^2; :class:`~nemo_minitron.prune.importance.Importance`'s ``norm_energy``)."""
+    return {name: math.sqrt(float(e[keep].sum() / e.sum()) * len(e) / len(keep)) for name, e in energy.items()}
 
 
 def _problem(kind: str, weight: torch.Tensor, cfg: ModelConfig, selection,

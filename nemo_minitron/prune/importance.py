@@ -8,6 +8,9 @@ Activation importance (Minitron) is measured with forward hooks during calibrati
 - embedding channel c: |output of ``input_layernorm`` and ``pre_mlp_layernorm``|, summed over all layers;
 - layer (block importance, ShortGPT): 1 - cos(layer input, layer output), averaged over tokens.
 
+The same pass sums, for every RMS norm, each channel's energy in the normalised input x / rms(x) over the
+calibration tokens (``norm_energy``: weight correction rescales the norms of a model cut to fewer channels by it).
+
 Each pass over the calibration set can show a progress bar with an ETA (``progress``: global rank 0, stderr).
 
 Per-token values are reduced over the sequence (``seq_agg``), then over the calibration samples
@@ -84,6 +87,8 @@ class Importance:
     layers: dict[str, torch.Tensor] = field(default_factory=dict)  # criterion -> [L]
     calibration_loss: Optional[float] = None
     criterion: str = "activation"
+    # Canonical name of each RMS norm weight -> [h]: sum over the calibration tokens of (x_c / rms(x))^2 of its input.
+    norm_energy: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def groups(self, num_query_groups: int) -> torch.Tensor:
         """[L, G]: a query group's score is the sum of its heads' scores."""
@@ -124,8 +129,8 @@ def _gather_tp(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(state.all_gather(tensor, state.tp_group()), dim)
 
 
-def gather_layers(local: dict[int, object]) -> dict[int, object]:
-    """Every pipeline stage's {global layer: value} on every rank."""
+def gather_layers(local: dict) -> dict:
+    """Every pipeline stage's {global layer (or a tensor's name): value} on every rank."""
     if state.pp_size() == 1:
         return local
     everyone: list = [None] * state.pp_size()
@@ -160,6 +165,7 @@ def activation_importance(
     heads_m: dict[int, _Moments] = {}
     neurons_m: dict[int, _Moments] = {}
     channels_m: dict[tuple[int, str], _Moments] = {}
+    energy: dict[str, torch.Tensor] = {}  # norm weight's name -> [h]
     block: dict[int, torch.Tensor] = {}  # layer -> [sum of (1 - cos), tokens]
     handles = []
 
@@ -174,6 +180,14 @@ def activation_importance(
     def on_fc2_input(idx: int) -> Callable:
         def hook(_module, args):
             neurons_m.setdefault(idx, _Moments()).add(reduce_sequence(args[0].float().abs(), seq_agg))
+
+        return hook
+
+    def on_norm_input(name: str) -> Callable:
+        def hook(_module, args):
+            x = args[0].double()
+            normalised = x.pow(2) / (x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+            energy[name] = energy.get(name, 0) + normalised.flatten(0, -2).sum(0)
 
         return hook
 
@@ -200,7 +214,13 @@ def activation_importance(
             layer.input_layernorm.register_forward_hook(on_norm_output((idx, "input"))),
             layer.pre_mlp_layernorm.register_forward_hook(on_norm_output((idx, "pre_mlp"))),
             layer.register_forward_hook(on_layer(idx), with_kwargs=True),
+            layer.input_layernorm.register_forward_pre_hook(on_norm_input(f"decoder.layers.{idx}.input_layernorm.weight")),
+            layer.pre_mlp_layernorm.register_forward_pre_hook(
+                on_norm_input(f"decoder.layers.{idx}.pre_mlp_layernorm.weight")),
         ]
+    final_norm = getattr(model.decoder, "final_layernorm", None)  # on the last pipeline stage
+    if final_norm is not None:
+        handles.append(final_norm.register_forward_pre_hook(on_norm_input("decoder.final_layernorm.weight")))
     if grams is not None:
         handles += grams.attach(model)
     bar = progress_bar(progress, "importance", "batch", total=len(batches))
@@ -231,6 +251,7 @@ def activation_importance(
     neurons = gather_layers(reduce(neurons_m, tp_split=True))
     channels = gather_layers(reduce(channels_m, tp_split=False))
     blocks = gather_layers({k: state.all_reduce(v, state.dp_group()) for k, v in block.items()})
+    norm_energy = gather_layers({k: state.all_reduce(v, state.dp_group()).cpu() for k, v in sorted(energy.items())})
     order = range(cfg.num_layers)
     # A channel's score is the sum, over all layers and both norms, of its aggregated activation.
     channel_scores = torch.stack([finalize(channels[key], batch_agg) for key in sorted(channels)]).sum(0)
@@ -240,6 +261,7 @@ def activation_importance(
         channels=channel_scores.float(),
         layers={"block_importance": torch.tensor([float(blocks[i][0] / blocks[i][1]) for i in order])},
         calibration_loss=total / count,
+        norm_energy=norm_energy,
     )
 
 

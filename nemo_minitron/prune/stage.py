@@ -176,17 +176,19 @@ def score(loaded: LoadedModel, calibration: list[torch.Tensor],
             if importance.criterion == "magnitude"
             else imp_lib.random_importance(cfg, importance.seed)
         )
-        width.layers, width.calibration_loss = scores.layers, scores.calibration_loss
+        width.layers, width.calibration_loss, width.norm_energy = scores.layers, scores.calibration_loss, \
+            scores.norm_energy
         scores = width
     return Scores(scores, calibration, importance, seconds, progress, owned)
 
 
 def _cut_weights(loaded: LoadedModel, pruned_model, new_cfg: ModelConfig, selection: Selection,
                  refits: dict[str, tuple[int, str]], grams: Optional[dict[tuple[int, str], torch.Tensor]],
-                 damping: float, maps: dict[int, torch.Tensor]) -> None:
+                 damping: float, maps: dict[int, torch.Tensor], norm_scales: dict[str, float]) -> None:
     """Fill this rank's shard ``pruned_model`` of ``new_cfg``, cut from ``loaded`` by ``selection``, with the
     tensors of ``refits`` re-fit (:func:`~nemo_minitron.prune.correction.refit_plan`; the ``linear_fc2`` of each
-    layer in ``maps`` with its removed layers' map merged in). No rank holds more than
+    layer in ``maps`` with its removed layers' map merged in) and the RMS norm weights of ``norm_scales`` (by
+    source name) multiplied by their factor. No rank holds more than
     its shards and one full tensor in flight: each source tensor travels from the ranks that hold it to the
     ranks that need it (:mod:`nemo_minitron.parallel.exchange`), in one order on every rank."""
     cfg = loaded.cfg
@@ -207,7 +209,8 @@ def _cut_weights(loaded: LoadedModel, pruned_model, new_cfg: ModelConfig, select
     def sliced():
         wanted = [name for name, key in by_source.items() if key in needed]
         for name, full in fetch_canonical(source, cfg, list(by_source), wanted):
-            yield by_source[name], slice_tensor(by_source[name], full, cfg, selection)
+            tensor = slice_tensor(by_source[name], full, cfg, selection)
+            yield by_source[name], tensor * norm_scales[name] if name in norm_scales else tensor
 
     def refitted():
         solved = Exchange({key: Part(0, 1, tensor) for key, tensor in corrected.items()})
@@ -219,12 +222,12 @@ def _cut_weights(loaded: LoadedModel, pruned_model, new_cfg: ModelConfig, select
 
 def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_loss: bool = True,
         correction: Correction = "none", damping: float = 0.01,
-        refit: tuple[str, ...] = tuple(corr_lib.LINEARS)) -> tuple[LoadedModel, dict]:
+        refit: tuple[str, ...] = corr_lib.PARTS) -> tuple[LoadedModel, dict]:
     """``loaded`` pruned to ``target`` by ``scored`` (from :func:`score` on the same model), at the same TP/PP,
     with a report of the selection and the calibration loss before and (unless not ``calibration_loss``,
     which saves a pass over the calibration set) after. ``correction`` lsq re-fits the linear layers that read
-    pruned units, those of ``refit`` (default: all, see :data:`~nemo_minitron.prune.correction.LINEARS`), with
-    ridge ``damping`` (:mod:`nemo_minitron.prune.correction`; ``scored`` must hold the Grams:
+    pruned units and, when hidden channels are removed, rescales the RMS norms: the parts in ``refit`` (default:
+    all, see :data:`~nemo_minitron.prune.correction.PARTS`), with ridge ``damping`` (:mod:`nemo_minitron.prune.correction`; ``scored`` must hold the Grams:
     ``score(..., grams=True)``), and with ``fc2`` among them replaces removed layers by a linear map merged
     into the ``linear_fc2`` before them (:mod:`nemo_minitron.prune.layer_map`; one more calibration pass)."""
     cfg, model = loaded.cfg, loaded.model
@@ -246,7 +249,11 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
         if key not in scored.maps:
             scored.maps[key] = map_lib.layer_maps(model, cfg, calibration, drop, damping)
         maps = scored.maps[key]
-    _cut_weights(loaded, pruned_model, new_cfg, selection, refits, scored.grams, damping, maps)
+    rescale = correction == "lsq" and "norms" in refit and new_cfg.hidden_size < cfg.hidden_size
+    kept = {source_key(key, selection) for key in canonical_shapes(new_cfg)}
+    scales = {name: scale for name, scale in corr_lib.norm_scales(scores.norm_energy, selection.channels).items()
+              if name in kept} if rescale else {}
+    _cut_weights(loaded, pruned_model, new_cfg, selection, refits, scored.grams, damping, maps, scales)
     pruned_model.eval()
     pruned_loss = imp_lib.lm_loss(pruned_model, new_cfg, calibration) if calibration_loss else None
     report = {
@@ -259,6 +266,7 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
         "correction": correction,
         "correction_damping": damping if correction == "lsq" else None,
         "layer_maps": sorted(maps),
+        "norm_scales": scales,
         "depth_criterion": None if target.drop_layers is not None or not drop else scored.importance.depth,
         "dropped_layers": drop,
         "calibration_loss_before": scores.calibration_loss,
@@ -283,7 +291,8 @@ def prune(
 ) -> tuple[LoadedModel, dict]:
     """Prune ``loaded`` to ``target`` using importance from ``calibration`` micro-batches [b, s+1] (with
     ``progress``, bars over the passes that take long: importance and the depth criteria); ``correction`` lsq
-    re-fits the layers that read pruned neurons and heads (ridge ``damping``) on the same calibration pass.
+    re-fits the layers that read pruned neurons, heads and channels (ridge ``damping``) on the same calibration
+    pass and rescales the RMS norms of a model whose hidden channels are cut.
 
     Returns the pruned model (same TP/PP as ``loaded``) and a report with the scores and the selection (and,
     unless not ``calibration_loss``, the pruned model's calibration loss).

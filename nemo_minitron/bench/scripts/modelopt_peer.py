@@ -53,7 +53,7 @@ from nemo_minitron.parallel import state
 from nemo_minitron.parallel.cpu import cuda_available
 from nemo_minitron.parallel.sharding import gather_canonical
 from nemo_minitron.prune.config import CalibrationConfig, ImportanceConfig, PruneConfig, PruneTarget
-from nemo_minitron.prune.correction import LINEARS
+from nemo_minitron.prune.correction import LINEARS, PARTS
 from nemo_minitron.prune.slicing import Selection, slice_canonical
 from nemo_minitron.prune.stage import calibration_batches, cut, resolved_dtype, score, target_config, validate
 
@@ -323,14 +323,17 @@ def correction_table(loaded: LoadedModel, batches: list[torch.Tensor], targets: 
                      importance: ImportanceConfig, windows: list[torch.Tensor], micro_batch_size: int,
                      damping: float) -> dict:
     """Held-out loss on ``windows`` of ``loaded`` cut to each of ``targets`` with ``correction`` none, lsq on the
-    readers of pruned neurons and heads only (``lsq_units``) and lsq (ridge ``damping``), from one scoring pass on
-    ``batches`` that also accumulates the Grams (timed)."""
+    readers of pruned neurons and heads only (``lsq_units``), lsq on every reader but without the norms' rescale
+    (``lsq_linears``) and lsq (ridge ``damping``), from one scoring pass on ``batches`` that also accumulates the
+    Grams (timed)."""
     start = time.perf_counter()
     scored = score(loaded, batches, importance, grams=True)
     seconds = time.perf_counter() - start
     rows = []
-    # none; lsq on linear_fc2 and linear_proj only (the readers of pruned neurons and heads); lsq on all readers.
-    arms = {"none": ("none", ()), "lsq_units": ("lsq", ("fc2", "proj")), "lsq": ("lsq", tuple(LINEARS))}
+    # none; lsq on linear_fc2 and linear_proj only (the readers of pruned neurons and heads); lsq on all readers;
+    # lsq on all readers with the RMS norms rescaled (all of lsq).
+    arms = {"none": ("none", ()), "lsq_units": ("lsq", ("fc2", "proj")), "lsq_linears": ("lsq", tuple(LINEARS)),
+            "lsq": ("lsq", PARTS)}
     for target in targets:
         loss = {}
         for name, (correction, refit) in arms.items():
@@ -425,7 +428,8 @@ def print_correction(table: dict) -> None:
     for row in table["rows"]:
         shape = " ".join(f"{k}={v}" for k, v in row["target"].items())
         print(f"  {shape:<60} {row['param_ratio']:6.1%}  none {row['loss_none']:.4f}  "
-              f"lsq fc2+proj {row['loss_lsq_units']:.4f}  lsq {row['loss_lsq']:.4f}  gain {row['gain_lsq']:+.4f}",
+              f"lsq fc2+proj {row['loss_lsq_units']:.4f}  lsq linears {row['loss_lsq_linears']:.4f}  "
+              f"lsq {row['loss_lsq']:.4f}  gain {row['gain_lsq']:+.4f}",
               file=sys.stderr)
 
 
