@@ -227,9 +227,10 @@ def cut(loaded: LoadedModel, scored: Scores, target: PruneTarget, calibration_lo
     with a report of the selection and the calibration loss before and (unless not ``calibration_loss``,
     which saves a pass over the calibration set) after. ``correction`` lsq re-fits the linear layers that read
     pruned units and, when hidden channels are removed, rescales the RMS norms: the parts in ``refit`` (default:
-    all, see :data:`~nemo_minitron.prune.correction.PARTS`), with ridge ``damping`` (:mod:`nemo_minitron.prune.correction`; ``scored`` must hold the Grams:
-    ``score(..., grams=True)``), and with ``fc2`` among them replaces removed layers by a linear map merged
-    into the ``linear_fc2`` before them (:mod:`nemo_minitron.prune.layer_map`; one more calibration pass)."""
+    all, see :data:`~nemo_minitron.prune.correction.PARTS`), with ridge ``damping``
+    (:mod:`nemo_minitron.prune.correction`; ``scored`` must hold the Grams: ``score(..., grams=True)``), and
+    with ``fc2`` among them replaces removed layers by a linear map merged into the ``linear_fc2`` before them
+    (:mod:`nemo_minitron.prune.layer_map`; one more calibration pass)."""
     cfg, model = loaded.cfg, loaded.model
     if correction == "lsq" and scored.grams is None:
         raise ValueError("correction lsq needs the Grams of the scoring pass: score(..., grams=True)")
