@@ -99,7 +99,7 @@ class PruneConfig(StrictModel):
         "none", description="lsq: after the cut, re-fit linear_fc2 over the kept MLP neurons, linear_proj over the "
                             "kept heads and linear_qkv / linear_fc1 over the kept hidden channels by ridge least "
                             "squares on the calibration activations, and rescale the RMS norms by "
-                            "sqrt(hidden / kept hidden)")
+                            "sqrt(f hidden / kept hidden), f the kept channels' share of each norm's input energy")
     correction_damping: float = Field(
         0.01, gt=0, description="lsq ridge strength, as a fraction of the mean diagonal of the input Gram matrix; "
                                 "the ridge pulls toward the plainly sliced weights")

@@ -19,6 +19,7 @@ so every RMS norm weight (the layers' and the final one) is multiplied by sqrt(f
 the importance pass sums the energies). Removed channels that carried no energy give sqrt(h / h'), which undoes
 the change exactly; channels of equal energy give 1. The re-fit readers then see inputs on the scale they were
 fitted on.
+
 Removed layers are replaced by a linear map merged into the ``linear_fc2`` before them
 (:mod:`~nemo_minitron.prune.layer_map`).
 
