@@ -267,9 +267,12 @@ def test_compiled_layers_train_like_eager_ones(kd, tmp_path, single_rank):
     (eager_curve, eager_weights), (compiled_curve, compiled_weights) = runs[False], runs[True]
     np.testing.assert_allclose(compiled_curve, eager_curve, rtol=1e-5)
     # Adam's update is ~lr per element whatever the gradient's size: the last bits of a tiny gradient can move
-    # an element by a fraction of lr (3e-3).
+    # an element by a fraction of lr (3e-3), so a few elements may differ by up to lr / 10 (compiled kernels
+    # round otherwise than eager ones, by CPU); a compiled layer that trained otherwise would move most of them.
     for name, value in eager_weights.items():
-        np.testing.assert_allclose(compiled_weights[name], value, rtol=1e-4, atol=1e-4, err_msg=name)
+        diff = np.abs(compiled_weights[name] - value)
+        off = diff > 1e-4 + 1e-4 * np.abs(value)
+        assert off.mean() <= 1e-3 and diff.max() <= 3e-4, (name, int(off.sum()), off.size, float(diff.max()))
 
 
 def test_recomputed_activations_train_bit_identically(kd, tmp_path, single_rank):
