@@ -822,7 +822,7 @@ def test_cli_end_to_end_and_rerun_resumes(kd, tmp_path):
     assert printed == {k: v for k, v in result.items() if k != "config"}
     assert ((result["steps"], result["tokens"], result["skipped_steps"], result["stopped_early"])
             == (4, 4 * GBS * SEQ, 0, False))
-    assert result["config"]["train"]["dtype"] == "bfloat16" and math.isfinite(result["eval_loss"])
+    assert result["config"]["train"]["dtype"] == result["dtype"] == "bfloat16" and math.isfinite(result["eval_loss"])
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4]
     assert ("eval_loss" in rows[1] and "eval_loss" not in rows[2]

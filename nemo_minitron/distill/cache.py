@@ -48,7 +48,7 @@ from nemo_minitron.distill.config import (
 )
 from nemo_minitron.distill.losses import _chunks, _logits, _matmul_operand, _row_dot
 from nemo_minitron.distill.pair import DistillationPair, output_weight
-from nemo_minitron.dtypes import torch_dtype
+from nemo_minitron.dtypes import resolve, torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.fsutil import DirectoryLock, atomic_write_text, check_can_create
 from nemo_minitron.models.config import ModelConfig
@@ -128,7 +128,7 @@ def cache_identity(cfg: CacheLogitsConfig) -> dict[str, Any]:
     teacher = teacher_identity(cfg.teacher)
     return {
         "format": FORMAT,
-        "teacher": {**teacher, "dtype": cfg.teacher_dtype},
+        "teacher": {**teacher, "dtype": resolve(cfg.teacher_dtype)},
         "tokenizer": tokenizer_identity(resolve_model_dir(cfg.teacher), teacher["vocab_size"]),
         "data": data_identity(cfg.data),
         "seq_length": cfg.seq_length,

@@ -25,8 +25,9 @@ class TrainSettings(StrictModel):
     seq_length: int = Field(512, ge=2)
     micro_batch_size: int = Field(4, gt=0)
     global_batch_size: int = Field(16, gt=0)
-    dtype: Dtype = Field("bfloat16", description="student compute dtype (fp32 master weights and gradients)")
-    teacher_dtype: Dtype = "bfloat16"
+    dtype: Dtype = Field("auto", description="student compute dtype (fp32 master weights and gradients); auto: "
+                                             "bfloat16 where this machine computes it natively, else float32")
+    teacher_dtype: Dtype = "auto"
     seed: int = 1234
     max_skipped_steps: int = Field(10, ge=0, description="non-finite steps skipped in a row before stopping")
     compile: bool = Field(False, description="torch.compile each transformer layer (TP = PP = 1, no "
@@ -284,7 +285,7 @@ class CacheLogitsConfig(StrictModel):
                                                               "seq_length) windows")
     top_k: int = Field(64, gt=0)
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="of the stored log-probabilities")
-    teacher_dtype: Dtype = "bfloat16"
+    teacher_dtype: Dtype = "auto"
     micro_batch_size: int = Field(4, gt=0)
     windows_per_shard: int = Field(64, gt=0, description="windows per shard file (a multiple of "
                                                          "micro_batch_size)")

@@ -50,7 +50,7 @@ from nemo_minitron.distill.intermediate import IntermediateLosses
 from nemo_minitron.distill.logging import RunLogger
 from nemo_minitron.distill.losses import FusedLogitKD
 from nemo_minitron.distill.pair import AttachAuxLoss, DistillationPair, output_weight, pipeline_shapes
-from nemo_minitron.dtypes import Fp8, torch_dtype
+from nemo_minitron.dtypes import Fp8, resolve, torch_dtype
 from nemo_minitron.errors import UserError
 from nemo_minitron.evaluation.loss import windows_loss_sums
 from nemo_minitron.fsutil import atomic_write_text, check_can_create, remove_leftovers
@@ -74,6 +74,7 @@ class DistillResult:
     tokens_per_second: float
     output: str
     stopped_early: bool
+    dtype: str  # the student's compute dtype ("auto" resolved on this machine)
 
 
 def run_meta(student: ModelConfig, train: TrainConfig) -> dict:
@@ -472,7 +473,7 @@ class Trainer:
             steps=self.step, tokens=self.step * tokens_per_step, final_loss=self.last_loss,
             eval_loss=eval_loss, eval_perplexity=eval_ppl, skipped_steps=self.skipped, seconds=seconds,
             tokens_per_second=done_tokens / seconds if seconds > 0 else 0.0, output=str(self.output),
-            stopped_early=stopped_early,
+            stopped_early=stopped_early, dtype=resolve(self.train_cfg.dtype),
         )
 
     def release(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_minitron.chat.answers import answers_markdown
+from nemo_minitron.dtypes import resolve
 from nemo_minitron.pipeline.config import GENERATED, RunConfig, RunData
 from nemo_minitron.pipeline.ledger import Ledger
 
@@ -138,8 +139,9 @@ def write(cfg: RunConfig, ledger: Ledger, log: list[dict], generation: Optional[
     rows.append(final)
     # The distillations evaluate on the eval stages' windows, in their own compute dtype.
     held_out_label = "student held-out loss"
-    if cfg.distill.train.dtype != cfg.eval.dtype:
-        held_out_label += f" ({cfg.distill.train.dtype}; eval stages: {cfg.eval.dtype})"
+    train_dtype, eval_dtype = resolve(cfg.distill.train.dtype), resolve(cfg.eval.dtype)
+    if train_dtype != eval_dtype:
+        held_out_label += f" ({train_dtype}; eval stages: {eval_dtype})"
     _loss_curves_png(files / "loss_curves.png", steps, teacher_eval["loss"], held_out_label)
     images.append(("Loss curves", "report_files/loss_curves.png"))
     kd_tokens = sum(s["kd_tokens"] + s["nas_short_kd_tokens"] for s in steps)

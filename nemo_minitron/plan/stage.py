@@ -81,7 +81,8 @@ def _divisible(name: str, model: ModelConfig, layout: Layout, other: Optional[Mo
 
 
 def _bytes(dtype: str) -> int:
-    return mem.DTYPE_BYTES[dtype]
+    # A planned job runs on GPUs, where "auto" is bfloat16.
+    return mem.DTYPE_BYTES["bfloat16" if dtype == "auto" else dtype]
 
 
 def _seconds(tokens: Optional[int], flops: float, settings: PlanSettings, cluster_flops: float) -> dict:
