@@ -228,12 +228,19 @@ def _markdown(results: dict, d: dict, log: list[dict], plots: list[str]) -> tupl
     if "speed" in results:
         sp = results["speed"]
         kd = sp["kd_throughput"]["loops"]
+        dtype, other = sp["kd_throughput"]["dtype"], sp["kd_throughput"]["other_dtype"]
+        short = {"bfloat16": "bf16", "float32": "fp32"}
         hf = kd["HF loop, AdamW"]["tokens_per_second"]
         speed = ["", "| speed (this CPU) | measured |", "|---|---|"]
         for name in ("nemo_minitron", "nemo_minitron, compile"):
             speed.append(f"| distillation tokens/s, {name} / HF KD loop | {kd[name]['tokens_per_second'] / hf:.2f} "
-                         f"(target >= 1.3); {kd[name]['fraction_of_gemm_peak']:.1%} of measured bf16 GEMM FLOP/s |")
-        speed += [f"| HF KD loop | {hf:.1f} tok/s; {kd['HF loop, AdamW']['fraction_of_gemm_peak']:.1%} of bf16 GEMM |",
+                         f"(target >= 1.3); {kd[name]['fraction_of_gemm_peak']:.1%} of measured {short[dtype]} GEMM "
+                         f"FLOP/s |")
+        speed += [f"| HF KD loop | {hf:.1f} tok/s; {kd['HF loop, AdamW']['fraction_of_gemm_peak']:.1%} of "
+                  f"{short[dtype]} GEMM |",
+                  f"| distillation tokens/s, nemo_minitron in {short[dtype]} (`auto` here) / in {short[other]} | "
+                  f"{kd['nemo_minitron']['tokens_per_second'] / kd[f'nemo_minitron, {other}']['tokens_per_second']:.2f}"
+                  f" |",
                   f"| importance estimation / plain forward | {sp['importance_overhead']['ratio']:.3f} |",
                   f"| KL peak memory fused / naive (vocab {sp['kl_memory']['vocab']:,} x {sp['kl_memory']['tokens']:,} "
                   f"tokens) | {sp['kl_memory']['ratio']:.3f} (target <= 0.125) |",
