@@ -807,6 +807,8 @@ def _printed_json(stdout: str) -> dict:
 def test_cli_end_to_end_and_rerun_resumes(kd, tmp_path):
     from safetensors.torch import load_file
 
+    from nemo_minitron.dtypes import native_dtype
+
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
 
@@ -822,7 +824,9 @@ def test_cli_end_to_end_and_rerun_resumes(kd, tmp_path):
     assert printed == {k: v for k, v in result.items() if k != "config"}
     assert ((result["steps"], result["tokens"], result["skipped_steps"], result["stopped_early"])
             == (4, 4 * GBS * SEQ, 0, False))
-    assert result["config"]["train"]["dtype"] == result["dtype"] == "bfloat16" and math.isfinite(result["eval_loss"])
+    # The default dtype, auto, and what it resolved to on this machine.
+    assert (result["config"]["train"]["dtype"], result["dtype"]) == ("auto", native_dtype())
+    assert math.isfinite(result["eval_loss"])
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4]
     assert ("eval_loss" in rows[1] and "eval_loss" not in rows[2]
@@ -836,7 +840,7 @@ def test_cli_end_to_end_and_rerun_resumes(kd, tmp_path):
     assert tensors["embedding.word_embeddings.weight"].shape == (49152, 32)
     # The trainer's held-out loss is the eval stage's on the same windows (all 5, in the training dtype).
     proc = subprocess.run(_cli() + ["eval", f"model={final}", f"data={kd['data']}", f"seq_length={SEQ}",
-                                    "max_windows=5", f"micro_batch_size={MB}", "dtype=bfloat16"],
+                                    "max_windows=5", f"micro_batch_size={MB}", f"dtype={result['dtype']}"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = _printed_json(proc.stdout)
