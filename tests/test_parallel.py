@@ -239,6 +239,20 @@ def test_initialize_rejects_world_not_divisible_by_tp_pp(destroy_after):
         state.initialize(state.ParallelConfig(tensor_model_parallel_size=2))
 
 
+def test_initialize_again_destroys_the_groups_it_replaces(destroy_after):
+    """A process that runs many stages (``run``, ``bench``) initializes megatron once per stage: the groups of
+    the stage before are destroyed, not kept alive (each with its gloo threads) beside the new ones."""
+    import torch.distributed.distributed_c10d as c10d
+
+    from nemo_minitron.parallel import state
+
+    state.initialize(state.ParallelConfig())
+    live = len(c10d._world.pg_map)
+    for _ in range(3):
+        state.initialize(state.ParallelConfig())
+    assert len(c10d._world.pg_map) == live
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 

@@ -49,8 +49,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
         raise UserError(
             f"world size {world} is not divisible by TP*PP = {parallel.model_parallel_size}"
         )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    _destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -62,12 +61,26 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
         install_rng_tracker(seed, parallel_state.get_tensor_model_parallel_rank())
 
 
-def destroy() -> None:
-    global _waiting_group
+def _destroy_model_parallel() -> None:
+    """Forget megatron's TP/PP/DP groups and destroy them. megatron's ``destroy_model_parallel`` only drops its
+    references: without this, every stage run in one process (a ``run`` or ``bench`` runs dozens) would add
+    another set of live groups, each with its own gloo threads and buffers, and slow every later stage."""
     from megatron.core import parallel_state
 
+    groups = [g for g in parallel_state._global_process_group_list or [] if g is not None]
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    for group in groups:
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # one of the gloo groups that destroy_model_parallel destroys itself
+            pass
+
+
+def destroy() -> None:
+    global _waiting_group
+
+    _destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
     _waiting_group = None
