@@ -7,6 +7,7 @@ below everything it lists: the pipeline, the bench and the launchers run other s
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -135,7 +136,13 @@ def run_stage(stage_name: str, cfg: StrictModel) -> Any:
     parallel = getattr(cfg, "parallel", None)
     ranks = parallel.model_parallel_size if parallel is not None and not stage.driver else 1
     if ranks == 1 or "RANK" in os.environ:
-        return stage.entry_function()(cfg)
+        try:
+            return stage.entry_function()(cfg)
+        finally:
+            # A stage's models, optimizer and process groups sit in reference cycles, which Python frees only at
+            # its next full collection: free them now, before a later stage of the same process (a `run` or
+            # `bench` runs dozens) loads its own beside them.
+            gc.collect()
     from nemo_minitron.parallel.state import spawn  # torch.distributed: only when ranks are spawned
 
     outcomes = spawn(_on_rank, ranks, stage_name, cfg)

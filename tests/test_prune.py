@@ -402,6 +402,29 @@ def test_prune_cli_end_to_end(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_a_prune_run_in_this_process_leaves_no_model_behind(tiny_hf_dirs, tmp_path, destroy_after):
+    """The source and pruned models sit in reference cycles: run_stage frees them when the stage ends (a `run`
+    or `bench` runs dozens of stages in one process), not at Python's next full collection (disabled here, so
+    that nothing else frees them)."""
+    import gc
+
+    from megatron.core.models.gpt import GPTModel
+
+    from nemo_minitron.stages import run_stage
+    from test_data import fake_prepared
+
+    data = fake_prepared(tmp_path, "data", 0, 200, vocab_size=256)
+    cfg = PruneConfig(model=str(tiny_hf_dirs["untied"]), output=str(tmp_path / "pruned"),
+                      target=PruneTarget(hidden_size=48, ffn_hidden_size=64),
+                      calibration=CalibrationConfig(data=data, num_samples=4, seq_length=16, micro_batch_size=2))
+    gc.disable()
+    try:
+        run_stage("prune", cfg)
+        assert not [o for o in gc.get_objects() if isinstance(o, GPTModel)]
+    finally:
+        gc.enable()
+
+
 def test_export_refuses_a_hidden_size_transformers_cannot_load(tiny_hf_dirs, single_rank, tmp_path):
     """transformers' LlamaConfig requires hidden_size % num_attention_heads == 0 (even with head_dim)."""
     loaded = io.load_model(str(tiny_hf_dirs["untied"]))
