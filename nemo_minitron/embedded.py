@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from nemo_minitron.errors import UserError
-from nemo_minitron.fsutil import atomic_directory
+from nemo_minitron.fsutil import atomic_directory, create_once
 
 TEACHER = "embedded:smollm2-135m-instruct"
 CORPUS = "embedded:shakespeare"
@@ -101,8 +101,7 @@ def split_chapters(lines: list) -> list[str]:
 def austen_dir(held_out: bool = False) -> Path:
     """Folder of the five training novels (or of *Persuasion*), one ``<novel>/chapter-NNN.txt`` per chapter,
     written into the cache on first use."""
-    target = cache_dir() / ("austen-persuasion" if held_out else "austen")
-    if not target.is_dir():
+    def write(target: Path) -> None:
         from nemo_minitron.data.rdata import lazyload_vectors
 
         novels = lazyload_vectors(janeaustenr_data_dir())
@@ -111,7 +110,8 @@ def austen_dir(held_out: bool = False) -> Path:
                 (tmp / folder).mkdir()
                 for i, text in enumerate(split_chapters(novels[name]), 1):
                     (tmp / folder / f"chapter-{i:03d}.txt").write_text(text, encoding="utf-8")
-    return target
+
+    return create_once(cache_dir() / ("austen-persuasion" if held_out else "austen"), Path.is_dir, write)
 
 
 def chat_prompts_file() -> Path:
@@ -125,10 +125,8 @@ def teacher_gguf() -> Path:
 
 def teacher_dir() -> Path:
     """The teacher as a Hugging Face directory, converted from the GGUF on first use."""
-    target = cache_dir() / "smollm2-135m-instruct-hf"
-    if not (target / "config.json").is_file():
-        convert_teacher(target)
-    return target
+    return create_once(cache_dir() / "smollm2-135m-instruct-hf", lambda target: (target / "config.json").is_file(),
+                       convert_teacher)
 
 
 def convert_teacher(target: Path) -> None:

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from nemo_minitron.errors import UserError
 
@@ -35,6 +35,23 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_once(target: Path, ready: Callable[[Path], bool], create: Callable[[Path], None]) -> Path:
+    """``target``, made by ``create(target)`` unless ``ready(target)``, under an exclusive lock beside it: of the
+    processes that need it at the same time (jobs or test workers sharing a cache), one makes it and the others
+    wait, then use it."""
+    import fcntl
+
+    target = Path(target)
+    if ready(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its holder dies
+        if not ready(target):
+            create(target)
+    return target
 
 
 def remove_leftovers(target: Path) -> None:

@@ -97,3 +97,27 @@ def test_an_unreadable_newest_checkpoint_is_passed_over_for_the_previous_one(mod
     assert ((out / "final" / "model.safetensors").read_bytes()
             == (reference / "final" / "model.safetensors").read_bytes())
     assert [r for r in metrics(out) if "loss" in r] == [r for r in metrics(reference) if "loss" in r]
+
+
+def test_a_cache_entry_wanted_by_processes_at_once_is_made_once(tmp_path):
+    """The embedded teacher's conversion and the Austen texts are made on first use (create_once): processes
+    that start together on an empty cache (jobs, test workers) wait for one of them to make it, then all read
+    the same complete directory."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom pathlib import Path\n"
+            "from nemo_minitron.fsutil import atomic_directory, create_once\n"
+            "def make(target):\n"
+            "    with atomic_directory(target) as tmp:\n"
+            "        time.sleep(1.0)\n"
+            "        (tmp / 'made-by').write_text(sys.argv[2])\n"
+            "        with open(Path(sys.argv[1]).parent / 'calls', 'a') as f: f.write(sys.argv[2] + '\\n')\n"
+            "print(create_once(Path(sys.argv[1]), Path.is_dir, make).joinpath('made-by').read_text())\n")
+    target = tmp_path / "cache" / "entry"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), str(i)], stdout=subprocess.PIPE, text=True)
+             for i in range(3)]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    makers = (tmp_path / "cache" / "calls").read_text().split()
+    assert len(makers) == 1 and outputs == makers * 3
