@@ -49,7 +49,8 @@ def tiny_bench(inputs: dict[str, Path], output: Path, **changes) -> Path:
         },
         "eval": {"seq_length": 32, "micro_batch_size": 2},
         "budgets": budgets,
-        "quick_budgets": {**budgets, "recovery_tokens": 128, "seq_length": 8, "recovery_eval_every_steps": 1},
+        "quick_budgets": {**budgets, "recovery_tokens": 128, "seq_length": 8, "recovery_eval_every_steps": 1,
+                          "nas_max_candidates": 2, "nas_top_k": 1},
         "peers": {"modelopt": False},
         # The full method's search: shapes within 10% under the target's parameter count.
         "nas": {"search": {"hidden_size": [40, 48, 56], "ffn_hidden_size": [48, 64, 80]}, "tolerance": 0.1,
@@ -121,6 +122,10 @@ def test_bench_end_to_end(inputs, tmp_path):
         assert derived["vs_ours"][arm] == pytest.approx(loss(f"{arm}_eval_trained") - loss("ours_eval_trained"))
     nas = ledger["full.nas"]
     assert nas["config"]["prune_correction"] == "lsq" and nas["config"]["params"] == results["student_params"]
+    # quick_budgets: two candidates ranked after pruning, one of them distilled.
+    assert (nas["config"]["nas"]["max_candidates"], nas["config"]["nas"]["top_k"]) == (2, 1)
+    ranked = nas["result"]["candidates"]
+    assert len(ranked) == 2 and sum("loss_short_kd" in row for row in ranked) == 1
     full = results["full"]
     assert 0.9 * results["student_params"] <= full["params"] <= results["student_params"]
     assert ledger["full.train"]["config"]["student"] == nas["result"]["best_pruned"] == full["pruned"]
@@ -241,9 +246,12 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
     plays, prose, other = str(inputs["corpus"]), str(tmp_path / "bench-prose"), str(tmp_path / "bench-other")
     config = tiny_bench(inputs, tmp_path / "bench", aggregations=[["mean", "l2"]], nas=None, data={
         "blend": [{"weight": 1, "input": plays}, {"weight": 1, "input": prose}],
-        "generated": {"weight": 0.5, "max_prompts": 6, "batch_size": 3, "valid_fraction": 0.5,
-                      "sampling": {"temperature": 0, "max_new_tokens": 8}},
+        "generated": {"weight": 0.5, "max_prompts": 8, "batch_size": 3, "valid_fraction": 0.5,
+                      "sampling": {"temperature": 0, "max_new_tokens": 12}},
         "out_of_blend": [{"input": other}], "valid_fraction": 0.25})
+    quick = {**yaml.safe_load(config.read_text())["quick_budgets"], "generated_prompts": 6,
+             "generated_max_new_tokens": 8}
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "quick_budgets": quick}))
     proc = cli("bench", str(config), "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "bench-quick"
@@ -253,6 +261,9 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
     assert [c["weight"] for c in blend] == [1.0, 1.0, 0.5] and blend[2]["path"] == str(out / "data" / "generated")
     assert ledger["ours.prune"]["config"]["calibration"]["data"] == blend
     assert ledger["generate"]["config"]["model"] == str(inputs["teacher"])
+    generated = ledger["generate"]["config"]  # quick_budgets: 6 answers of at most 8 tokens
+    assert (generated["max_prompts"], generated["sampling"]["max_new_tokens"]) == (6, 8)
+    assert ledger["generate"]["result"]["answers"] == 6
     results = json.loads((out / "report.json").read_text())["results"]
 
     def losses(name: str) -> dict[str, float]:
@@ -272,6 +283,24 @@ def test_bench_on_a_blend_reports_each_corpus_and_the_out_of_blend_text(inputs, 
     assert f"| model | {plays} | {prose} | {GENERATED} | {other} (out of blend) |" in md
     t = results["teacher_losses"]
     assert f"| teacher | {t[plays]:.4f} | {t[prose]:.4f} | {t[GENERATED]:.4f} | {t[other]:.4f} |" in md
+
+
+def test_shipped_quick_bench_shortens_the_answers_and_the_search() -> None:
+    """conf/bench/smollm2.yaml --quick (CI's `make bench-quick`): 16 generated answers of at most 48 tokens and
+    the three largest shapes of the search, two of them distilled; the full bench keeps data and search as
+    written."""
+    from nemo_minitron.bench.run import bench_data, bench_nas
+
+    cfg = load_config(BenchConfig, Path(__file__).resolve().parents[1] / "conf" / "bench" / "smollm2.yaml")
+    assert (bench_data(cfg), bench_nas(cfg)) == (cfg.data, cfg.nas)
+    quick = cfg.model_copy(update={"quick": True})
+    data, nas = bench_data(quick), bench_nas(quick)
+    assert (data.generated.max_prompts, data.generated.sampling.max_new_tokens) == (16, 48)
+    assert data.generated.sampling.model_dump(exclude={"max_new_tokens"}) == \
+        cfg.data.generated.sampling.model_dump(exclude={"max_new_tokens"})
+    assert (nas.max_candidates, nas.top_k, nas.short_kd_tokens) == (3, 2, 512)
+    assert nas.model_dump(exclude={"max_candidates", "top_k", "short_kd_tokens"}) == \
+        cfg.nas.model_dump(exclude={"max_candidates", "top_k", "short_kd_tokens"})
 
 
 def test_shipped_bench_keeps_no_checkpoint_of_a_finished_arm() -> None:

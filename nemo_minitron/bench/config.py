@@ -24,6 +24,17 @@ class Budgets(StrictModel):
     nas_short_kd_tokens: Optional[int] = Field(None, ge=0, description="the full method's search: distillation "
                                                                       "tokens of each short-listed shape (None: "
                                                                       "nas.short_kd_tokens)")
+    nas_max_candidates: Optional[int] = Field(None, gt=0, description="the full method's search: candidates ranked "
+                                                                     "after pruning, the largest first (None: "
+                                                                     "nas.max_candidates)")
+    nas_top_k: Optional[int] = Field(None, gt=0, description="the full method's search: short-listed shapes "
+                                                            "distilled (None: nas.top_k)")
+    generated_prompts: Optional[int] = Field(None, ge=2, description="data.generated: answers to this many prompts, "
+                                                                    "the first ones (None: data.generated."
+                                                                    "max_prompts)")
+    generated_max_new_tokens: Optional[int] = Field(None, ge=1, description="data.generated: tokens per answer at "
+                                                                           "most (None: data.generated.sampling."
+                                                                           "max_new_tokens)")
     calibration_samples: int = Field(gt=0)
     seq_length: Optional[int] = Field(None, ge=2, description="sequence length of calibration, training and the "
                                                               "held-out windows (None: calibration.seq_length, "

@@ -37,7 +37,15 @@ from nemo_minitron.data.prepare import list_input_files
 from nemo_minitron.distill.config import TeacherCacheConfig
 from nemo_minitron.errors import UserError
 from nemo_minitron.models.config import ModelConfig
-from nemo_minitron.pipeline.config import NASConfig, NASStageConfig, RunConfig, RunDistill, RunReport, ScheduleStep
+from nemo_minitron.pipeline.config import (
+    NASConfig,
+    NASStageConfig,
+    RunConfig,
+    RunData,
+    RunDistill,
+    RunReport,
+    ScheduleStep,
+)
 from nemo_minitron.pipeline.nas import cache_config, candidates, check_cache_top_k
 from nemo_minitron.pipeline.run import Runner, check_generated, data_keys, eval_keys
 from nemo_minitron.prune.config import Correction, ImportanceConfig, PruneConfig, PruneTarget
@@ -90,7 +98,7 @@ def stage_keys(cfg: BenchConfig) -> list[str]:
 def nas_candidates(cfg: BenchConfig, teacher: ModelConfig) -> list[PruneTarget]:
     """The full method's search: ``nas.search``'s shapes with at most the target's parameter count and at least
     ``1 - nas.tolerance`` of it."""
-    return candidates(teacher, cfg.nas, target_config(teacher, cfg.target).num_params())
+    return candidates(teacher, bench_nas(cfg), target_config(teacher, cfg.target).num_params())
 
 
 def active_distill(cfg: BenchConfig) -> RunDistill:
@@ -108,11 +116,29 @@ def cache_windows(cfg: BenchConfig) -> int:
     return max(active_distill(cfg).windows(n) for n in tokens)
 
 
+def _overridden(model, **values):
+    """``model`` with the fields of ``values`` that are not None replaced (the active budgets' overrides)."""
+    update = {key: value for key, value in values.items() if value is not None}
+    return model.model_copy(update=update) if update else model
+
+
 def bench_nas(cfg: BenchConfig) -> NASConfig | None:
-    """``nas`` with the active budgets' short distillation."""
-    if cfg.nas is None or cfg.active.nas_short_kd_tokens is None:
-        return cfg.nas
-    return cfg.nas.model_copy(update={"short_kd_tokens": cfg.active.nas_short_kd_tokens})
+    """``nas`` with the active budgets' short distillation, candidate count and short list."""
+    b = cfg.active
+    if cfg.nas is None:
+        return None
+    return _overridden(cfg.nas, short_kd_tokens=b.nas_short_kd_tokens, max_candidates=b.nas_max_candidates,
+                       top_k=b.nas_top_k)
+
+
+def bench_data(cfg: BenchConfig) -> RunData:
+    """``data`` with the active budgets' generated answers: how many prompts, and how long each answer."""
+    b, generated = cfg.active, cfg.data.generated
+    if generated is None:
+        return cfg.data
+    sampling = _overridden(generated.sampling, max_new_tokens=b.generated_max_new_tokens)
+    return cfg.data.model_copy(update={"generated": _overridden(generated, max_prompts=b.generated_prompts,
+                                                                sampling=sampling)})
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -120,7 +146,7 @@ def validate(cfg: BenchConfig) -> None:
     teacher = read_model_config(resolve_model_dir(cfg.teacher))
     for ref in [ref for ref, _ in cfg.data.corpora()] + [t.input for t in cfg.data.out_of_blend]:
         list_input_files(ref)
-    check_generated(cfg.out_dir, cfg.teacher, cfg.data)
+    check_generated(cfg.out_dir, cfg.teacher, bench_data(cfg))
     target = target_config(teacher, cfg.target)
     shape = teacher
     for i, step in enumerate(cfg.iterative_steps):
@@ -162,7 +188,7 @@ class _Bench:
         seq = {} if b.seq_length is None else {"seq_length": b.seq_length}
         self.distill_cfg = active_distill(cfg)
         run_cfg = RunConfig(
-            output=cfg.out_dir, teacher=cfg.teacher, data=cfg.data,
+            output=cfg.out_dir, teacher=cfg.teacher, data=bench_data(cfg),
             calibration=cfg.calibration.model_copy(update={"num_samples": b.calibration_samples, **seq}),
             importance=cfg.importance, schedule=[ScheduleStep(target=cfg.target, kd_tokens=b.compare_tokens)],
             distill=self.distill_cfg,
