@@ -41,17 +41,22 @@ setup: install
 run: setup
 	$(BIN)/nemo-minitron run conf/run/smollm2_width_55.yaml
 
-# Lints first (ruff, pinned in requirements/cpu.txt, with the rules of pyproject.toml), then the tests.
+# Lints first (ruff, pinned in requirements/cpu.txt, with the rules of pyproject.toml), then the tests, on
+# TEST_WORKERS processes (pytest-xdist; a test file stays on one worker, so that its fixtures are built once).
+# Each test runs torch on one thread (tests/conftest.py): one worker per core.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: install
 	$(BIN)/ruff check nemo_minitron tests benchmarks
-	$(BIN)/python -m pytest -q -m "not slow and not modelopt" tests
+	$(PYTEST) -m "not slow and not modelopt" tests
 
 # Kill and resume, bad inputs, untrusted files, non-finite steps, a full disk (also part of `make test`).
 test-reliability: install
-	$(BIN)/python -m pytest -q tests/reliability
+	$(PYTEST) tests/reliability
 
 test-all: install
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # Jobs on a real one-node Slurm (tests/test_launch.py starts munge, slurmctld and slurmd itself, as root).
 # Debian's slurm-wlm and munge are installed first when missing; without them the test fails instead of skipping.

@@ -172,10 +172,11 @@ def test_gzip_and_jsonl_inputs_give_the_same_tokens_as_plain_files(tmp_path, tok
     assert all(plain[n] == tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for n, t in texts.items())
 
 
+# mtime=0: the same bytes (and test ids) in every process that collects them (pytest -n).
 @pytest.mark.parametrize("name, content, message", [
-    ("trunc.txt.gz", gzip.compress(b"some text")[:-6], r"trunc\.txt\.gz: not a valid gzip file"),
+    ("trunc.txt.gz", gzip.compress(b"some text", mtime=0)[:-6], r"trunc\.txt\.gz: not a valid gzip file"),
     ("plain.jsonl.gz", b'{"text": "not compressed"}', r"plain\.jsonl\.gz: not a valid gzip file"),
-    ("bad.jsonl.gz", gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
+    ("bad.jsonl.gz", gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n', mtime=0),
      r"bad\.jsonl\.gz: not valid UTF-8 \(byte offset 28\)"),
 ])
 def test_bad_gzip_input_is_a_user_error(tmp_path, name, content, message):

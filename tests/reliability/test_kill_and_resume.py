@@ -94,8 +94,9 @@ class DirectoryWatch:
 
     def events(self, timeout: float) -> list[tuple[int, str]]:
         """(mask, name) of the events within ``timeout`` seconds (an empty list when there was none)."""
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
+        poller = select.poll()  # not select.select: it fails on descriptors above 1023
+        poller.register(self.fd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
             return []
         buf, out, i = os.read(self.fd, 65536), [], 0
         while i < len(buf):
