@@ -44,9 +44,19 @@ from nemo_minitron.dtypes import resolve, torch_dtype
 from nemo_minitron.parallel import state
 
 
-def gemm_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+def gemm_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5, min_seconds: float = 0.1) -> float:
+    """FLOP/s of the best of ``repeats`` square products of size ``n``, or of the smallest power of two from 256 up
+    whose product takes ``min_seconds``: where ``dtype`` is emulated (bf16 on a CPU without bf16 arithmetic, ~0.3
+    GFLOP/s), one 2048-square product would take a minute."""
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        t = time.perf_counter()
+        a @ b
+        if size >= n or time.perf_counter() - t >= min_seconds:
+            break
+        size *= 2
+    n = size
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
