@@ -214,7 +214,7 @@ def broadcast_from_last_stage(obj: Any) -> Any:
 
 
 # What every rank imports, once, in the process that forks the ranks (multiprocessing's forkserver): a rank then
-# starts in a fraction of a second instead of importing torch, megatron-core and transformers itself.
+# starts in about a second instead of importing torch, megatron-core and transformers itself.
 _RANK_PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer", "transformers"]
 
 
